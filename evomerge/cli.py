@@ -1,0 +1,133 @@
+"""The ``evomerge`` command line: thin wrappers over the Python API, with rich progress output."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Search for the best way to merge fine-tuned language models.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The built-in offline demo model zoo.")
+app.add_typer(zoo_app, name="zoo")
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="mergekit-compatible recipe YAML"),
+    out_dir: Path = typer.Argument(..., help="output model directory (created atomically)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    seed: int = typer.Option(0, help="seed for DARE/DELLA random masks"),
+    out_shard_size: str = typer.Option("2GB", help="maximum size of one safetensors shard"),
+    overwrite: bool = typer.Option(False, help="replace an existing output directory"),
+    allow_pickle: bool = typer.Option(False, help="allow pickled .bin checkpoints (loaded weights_only)"),
+    dry_run: bool = typer.Option(False, help="print the plan without reading weights"),
+) -> None:
+    """Merge models as RECIPE says and write the result to OUT_DIR."""
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from evomerge.checkpoint import CheckpointError
+    from evomerge.engine import MergeError, plan_merge, run_merge
+    from evomerge.recipe import RecipeError
+
+    try:
+        plan = plan_merge(recipe, allow_pickle=allow_pickle, where=str(recipe))
+        if dry_run:
+            out.print(f"# {len(plan.tasks)} output tensors, {plan.num_layers} layers, method "
+                      f"{plan.method.name}, ~{plan.output_bytes / 1e6:.1f} MB", highlight=False)
+            for task in plan.tasks:
+                out.print(task.describe(), highlight=False, markup=False)
+            return
+        if out_dir.exists() and not overwrite:
+            _fail(f"{out_dir} exists; pass --overwrite to replace it")
+        total = plan.output_bytes
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      DownloadColumn(), TimeElapsedColumn(), console=console, transient=False) as bar:
+            tensors = bar.add_task("tensors", total=len(plan.tasks))
+            nbytes = bar.add_task("bytes", total=total)
+
+            def progress(task, n):
+                bar.advance(tensors)
+                bar.advance(nbytes, n)
+
+            path = run_merge(plan, out_dir, device=device, seed=seed, out_shard_size=out_shard_size,
+                             overwrite=overwrite, progress=progress)
+        console.print(f"[green]wrote[/] {path}")
+    except (RecipeError, CheckpointError, MergeError, ValueError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; nothing was written[/]")
+        raise typer.Exit(130)
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods and their parameters with defaults."""
+    from evomerge.methods import METHODS
+
+    table = Table(title="merge methods")
+    for col in ("method", "base", "parameters (per model)", "parameters (global)", "reference"):
+        table.add_column(col)
+    for m in METHODS.values():
+        def fmt(p):
+            return f"{p.name}" + ("" if p.default is None else f"={p.default}") + ("" if p.default is not None else " (required)")
+        table.add_row(m.name, "required" if m.requires_base else "optional",
+                      ", ".join(fmt(p) for p in m.params if p.per_model) or "-",
+                      ", ".join(fmt(p) for p in m.params if not p.per_model) or "-", m.reference)
+    out.print(table)
+
+
+@app.command()
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="Hugging Face model directory"),
+    tasks: Path = typer.Option(..., "--tasks", help="task YAML"),
+    split: str = typer.Option("test", help="search | validation | test"),
+    device: str = typer.Option("auto"),
+    batch_size: int = typer.Option(32),
+    out_json: Optional[Path] = typer.Option(None, "--out", help="write the scores as JSON here"),
+) -> None:
+    """Score MODEL_DIR on the tasks' SPLIT and print a per-task table with the aggregate."""
+    from evomerge.evaluate import TaskError, evaluate_model_dir, render_table
+
+    try:
+        result = evaluate_model_dir(model_dir, tasks, split=split, device=None if device == "auto" else device,
+                                    batch_size=batch_size, out_json=out_json)
+    except (TaskError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    out.print(render_table(result))
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="where to build (default: the user cache)"),
+    size: str = typer.Option("small", help="tiny | small"),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False, help="rebuild even if a complete zoo is cached"),
+) -> None:
+    """Build the offline demo zoo: base, experts, multi-task reference, task data."""
+    from evomerge.zoo import build_zoo
+
+    zoo = build_zoo(out_dir, size=size, seed=seed, force=force)
+    console.print(f"[green]zoo ready[/] at {zoo.root}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

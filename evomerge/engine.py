@@ -1,0 +1,578 @@
+"""The merge engine: plan a recipe against model headers, then stream it tensor by tensor.
+
+:func:`plan_merge` resolves, for every output tensor, its input tensors and the parameter values
+that apply to it (mergekit 0.1.5's planner semantics: slices, gradients, filters, precedence), and
+checks everything that can be checked from headers: model directories, architectures, layer
+ranges, shapes, vocabulary sizes, required parameters and cross-parameter constraints. Nothing is
+read or written until the whole plan is valid.
+
+:func:`run_merge` executes a plan file-to-file: tensors are read memory-mapped one at a time,
+merged by the kernels in :mod:`evomerge.methods` on the chosen device, and written into a sharded
+checkpoint that appears atomically at the end. :func:`merge_in_memory` runs the same plan over
+in-memory state dicts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from evomerge.checkpoint import CheckpointWriter, ModelReader, copy_tokenizer_files, parse_size
+from evomerge.methods import MergeMethod, random_field
+from evomerge.recipe import Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, resolve_value
+
+LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks)\.)(?P<index>\d+)(?P<suffix>\..+)$")
+PRE_LAYER_HINTS = ("embed", "wte", "wpe")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+class MergeError(RuntimeError):
+    """A merge that failed while running (bad values in the weights, device errors)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Plan
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of one input model."""
+
+    model: str
+    name: str
+
+
+@dataclass
+class TensorTask:
+    """How one output tensor is made: kernel inputs and the resolved parameter values."""
+
+    name: str
+    shape: tuple[int, ...]
+    method: str  # a method name, or "copy" for non-float tensors taken from the base
+    base: TensorRef | None
+    inputs: list[TensorRef]
+    model_params: list[dict[str, Any]]
+    params: dict[str, Any]
+    t: float
+
+    def describe(self) -> str:
+        srcs = ", ".join(f"{Path(r.model).name}:{r.name}" for r in self.inputs)
+        base = f" base={Path(self.base.model).name}:{self.base.name}" if self.base else ""
+        per_model = "; ".join(
+            ",".join(f"{k}={_fmt(v)}" for k, v in mp.items()) for mp in self.model_params
+        )
+        glob = ",".join(f"{k}={_fmt(v)}" for k, v in self.params.items())
+        return f"{self.name} {list(self.shape)} <- {self.method}({srcs}){base} [{per_model}] {{{glob}}}"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@dataclass
+class MergePlan:
+    """A validated recipe, resolved tensor by tensor against its input models."""
+
+    recipe: Recipe
+    method: MergeMethod
+    tasks: list[TensorTask]
+    readers: dict[str, Any]  # model path -> reader (ModelReader or StateDictReader)
+    config: dict[str, Any] | None  # output config.json
+    num_layers: int
+    tokenizer_dir: Path | None
+    dtype: torch.dtype | None  # working input dtype (recipe.dtype)
+    out_dtype: torch.dtype | None
+    where: str = "<recipe>"
+
+    @property
+    def output_bytes(self) -> int:
+        total = 0
+        for task in self.tasks:
+            dt = self._out_dtype_of(task)
+            total += _numel(task.shape) * torch.empty((), dtype=dt).element_size()
+        return total
+
+    def _out_dtype_of(self, task: TensorTask) -> torch.dtype:
+        ref = task.base or task.inputs[0]
+        native = self.readers[ref.model].dtype(ref.name)
+        if not native.is_floating_point:
+            return native
+        return self.out_dtype or self.dtype or native
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _resolve_model_path(name: str, base_dir: Path | None) -> Path:
+    """A model reference as a local directory: as given, else relative to the recipe's folder."""
+    if "+" in name and not Path(name).exists():
+        raise RecipeError(f"model '{name}': LoRA references (model+adapter) are not supported yet")
+    p = Path(name).expanduser()
+    if p.exists() or base_dir is None or p.is_absolute():
+        return p
+    alt = base_dir / p
+    return alt if alt.exists() else p
+
+
+def _open_readers(recipe: Recipe, where: str, allow_pickle: bool,
+                  readers: Mapping[str, Any] | None) -> dict[str, Any]:
+    from evomerge.checkpoint import CheckpointError
+
+    if readers is not None:
+        missing = [m for m in recipe.referenced_models() if m not in readers]
+        if missing:
+            raise RecipeError(f"{where}: no state dict given for model(s) {missing}")
+        return dict(readers)
+    base_dir = Path(where).parent if where and not where.startswith("<") else None
+    out = {}
+    for name in recipe.referenced_models():
+        path = _resolve_model_path(name, base_dir)
+        if not path.exists():
+            raise RecipeError(f"{where}: model directory '{name}' not found"
+                              + (f" (also looked in {base_dir})" if base_dir else ""))
+        try:
+            out[name] = ModelReader(path, allow_pickle=allow_pickle)
+        except CheckpointError as e:
+            raise RecipeError(f"{where}: model '{name}': {e}") from None
+    return out
+
+
+def _layer_of(name: str) -> int | None:
+    m = LAYER_PATTERN.match(name)
+    return int(m.group("index")) if m else None
+
+
+def _with_layer(name: str, index: int) -> str:
+    m = LAYER_PATTERN.match(name)
+    return f"{m.group('prefix')}{index}{m.group('suffix')}"
+
+
+def _num_layers(reader) -> int:
+    n = getattr(reader, "num_layers", None)
+    if n:
+        return int(n)
+    idx = [_layer_of(t) for t in reader.tensor_names()]
+    idx = [i for i in idx if i is not None]
+    return max(idx) + 1 if idx else 0
+
+
+def _has(reader, name: str) -> bool:
+    return reader.has_tensor(name)
+
+
+def _normalized_slices(recipe: Recipe, readers: dict[str, Any], where: str) -> list[Slice]:
+    """``models:`` as one slice over all layers (mergekit's normalize_config), base appended if needed."""
+    if recipe.slices is not None:
+        return list(recipe.slices)
+    sources = []
+    for m in recipe.models:
+        sources.append(SliceSource(model=m.model, layer_range=(0, _num_layers(readers[m.model])),
+                                   parameters=m.parameters))
+    listed = {m.model for m in recipe.models}
+    if recipe.base_model and recipe.base_model not in listed:
+        sources.append(SliceSource(model=recipe.base_model,
+                                   layer_range=(0, _num_layers(readers[recipe.base_model]))))
+    lengths = {s.model: s.layer_range[1] for s in sources}
+    if len(set(lengths.values())) > 1:
+        raise RecipeError(f"{where}: models have different numbers of layers {lengths}; use 'slices:' "
+                          f"with layer_range to merge them")
+    return [Slice(sources=sources)]
+
+
+def _check_architectures(readers: dict[str, Any], where: str) -> None:
+    seen: dict[tuple, str] = {}
+    for name, r in readers.items():
+        arch = tuple(getattr(r, "architectures", None) or ())
+        if arch:
+            seen.setdefault(arch, name)
+    if len(seen) > 1:
+        desc = "; ".join(f"'{m}' is {list(a)}" for a, m in seen.items())
+        raise RecipeError(f"{where}: models have different architectures: {desc}")
+
+
+def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False,
+               readers: Mapping[str, Any] | None = None, where: str | None = None) -> MergePlan:
+    """Resolve ``recipe`` against its models' headers into a :class:`MergePlan` (reads no weights).
+
+    Raises :class:`RecipeError` naming the file, key or tensor on every problem found.
+    """
+    if not isinstance(recipe, Recipe):
+        where = where or (str(recipe) if isinstance(recipe, (str, Path)) else "<recipe>")
+        recipe = load_recipe(recipe, where=where)
+    where = where or "<recipe>"
+    method = recipe.method
+    readers = _open_readers(recipe, where, allow_pickle, readers)
+    _check_architectures(readers, where)
+    slices = _normalized_slices(recipe, readers, where)
+    problems: list[str] = []
+
+    for si, s in enumerate(slices):
+        for j, src in enumerate(s.sources):
+            n = _num_layers(readers[src.model])
+            if src.layer_range[1] > n:
+                problems.append(f"slices[{si}].sources[{j}].layer_range: [{src.layer_range[0]}, "
+                                f"{src.layer_range[1]}] is outside model '{src.model}', which has {n} layers")
+    if problems:
+        raise RecipeError("\n".join(f"{where}: {p}" for p in problems))
+
+    planner = _Planner(recipe, method, readers, where)
+    first, last = slices[0], slices[-1]
+    template = planner.template_reader(first)
+    pre, post = [], []
+    for name in template.tensor_names():
+        if _layer_of(name) is None:
+            (pre if any(h in name for h in PRE_LAYER_HINTS) else post).append(name)
+    tasks = [planner.task(name, name, first, t=0.0) for name in pre]
+    out_layer = 0
+    for s in slices:
+        length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+        layer_reader = planner.template_reader(s)
+        in_start = planner.template_source(s).layer_range[0] if planner.template_source(s) else 0
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            names = [n for n in layer_reader.tensor_names() if _layer_of(n) == in_start + offset]
+            for name in names:
+                tasks.append(planner.task(_with_layer(name, out_layer), name, s, t=t, offset=offset))
+            out_layer += 1
+    tasks += [planner.task(name, name, last, t=0.0) for name in post]
+    if planner.problems:
+        raise RecipeError("\n".join(f"{where}: {p}" for p in planner.report(len(tasks))))
+
+    config = _output_config(template, out_layer, recipe)
+    tok_dir = _tokenizer_dir(recipe, readers, template, where)
+    return MergePlan(recipe=recipe, method=method, tasks=tasks, readers=readers, config=config,
+                     num_layers=out_layer, tokenizer_dir=tok_dir,
+                     dtype=DTYPES.get(recipe.dtype) if recipe.dtype else None,
+                     out_dtype=DTYPES.get(recipe.out_dtype) if recipe.out_dtype else None, where=where)
+
+
+class _Planner:
+    """Resolves one output tensor at a time; collects problems instead of stopping at the first."""
+
+    def __init__(self, recipe: Recipe, method: MergeMethod, readers: dict[str, Any], where: str):
+        self.recipe, self.method, self.readers, self.where = recipe, method, readers, where
+        self.problems: dict[str, list[str]] = {}  # message -> tensors it applies to
+
+    def problem(self, message: str, tensor: str) -> None:
+        self.problems.setdefault(message, []).append(tensor)
+
+    def report(self, n_tensors: int, shown: int = 3) -> list[str]:
+        """One line per distinct problem, with the tensors it concerns (abbreviated)."""
+        lines = []
+        for message, tensors in self.problems.items():
+            tensors = list(dict.fromkeys(tensors))
+            if len(tensors) >= n_tensors > 1:
+                where = "every tensor"
+            elif len(tensors) > shown:
+                where = f"tensors {', '.join(tensors[:shown])} and {len(tensors) - shown} more"
+            else:
+                where = f"tensor{'s' if len(tensors) > 1 else ''} {', '.join(tensors)}"
+            lines.append(f"{message} ({where})")
+        return lines
+
+    def location(self, s: Slice, model: str) -> str:
+        """Where a model's parameters live in the recipe: models[i] or slices[k].sources[j]."""
+        if self.recipe.models is not None:
+            for i, m in enumerate(self.recipe.models):
+                if m.model == model:
+                    return f"models[{i}] ('{model}')"
+            return f"base_model ('{model}')"
+        si = next(i for i, x in enumerate(self.recipe.slices) if x is s)
+        for j, src in enumerate(s.sources):
+            if src.model == model:
+                return f"slices[{si}].sources[{j}] ('{model}')"
+        return f"slices[{si}].base_model ('{model}')"
+
+    def slice_base(self, s: Slice) -> str | None:
+        return s.base_model or self.recipe.base_model
+
+    def template_source(self, s: Slice) -> SliceSource | None:
+        base = self.slice_base(s)
+        for src in s.sources:
+            if src.model == base:
+                return src
+        return s.sources[0] if s.sources else None
+
+    def template_reader(self, s: Slice):
+        base = self.slice_base(s)
+        if base and base in self.readers and not any(src.model == base for src in s.sources):
+            return self.readers[base]
+        return self.readers[self.template_source(s).model]
+
+    def _input_name(self, reader, out_template_name: str, src: SliceSource | None, offset: int | None) -> str:
+        if offset is None or src is None:
+            return out_template_name
+        return _with_layer(out_template_name, src.layer_range[0] + offset)
+
+    def task(self, out_name: str, template_name: str, s: Slice, *, t: float, offset: int | None = None) -> TensorTask:
+        method, recipe = self.method, self.recipe
+        base = self.slice_base(s)
+        tmpl_reader = self.template_reader(s)
+        shape = tuple(tmpl_reader.shape(template_name))
+        native = tmpl_reader.dtype(template_name)
+
+        # inputs: every source of the slice; the base joins as a separate kernel argument unless the
+        # method treats it as an ordinary input (linear, passthrough), where it counts only if listed
+        models: list[tuple[str, SliceSource | None]] = [(src.model, src) for src in s.sources]
+        if base and not method.uses_base_as_input and not any(m == base for m, _ in models):
+            models.append((base, None))
+        refs: dict[str, TensorRef] = {}
+        for model, src in models:
+            reader = self.readers[model]
+            in_name = (template_name if offset is None else
+                       _with_layer(template_name, (src.layer_range[0] if src else 0) + offset))
+            in_name = self._available(reader, in_name, model)
+            if in_name is None:
+                continue
+            in_shape = tuple(reader.shape(in_name))
+            if in_shape != shape:
+                self.problem(self._shape_problem(out_name, model, in_shape, shape), out_name)
+                continue
+            refs[model] = TensorRef(model, in_name)
+        if len(refs) != len(models):
+            return TensorTask(out_name, shape, method.name, None, [], [], {}, t)
+
+        base_ref = refs.get(base) if base else None
+        if not native.is_floating_point:
+            src_ref = base_ref or refs[models[0][0]]
+            return TensorTask(out_name, shape, "copy", None, [src_ref], [{}], {}, t)
+
+        if method.uses_base_as_input:
+            kernel_models, kernel_base = models, None
+        else:
+            kernel_models, kernel_base = [(m, src) for m, src in models if m != base], base_ref
+
+        glob_sources = [s.parameters, recipe.parameters]
+        params = {}
+        for spec in method.params:
+            if spec.per_model:
+                continue
+            v = resolve_value(glob_sources, spec.name, out_name, t)
+            params[spec.name] = coerce(spec, spec.default if v is _MISSING else v)
+        model_params = []
+        missing = False
+        for model, src in kernel_models:
+            sources = [src.parameters if src else None, s.parameters, recipe.parameters]
+            in_name = refs[model].name
+            mp = {}
+            for spec in method.params:
+                if not spec.per_model:
+                    continue
+                v = resolve_value(sources, spec.name, in_name, t)
+                if v is _MISSING:
+                    if spec.default is None:
+                        self.problem(f"{self.location(s, model)}: missing required parameter '{spec.name}' "
+                                     f"(set it in that model's parameters, or globally)", in_name)
+                        missing = True
+                        continue
+                    v = spec.default
+                mp[spec.name] = coerce(spec, v)
+                msg = spec.validate_value(mp[spec.name]) if spec.type is not bool else None
+                if msg:
+                    self.problem(f"{self.location(s, model)}: {msg}", in_name)
+            model_params.append(mp)
+        if not missing:
+            for msg in method.check_params(model_params, params):
+                m = re.match(rf"{method.name}: model (\d+): (.*)", msg)
+                if m:
+                    msg = f"{self.location(s, kernel_models[int(m.group(1))][0])}: {m.group(2)}"
+                self.problem(msg, out_name)
+        return TensorTask(out_name, shape, method.name, kernel_base,
+                          [refs[m] for m, _ in kernel_models], model_params, params, t)
+
+    def _available(self, reader, name: str, model: str) -> str | None:
+        if reader.has_tensor(name):
+            return name
+        tied = getattr(reader, "tied_aliases", {}).get(name)
+        if tied is not None:  # tie_word_embeddings: lm_head.weight is stored as the embeddings
+            return tied
+        self.problem(f"model '{model}' has no tensor '{name}'", name)
+        return None
+
+    def _shape_problem(self, name, model, got, expected) -> str:
+        if any(h in name for h in ("embed", "lm_head", "wte")):
+            return (f"tensor {name}: vocabulary sizes differ: model '{model}' has {got[0]} rows, "
+                    f"the base/first model has {expected[0]}; evomerge does not truncate or pad vocabularies")
+        return f"tensor {name}: shape {list(got)} in model '{model}' does not match {list(expected)}"
+
+
+def _output_config(template, num_layers: int, recipe: Recipe) -> dict | None:
+    cfg = getattr(template, "config", None)
+    if cfg is None:
+        return None
+    cfg = dict(cfg)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in cfg:
+            cfg[key] = num_layers
+    if "layer_types" in cfg and isinstance(cfg["layer_types"], list) and cfg["layer_types"]:
+        cfg["layer_types"] = (cfg["layer_types"] * num_layers)[:num_layers]
+    out_dtype = recipe.out_dtype or recipe.dtype
+    if out_dtype:
+        cfg["torch_dtype"] = out_dtype
+        if "dtype" in cfg:
+            cfg["dtype"] = out_dtype
+    return cfg
+
+
+def _tokenizer_dir(recipe: Recipe, readers: dict[str, Any], template, where: str) -> Path | None:
+    src = recipe.tokenizer_source
+    if src in (None, "base"):
+        name = recipe.base_model or recipe.referenced_models()[0]
+        r = readers.get(name, template)
+        return getattr(r, "path", None)
+    if src in readers:
+        return getattr(readers[src], "path", None)
+    path = Path(src)
+    if not path.is_dir():
+        raise RecipeError(f"{where}: tokenizer_source: model directory '{src}' not found")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Execute
+# ------------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' (or None) → CUDA when available, else CPU; otherwise as given (validated)."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def _load(plan: MergePlan, ref: TensorRef, device: torch.device) -> torch.Tensor:
+    """Read one input tensor as the kernels see it: cast to the recipe's ``dtype``, then float32.
+
+    Reading straight into float32 when no rounding to ``dtype`` is needed saves a copy; the
+    values are identical (every float dtype up-casts to float32 exactly).
+    """
+    reader = plan.readers[ref.model]
+    native = reader.dtype(ref.name)
+    if plan.dtype is not None and plan.dtype != native:
+        tensor = reader.get_tensor(ref.name, dtype=plan.dtype)
+    else:
+        tensor = reader.get_tensor(ref.name, dtype=torch.float64 if native == torch.float64 else torch.float32)
+    return tensor.to(device, non_blocking=True)
+
+
+def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed: int) -> torch.Tensor:
+    """Read the inputs of one output tensor and merge them with the plan's kernel."""
+    if task.method == "copy":
+        return plan.readers[task.inputs[0].model].get_tensor(task.inputs[0].name)
+    inputs = [_load(plan, r, device) for r in task.inputs]
+    base = _load(plan, task.base, device) if task.base else None
+    for ref, x in zip([task.base, *task.inputs] if base is not None else task.inputs,
+                      [base, *inputs] if base is not None else inputs):
+        if not torch.isfinite(x).all():
+            raise MergeError(f"model '{ref.model}': tensor {ref.name} contains NaN or infinite values")
+    fields = None
+    if plan.method.needs_fields:
+        fields = [random_field(task.shape, seed=seed, tensor_name=task.name, model_index=i, device=device)
+                  for i in range(len(inputs))]
+    out = plan.method.merge(base=base, tensors=inputs, model_params=task.model_params, params=task.params,
+                            fields=fields)
+    out_dtype = plan._out_dtype_of(task)
+    out = out.to(out_dtype)
+    if not torch.isfinite(out).all():
+        raise MergeError(f"merged tensor {task.name} contains NaN or infinite values "
+                         f"(method {plan.method.name}, params {task.params}, {task.model_params})")
+    return out
+
+
+def iter_merged(plan: MergePlan, *, device="auto", seed: int = 0) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield ``(name, merged tensor)`` for every output tensor of the plan, in order."""
+    dev = resolve_device(device)
+    for task in plan.tasks:
+        yield task.name, compute_tensor(plan, task, dev, seed)
+
+
+def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device="auto", seed: int = 0,
+              out_shard_size: str | int = "2GB", overwrite: bool = False, allow_pickle: bool = False,
+              progress: Callable[[TensorTask, int], None] | None = None,
+              where: str | None = None) -> Path:
+    """Merge file to file: plan (headers only), then stream every tensor into an atomic checkpoint.
+
+    ``progress(task, nbytes)`` is called after each tensor is written. Returns the output directory.
+    """
+    plan = recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_pickle=allow_pickle, where=where)
+    dev = resolve_device(device)
+    max_shard = parse_size(out_shard_size)
+    with CheckpointWriter(out_dir, max_shard_bytes=max_shard, overwrite=overwrite) as writer:
+        for task in plan.tasks:
+            tensor = compute_tensor(plan, task, dev, seed)
+            writer.add_tensor(task.name, tensor.cpu())
+            if progress:
+                progress(task, tensor.numel() * tensor.element_size())
+            del tensor
+        if plan.config is not None:
+            writer.write_json("config.json", plan.config)
+        if plan.tokenizer_dir is not None:
+            copy_tokenizer_files(plan.tokenizer_dir, writer)
+        writer.write_text("mergekit_config.yml", plan.recipe.to_yaml())
+        writer.write_text("README.md", model_card(plan, seed))
+        return writer.commit()
+
+
+def model_card(plan: MergePlan, seed: int) -> str:
+    """A Hugging Face model card (README.md) with the recipe and the source models."""
+    recipe = plan.recipe
+    models = recipe.referenced_models()
+    lines = ["---", "library_name: transformers", "tags:", "- merge", "- evomerge", "- mergekit", "---", "",
+             f"# {recipe.name or 'Merged model'}", "",
+             f"This model was merged with [evomerge](https://pypi.org/project/evomerge/) using the "
+             f"**{plan.method.pretty_name}** method ({plan.method.reference}).", "",
+             "## Source models", ""]
+    for m in models:
+        role = " (base)" if m == recipe.base_model else ""
+        lines.append(f"- `{m}`{role}")
+    lines += ["", f"Output layers: {plan.num_layers}. Random seed: {seed}.", "",
+              "## Recipe", "", "The recipe is mergekit-compatible (`mergekit_config.yml`):", "",
+              "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# In memory
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class StateDictReader:
+    """The reader interface over an in-memory state dict (no config, no files)."""
+
+    state_dict: Mapping[str, torch.Tensor]
+    config: dict | None = None
+    architectures: list[str] = field(default_factory=list)
+    num_layers: int | None = None
+    path: Path | None = None
+
+    def tensor_names(self) -> list[str]:
+        return list(self.state_dict)
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.state_dict
+
+    def shape(self, name: str):
+        return tuple(self.state_dict[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state_dict[name].dtype
+
+    def get_tensor(self, name: str, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self.state_dict[name]
+        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+
+def merge_in_memory(recipe: Recipe | dict | str, models: Mapping[str, Mapping[str, torch.Tensor]], *,
+                    seed: int = 0, device="auto") -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts: ``models`` maps each model name used in the recipe to its state dict."""
+    readers = {name: StateDictReader(sd) for name, sd in models.items()}
+    plan = plan_merge(recipe, readers=readers)
+    return {name: tensor for name, tensor in iter_merged(plan, device=device, seed=seed)}

@@ -1,0 +1,139 @@
+"""The generalized task-arithmetic family: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+
+Per tensor (mergekit ``GeneralizedTaskArithmeticMerge``): δᵢ = xᵢ − base;
+δᵢ ← sparsify(δᵢ, densityᵢ); Dᵢ = wᵢ·δᵢ; with sign consensus keep the Dᵢ that
+agree with the elected sign and (normalize) divide by the agreeing weights,
+otherwise sum and (normalize) divide by Σwᵢ; × lambda; out = base + mixed.
+
+Ilharco et al. 2022, "Editing Models with Task Arithmetic", arXiv:2212.04089.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .consensus import agreement_mask, disjoint_merge, elect_sign, weighted_sum
+from .sparsify import sparsify
+
+
+@dataclass(frozen=True)
+class TaskArithmeticVariant:
+    """One member of the family: its sparsifier, whether it elects signs, and its defaults."""
+
+    name: str
+    pretty_name: str
+    reference: str
+    sparsification: str | None  # None, "magnitude", "random", "magnitude_outliers", "della_magprune"
+    consensus: bool
+    default_normalize: bool
+    default_rescale: bool
+
+
+VARIANTS: tuple[TaskArithmeticVariant, ...] = (
+    TaskArithmeticVariant("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
+                          None, False, False, False),
+    TaskArithmeticVariant("ties", "TIES", "https://arxiv.org/abs/2306.01708",
+                          "magnitude", True, True, False),
+    TaskArithmeticVariant("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099",
+                          "random", True, False, True),
+    TaskArithmeticVariant("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
+                          "random", False, False, True),
+    TaskArithmeticVariant("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
+                          "magnitude_outliers", False, False, False),
+    TaskArithmeticVariant("breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795",
+                          "magnitude_outliers", True, False, False),
+    TaskArithmeticVariant("della", "DELLA", "https://arxiv.org/abs/2406.11617",
+                          "della_magprune", True, True, True),
+    TaskArithmeticVariant("della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617",
+                          "della_magprune", False, False, True),
+)
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (the kernels never compute in bf16/fp16)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def combine_task_vectors(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """base + lambda·mix(wᵢ·δᵢ) for already-sparsified deltas, in the deltas' dtype.
+
+    The one code path shared by the engine and the search's candidate builder.
+    """
+    if not deltas:
+        return base.clone()
+    return _mix_stacked(base, torch.stack(list(deltas)), weights,
+                        consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def _mix_stacked(
+    base: torch.Tensor,
+    stacked: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """``combine_task_vectors`` on deltas stacked along dim 0 (scaled in place)."""
+    dtype = stacked.dtype
+    w = torch.tensor([float(x) for x in weights], dtype=dtype, device=stacked.device)
+    w = w.reshape((stacked.shape[0],) + (1,) * (stacked.dim() - 1))
+    weighted = stacked.mul_(w)
+    if consensus:
+        agree = agreement_mask(weighted, elect_sign(weighted))
+        mixed = disjoint_merge(weighted, w, agree, normalize)
+    else:
+        mixed = weighted_sum(weighted, w, normalize)
+    if lambda_ != 1:
+        mixed *= lambda_
+    return base.to(dtype) + mixed
+
+
+def generalized_task_arithmetic(
+    variant: TaskArithmeticVariant,
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    normalize: bool,
+    rescale: bool,
+    lambda_: float = 1.0,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    fields: Sequence[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """Merge ``tensors`` onto ``base`` with ``variant``; float32 (float64) result, caller casts."""
+    dtype = compute_dtype(base, *tensors)
+    base_c = base.to(dtype)
+    if not tensors:
+        return base_c.clone()
+    stacked = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
+    for i, tensor in enumerate(tensors):
+        delta = tensor.to(dtype) - base_c
+        stacked[i] = sparsify(
+            delta,
+            variant.sparsification,
+            density=densities[i],
+            rescale=rescale,
+            gamma=gammas[i] if gammas is not None else 0.01,
+            epsilon=epsilons[i] if epsilons is not None else 0.15,
+            field=fields[i] if fields is not None else None,
+        )
+        del delta
+    return _mix_stacked(
+        base_c, stacked, weights, consensus=variant.consensus, normalize=normalize, lambda_=lambda_
+    )

@@ -1,0 +1,392 @@
+"""Merge recipes: mergekit's YAML format, validated strictly.
+
+A :class:`Recipe` is the one description of a merge everywhere in evomerge: what ``evomerge merge``
+reads, what each search trial stores and what a search exports. The YAML is mergekit's
+(``models:`` or ``slices:``, ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
+``out_dtype``, ``tokenizer_source``), so recipes travel both ways. Unlike mergekit, unknown keys,
+unknown methods, misplaced parameters and out-of-range values are errors that name the file and
+the key, raised before any weight is read.
+
+Parameter values follow mergekit 0.1.5 (``mergekit/config.py``):
+- a scalar;
+- a *gradient*: a list of numbers interpolated piecewise-linearly at ``t`` (``t = i/(L-1)`` for
+  layer ``i`` of a slice of ``L`` layers, ``t = 0`` for embeddings, final norm and lm_head);
+- *conditional* values: ``[{filter: mlp, value: ...}, {value: ...}]``, the first entry whose filter
+  is a substring of the tensor name wins (no filter or ``*`` matches everything);
+- precedence: per-model (or per-slice-source) > slice > global.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from evomerge.methods import METHODS, MergeMethod, get_method
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be merged; the message names the file, the key and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Conditional(_Strict):
+    """One entry of a conditional parameter: ``value`` applies to tensors whose name contains ``filter``."""
+
+    filter: str | None = None
+    value: ScalarOrGradient
+
+
+ParameterSetting = Union[ScalarOrGradient, Conditional, list[Conditional]]
+Parameters = dict[str, ParameterSetting]
+
+
+class ModelEntry(_Strict):
+    """An input model of a ``models:`` recipe, with its per-model parameters."""
+
+    model: str
+    parameters: Parameters | None = None
+
+
+class SliceSource(_Strict):
+    """A contiguous run of layers ``[start, end)`` taken from one model."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+
+class Slice(_Strict):
+    """One output slice: its layers are merged from the sources, layer by layer."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+
+DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+class Recipe(_Strict):
+    """A merge recipe in mergekit's format (exactly one of ``models`` or ``slices``)."""
+
+    merge_method: str
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    base_model: str | None = None
+    parameters: Parameters | None = None
+    dtype: DTypeName | None = None
+    out_dtype: DTypeName | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    name: str | None = None
+
+    @field_validator("dtype", "out_dtype", mode="before")
+    @classmethod
+    def _strip_torch_prefix(cls, v):
+        return v[len("torch.") :] if isinstance(v, str) and v.startswith("torch.") else v
+
+    # ----- convenience -------------------------------------------------------------------------
+    @property
+    def method(self) -> MergeMethod:
+        return get_method(self.merge_method)
+
+    def referenced_models(self) -> list[str]:
+        """Every model path the recipe names, base first, without duplicates, in order."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for m in self.models or []:
+            seen[m.model] = None
+        for s in self.slices or []:
+            if s.base_model:
+                seen[s.base_model] = None
+            for src in s.sources:
+                seen[src.model] = None
+        return list(seen)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (None values dropped), in mergekit key order."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_yaml(self) -> str:
+        """mergekit-compatible YAML (numeric lists in flow style, like mergekit writes)."""
+        return yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False).rstrip() + "\n"
+
+    def with_paths(self, mapping: dict[str, str]) -> "Recipe":
+        """A copy with model paths replaced through ``mapping`` (paths not in it unchanged)."""
+        data = self.to_dict()
+
+        def sub(p):
+            return mapping.get(p, p)
+
+        if data.get("base_model"):
+            data["base_model"] = sub(data["base_model"])
+        if data.get("tokenizer_source") not in (None, "base", "union"):
+            data["tokenizer_source"] = sub(data["tokenizer_source"])
+        for m in data.get("models") or []:
+            m["model"] = sub(m["model"])
+        for s in data.get("slices") or []:
+            if s.get("base_model"):
+                s["base_model"] = sub(s["base_model"])
+            for src in s["sources"]:
+                src["model"] = sub(src["model"])
+        return Recipe.model_validate(data)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    def represent_list(self, data):
+        flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _RecipeDumper.represent_list)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and static validation (no weights, no model files touched)
+# ------------------------------------------------------------------------------------------------
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _pydantic_message(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
+        key = _loc(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key '{key}'" + _suggest(str(loc[-1])))
+        elif e["type"] == "missing":
+            lines.append(f"{where}: missing required key '{key}'")
+        else:
+            lines.append(f"{where}: {key}: {e['msg']} (got {e.get('input')!r})")
+    # union members produce one error each; keep the message short and unique
+    return "\n".join(dict.fromkeys(lines))
+
+
+_UNION_TAGS = {"bool", "int", "float", "str", "list[union[bool,int,float,str]]", "Conditional",
+               "list[Conditional]", "tuple[int, int]"}
+_KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+               "tokenizer_source", "chat_template", "name", "model", "layer_range", "sources", "filter",
+               "value"}
+
+
+def _suggest(word: str, vocabulary=None) -> str:
+    import difflib
+
+    vocab = vocabulary or _KNOWN_KEYS
+    close = difflib.get_close_matches(word, sorted(vocab), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_recipe(source: str | Path | dict, *, where: str | None = None) -> Recipe:
+    """Parse and statically validate a recipe from a YAML file, YAML text or a dict.
+
+    Raises :class:`RecipeError` naming the file and key on any problem. Checks here need no
+    model files; :func:`evomerge.engine.plan_merge` checks the models themselves (headers only).
+    """
+    if isinstance(source, dict):
+        data, where = source, where or "<recipe>"
+    else:
+        path = Path(source)
+        if "\n" not in str(source) and path.suffix in (".yaml", ".yml", ".json") or path.exists():
+            where = where or str(path)
+            if not path.is_file():
+                raise RecipeError(f"{where}: recipe file not found")
+            text = path.read_text()
+        else:
+            where, text = where or "<recipe>", str(source)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{where}: malformed YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe must be a mapping with at least 'merge_method', got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_pydantic_message(e, where)) from None
+    problems = validate_recipe(recipe)
+    if problems:
+        raise RecipeError("\n".join(f"{where}: {p}" for p in problems))
+    return recipe
+
+
+def validate_recipe(recipe: Recipe) -> list[str]:
+    """Static checks of a parsed recipe: method, structure, parameter names, scopes and ranges."""
+    problems: list[str] = []
+    if recipe.merge_method not in METHODS:
+        return [f"merge_method: unknown method '{recipe.merge_method}'"
+                + _suggest(recipe.merge_method, METHODS) + f"; known methods: {', '.join(sorted(METHODS))}"]
+    method = recipe.method
+    if (recipe.models is None) == (recipe.slices is None):
+        problems.append("exactly one of 'models' or 'slices' must be given")
+        return problems
+    if recipe.models is not None and not recipe.models:
+        problems.append("models: the list is empty")
+    slices_have_bases = recipe.slices is not None and all(s.base_model for s in recipe.slices)
+    if method.requires_base and not recipe.base_model and not slices_have_bases:
+        problems.append(f"base_model: method '{method.name}' requires a base model")
+    if recipe.tokenizer_source not in (None, "base", "union") and recipe.tokenizer_source not in recipe.referenced_models():
+        # a path not among the inputs is allowed (mergekit allows any model); it must simply exist
+        pass
+    if recipe.tokenizer_source == "union":
+        problems.append("tokenizer_source: 'union' (vocabulary merging) is not supported; use 'base' or a model path")
+
+    _check_params(recipe.parameters, method, "parameters", per_model_allowed=True, problems=problems)
+    for i, m in enumerate(recipe.models or []):
+        _check_params(m.parameters, method, f"models[{i}].parameters", per_model_allowed=True,
+                      global_allowed=False, problems=problems)
+    for si, s in enumerate(recipe.slices or []):
+        _check_params(s.parameters, method, f"slices[{si}].parameters", per_model_allowed=True,
+                      problems=problems)
+        lengths = set()
+        for j, src in enumerate(s.sources):
+            start, end = src.layer_range
+            if start < 0 or end <= start:
+                problems.append(f"slices[{si}].sources[{j}].layer_range: expected [start, end) with "
+                                f"0 <= start < end, got [{start}, {end}]")
+            lengths.add(end - start)
+            _check_params(src.parameters, method, f"slices[{si}].sources[{j}].parameters",
+                          per_model_allowed=True, global_allowed=False, problems=problems)
+        if len(lengths) > 1:
+            problems.append(f"slices[{si}].sources: every source of a slice must span the same number "
+                            f"of layers, got {sorted(lengths)}")
+    problems.extend(_check_input_counts(recipe, method))
+    return problems
+
+
+def _check_input_counts(recipe: Recipe, method: MergeMethod) -> list[str]:
+    """Number of inputs per output tensor against the method's limits (base counted when it is an input)."""
+    groups: list[tuple[str, list[str], str | None]] = []
+    if recipe.models is not None:
+        groups.append(("models", [m.model for m in recipe.models], recipe.base_model))
+    for si, s in enumerate(recipe.slices or []):
+        groups.append((f"slices[{si}].sources", [src.model for src in s.sources], s.base_model or recipe.base_model))
+    problems = []
+    for where, models, base in groups:
+        inputs = list(dict.fromkeys(models))
+        if base and method.requires_base and base not in inputs:
+            inputs.append(base)
+        n = len(inputs)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            expected = (f"exactly {method.min_models}" if method.max_models == method.min_models
+                        else f"at least {method.min_models}" + (f" and at most {method.max_models}"
+                                                                  if method.max_models else ""))
+            problems.append(f"{where}: method '{method.name}' takes {expected} input model(s)"
+                            f"{' including the base' if method.requires_base else ''}, got {n}")
+    return problems
+
+
+def _iter_scalars(setting: Any):
+    """Yield every scalar inside a parameter setting (gradients and conditionals included)."""
+    if isinstance(setting, Conditional):
+        yield from _iter_scalars(setting.value)
+    elif isinstance(setting, list):
+        for s in setting:
+            yield from _iter_scalars(s)
+    else:
+        yield setting
+
+
+def _check_params(params: Parameters | None, method: MergeMethod, where: str, *, per_model_allowed: bool,
+                  problems: list[str], global_allowed: bool = True) -> None:
+    """Names known to the method, in a scope where mergekit reads them, every value in range."""
+    if not params:
+        return
+    names = {p.name for p in method.params}
+    for key, setting in params.items():
+        if key not in names:
+            problems.append(f"{where}.{key}: unknown parameter for method '{method.name}'"
+                            + _suggest(key, names) + f"; it takes: {', '.join(sorted(names)) or 'no parameters'}")
+            continue
+        spec = method.param(key)
+        if not spec.per_model and not global_allowed:
+            problems.append(f"{where}.{key}: '{key}' applies to the whole merge, not to one model; set it under "
+                            f"the top-level or slice 'parameters'")
+            continue
+        if isinstance(setting, list) and any(isinstance(s, Conditional) for s in setting) and not all(
+                isinstance(s, Conditional) for s in setting):
+            problems.append(f"{where}.{key}: mixes conditional entries ({{filter, value}}) with plain values")
+            continue
+        if isinstance(setting, list) and not setting:
+            problems.append(f"{where}.{key}: empty list")
+            continue
+        for value in _iter_scalars(setting):
+            msg = _validate_scalar(spec, value)
+            if msg:
+                problems.append(f"{where}.{key}: {msg}")
+                break
+
+
+def _validate_scalar(spec, value) -> str | None:
+    if spec.type is bool:
+        if not isinstance(value, bool):
+            return f"expected true or false, got {value!r}"
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"expected a number, got {value!r}"
+    return spec.validate_value(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolution of parameter values for one tensor (mergekit's ConfigReader + evaluate_setting)
+# ------------------------------------------------------------------------------------------------
+_MISSING = object()
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """The value of one setting for ``tensor_name`` at gradient position ``t`` (None: no match).
+
+    Gradients interpolate linearly between neighbouring list entries at ``t·(len−1)``; boolean
+    gradients pick the entry at ``int(t·(len−1))``; conditionals take the first matching filter.
+    """
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if isinstance(setting[0], Conditional):
+            for cond in setting:
+                if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+                    return evaluate_setting(cond.value, tensor_name, t)
+            return None
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        if not numeric:
+            return setting[i0]
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    return setting
+
+
+def resolve_value(sources: list[Parameters | None], name: str, tensor_name: str, t: float) -> Any:
+    """First non-None value of ``name`` over ``sources`` (highest precedence first), else _MISSING."""
+    for scope in sources:
+        if scope and name in scope:
+            value = evaluate_setting(scope[name], tensor_name, t)
+            if value is not None:
+                return value
+    return _MISSING
+
+
+def coerce(spec, value):
+    """Cast a resolved value to the parameter's type (mergekit's ParameterSpec.validate)."""
+    return bool(value) if spec.type is bool else float(value)

@@ -1,0 +1,42 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory) -> dict[str, Path]:
+    """A tiny float32 Llama base and three perturbed fine-tunes (ft2 saved sharded)."""
+    from evomerge.tiny import build_tiny_family
+
+    root = tmp_path_factory.mktemp("llama")
+    base, fts = build_tiny_family(root, family="llama", n_finetunes=3, seed=0, num_layers=4)
+    return {"base": base, "ft0": fts[0], "ft1": fts[1], "ft2": fts[2]}
+
+
+@pytest.fixture(scope="session")
+def qwen_family(tmp_path_factory) -> dict[str, Path]:
+    """A tiny float32 Qwen2 base and two fine-tunes, with tied embeddings."""
+    from evomerge.tiny import build_tiny_family
+
+    root = tmp_path_factory.mktemp("qwen2")
+    base, fts = build_tiny_family(root, family="qwen2", n_finetunes=2, seed=1, num_layers=3,
+                                  tie_word_embeddings=True)
+    return {"base": base, "ft0": fts[0], "ft1": fts[1]}
+
+
+def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors model directory (single file or shards)."""
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
