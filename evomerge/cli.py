@@ -108,6 +108,78 @@ def evaluate(
     out.print(render_table(result))
 
 
+@app.command()
+def search(
+    config: Path = typer.Argument(..., help="run config YAML (see configs/)"),
+    trials: Optional[int] = typer.Option(None, help="total trial budget of the study (overrides the config)"),
+    timeout: Optional[str] = typer.Option(None, help="wall-time budget of this invocation, e.g. 8h, 90m"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: a journal file in output_dir)"),
+    study_name: Optional[str] = typer.Option(None, help="study name (default: the config's name)"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:N]"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="run directory (overrides the config)"),
+    finalize: bool = typer.Option(True, help="re-rank, score on test and export when the budget is spent"),
+) -> None:
+    """Search merge parameters with Optuna, then export the winner and print the test table."""
+    from evomerge.search.cli_search import run_search_command
+
+    run_search_command(config, overrides={"trials": trials, "timeout": timeout, "storage": storage,
+                                          "study_name": study_name, "device": device,
+                                          "output_dir": str(output_dir) if output_dir else None},
+                       finalize=finalize, console=console, out=out, fail=_fail)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="a search's output directory"),
+    out_dir: Path = typer.Argument(..., help="where to write the checkpoint"),
+    trial: Optional[int] = typer.Option(None, help="trial number (default: the winner)"),
+    storage: Optional[str] = typer.Option(None, help="storage URL, if not the run's own"),
+    device: str = typer.Option("auto"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Re-export any recorded trial of a search as a merged checkpoint."""
+    from evomerge.recipe import RecipeError
+    from evomerge.search.export import export_trial
+
+    try:
+        path = export_trial(run_dir, out_dir, trial=trial, storage=storage, device=device, overwrite=overwrite)
+    except (RecipeError, FileNotFoundError, ValueError, KeyError) as e:
+        _fail(str(e))
+    console.print(f"[green]wrote[/] {path}")
+
+
+@app.command("finetune")
+def finetune_cmd(
+    model_dir: Path = typer.Argument(..., help="Hugging Face model directory (e.g. a search's merged/)"),
+    tasks: Path = typer.Option(..., "--tasks", help="task YAML: trains on its search split, reports test"),
+    out_dir: Path = typer.Option(..., "--out", help="where to write the fine-tuned checkpoint"),
+    steps: int = typer.Option(50),
+    lr: float = typer.Option(1e-4),
+    batch_size: int = typer.Option(16),
+    train: list[str] = typer.Option(["*"], help="fnmatch patterns of trainable tensors (repeatable)"),
+    layers: Optional[str] = typer.Option(None, help="only layers START:END (end exclusive)"),
+    device: str = typer.Option("auto"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Briefly fine-tune selected tensors of MODEL_DIR; print test scores before and after."""
+    from evomerge.evaluate import TaskError
+    from evomerge.finetune import finetune_and_report
+    from evomerge.search.config import Finetune
+
+    try:
+        layer_range = None
+        if layers:
+            a, b = layers.split(":")
+            layer_range = (int(a), int(b))
+        cfg = Finetune(steps=steps, lr=lr, batch_size=batch_size, train=train, layers=layer_range, data=str(tasks))
+        if out_dir.exists() and not overwrite:
+            _fail(f"{out_dir} exists; pass --overwrite to replace it")
+        finetune_and_report(model_dir, out_dir, cfg, tasks=None, device=device, overwrite=overwrite,
+                            log=lambda m: console.print(m))
+    except (TaskError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
 @zoo_app.command("build")
 def zoo_build(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="where to build (default: the user cache)"),

@@ -40,3 +40,11 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The built-in demo zoo at size tiny, built once per test session."""
+    from evomerge.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", seed=0, progress=False)

@@ -1,0 +1,157 @@
+"""A short, targeted fine-tune of a merged model: a few steps on local examples, chosen tensors only.
+
+Which tensors train is chosen by name patterns (``fnmatch``, e.g. ``*.mlp.*``) and an optional
+layer range ``[start, end)``; everything else is frozen. The loss is the causal-LM loss on the
+target tokens only (prompt tokens are masked), on examples of the tasks' ``search`` split (never
+``validation`` or ``test``). Test scores are reported before and after, and the result is written
+atomically as a Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from evomerge.engine import LAYER_PATTERN, resolve_device
+
+
+@dataclass
+class FinetuneResult:
+    trainable: list[str]
+    losses: list[float]
+    before: object  # EvalResult on the test split
+    after: object
+    seconds: float
+    out_dir: Path | None
+
+
+def select_trainable(names: Sequence[str], patterns: Sequence[str], layers: tuple[int, int] | None) -> list[str]:
+    """Parameter names matching any pattern and, with ``layers``, belonging to a layer in [start, end)."""
+    chosen = []
+    for name in names:
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        if layers is not None:
+            m = LAYER_PATTERN.match(name)
+            if m is None or not layers[0] <= int(m.group("index")) < layers[1]:
+                continue
+        chosen.append(name)
+    return chosen
+
+
+def training_pairs(tasks, split: str = "search") -> list[tuple[str, str]]:
+    """(prompt, target) pairs of every task's ``split``; multiple choice trains on the gold choice."""
+    pairs = []
+    for spec in tasks:
+        if not hasattr(spec, "examples"):
+            continue  # lm-eval tasks carry no local training examples
+        for ex in spec.examples(split):
+            pairs.append((ex.prompt, ex.continuations[ex.label]))
+    if not pairs:
+        raise ValueError("no training examples: the tasks have no native examples in the search split")
+    return pairs
+
+
+def _batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels (-100 on prompt and padding)."""
+    rows, labels = [], []
+    for prompt, target in pairs:
+        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"]
+        rows.append(p + t)
+        labels.append([-100] * len(p) + t)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        lab[i, : len(l)] = torch.tensor(l)
+    return ids.to(device), mask.to(device), lab.to(device)
+
+
+def finetune(model, tokenizer, pairs: Sequence[tuple[str, str]], *, trainable: Sequence[str], steps: int,
+             lr: float, batch_size: int, seed: int = 0) -> list[float]:
+    """AdamW on the ``trainable`` parameters only, ``steps`` mini-batches; returns the loss per step."""
+    if not trainable:
+        raise ValueError("no parameter matches the finetune selection (train patterns / layers)")
+    params = dict(model.named_parameters())
+    chosen = set(trainable)
+    for name, p in params.items():
+        p.requires_grad_(name in chosen)
+    opt = torch.optim.AdamW([params[n] for n in trainable], lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    device = next(model.parameters()).device
+    losses = []
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(list(pairs), min(batch_size, len(pairs)))
+        ids, mask, labels = _batch(tokenizer, batch, device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"finetune loss became {loss.item()} at step {len(losses)}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    for p in params.values():
+        p.requires_grad_(False)
+    return losses
+
+
+def finetune_and_report(model_dir: str | Path, out_dir: str | Path | None, cfg, *, tasks, device="auto",
+                        batch_size: int = 32, log: Callable[[str], None] = print,
+                        overwrite: bool = True) -> FinetuneResult:
+    """Fine-tune ``model_dir`` as ``cfg`` (a config ``Finetune``) says; report test scores before/after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate import Evaluator, load_tasks
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    specs = load_tasks(cfg.data) if getattr(cfg, "data", None) else tasks
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
+    test = Evaluator(specs, tokenizer, split="test", batch_size=batch_size, device=dev)
+    before = test.evaluate(model)
+    trainable = select_trainable([n for n, _ in model.named_parameters()], cfg.train, cfg.layers)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
+    log(f"fine-tuning {len(trainable)} tensors ({n_params / 1e6:.2f}M parameters) for {cfg.steps} steps")
+    losses = finetune(model, tokenizer, training_pairs(specs), trainable=trainable, steps=cfg.steps,
+                      lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+    after = test.evaluate(model)
+    log(f"test aggregate before {before.aggregate:.4f} -> after {after.aggregate:.4f} "
+        f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})")
+    saved = None
+    if out_dir is not None:
+        saved = _save_atomic(model, tokenizer, Path(out_dir), overwrite=overwrite)
+    return FinetuneResult(trainable, losses, before, after, time.perf_counter() - t0, saved)
+
+
+def _save_atomic(model, tokenizer, out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

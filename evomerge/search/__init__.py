@@ -1,0 +1,1 @@
+"""Evolutionary search over merge parameters: spaces, candidate builder, Optuna study, run loop, export."""

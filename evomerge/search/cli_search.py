@@ -1,0 +1,125 @@
+"""`evomerge search`: run a search with a live display, then finalize and print the test table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+class Display:
+    """Live status: trial i of N, best so far, last score, time per trial, ETA (plain lines without a TTY)."""
+
+    def __init__(self, console: Console, budget_trials: int | None, timeout_s: float | None):
+        self.console, self.budget, self.timeout = console, budget_trials, timeout_s
+        self.live: Live | None = None
+        self.times: list[float] = []
+
+    def __enter__(self):
+        if self.console.is_terminal:
+            self.live = Live(Table(), console=self.console, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.live.__exit__(*exc)
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "interrupted":
+            self.console.print(f"[yellow]interrupted during trial {data['number']}: marked as failed "
+                               f"('interrupted'); finished trials are kept in the study[/]")
+            return
+        rec, study = data["record"], data["study"]
+        self.times.append(rec.build_s + rec.eval_s)
+        from evomerge.search.run import _budget_count, best_trials, trial_score
+
+        done = _budget_count(study)
+        best = best_trials(study, 1)
+        best_s = f"{trial_score(best[0]):.4f} (trial {best[0].number})" if best else "-"
+        per = sum(self.times[-10:]) / len(self.times[-10:])
+        eta = "-"
+        if self.budget:
+            eta_s = max(0, self.budget - done) * per
+            if self.timeout:
+                eta_s = min(eta_s, max(0.0, self.timeout - (time.perf_counter() - data["started"])))
+            eta = f"{eta_s / 60:.1f} min"
+        last = f"{rec.value:.4f}" if rec.value is not None else rec.state.lower()
+        if rec.state == "FAIL":
+            last += f" ({rec.reason[:60]})"
+        of = f"{done}/{self.budget}" if self.budget else f"{done}"
+        if self.live:
+            t = Table(title="evomerge search", show_header=False)
+            for k, v in (("trial", of), ("best so far", best_s), ("last score", last),
+                         ("time per trial", f"{per:.2f} s (merge {rec.build_s:.2f} s, eval {rec.eval_s:.2f} s)"),
+                         ("ETA", eta)):
+                t.add_row(k, v)
+            self.live.update(t)
+        else:
+            self.console.print(f"trial {rec.number} [{of}] {last} | best {best_s} | "
+                               f"{rec.build_s:.2f}s merge + {rec.eval_s:.2f}s eval | ETA {eta}", highlight=False)
+
+
+def run_search_command(config: Path, *, overrides: dict[str, Any], finalize: bool, console: Console,
+                       out: Console, fail: Callable[[str], None]) -> None:
+    from evomerge.evaluate import TaskError
+    from evomerge.recipe import RecipeError
+    from evomerge.search.config import ConfigError, load_config, parse_duration
+    from evomerge.search.export import finalize as do_finalize
+    from evomerge.search.run import SearchRun, _file_lock
+    from evomerge.search.space import SpaceError
+
+    try:
+        cfg = load_config(config, overrides)
+        console.print(f"[bold]evomerge search[/] {cfg.name}: output in {cfg.output_dir}")
+        run = SearchRun(cfg)
+    except (ConfigError, SpaceError, RecipeError, TaskError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    _save_config(cfg, Path(cfg.output_dir))
+    if cfg.sampler.name == "cmaes" and run.space.off_center():
+        console.print("[yellow]note:[/] CMA-ES starts at the middle of each range, not at the default of "
+                      + ", ".join(run.space.off_center()) + "; the default is still the first trial")
+    console.print(f"{len(run.distributions)} searched dimensions ({run.space.method}, {run.space.granularity}); "
+                  f"setup {run.stats.setup_s:.1f} s; {len(run.study.trials)} trials already in the study")
+    try:
+        with Display(console, cfg.budget.trials, parse_duration(cfg.budget.timeout)) as display:
+            run.on_event = display.event
+            run.run()
+    except KeyboardInterrupt:
+        console.print("[yellow]stopped; re-run the same command to resume[/]")
+        raise SystemExit(130)
+    if not finalize:
+        return
+    with _file_lock(run.out / ".finalize.lock"):  # one worker finalizes at a time
+        summary = do_finalize(run, export_checkpoint=cfg.export_checkpoint, log=lambda m: console.print(m))
+    out.print(_table(summary))
+    for k, v in summary.files.items():
+        console.print(f"  {k}: {v}")
+    if cfg.finetune:
+        from evomerge.finetune import finetune_and_report
+
+        finetune_and_report(Path(summary.files["checkpoint"]), run.out / "finetuned", cfg.finetune,
+                            tasks=run.task_specs, device=cfg.device, log=lambda m: console.print(m))
+
+
+def _table(summary) -> Table:
+    tasks = list(summary.rows[0].per_task)
+    t = Table(title="test split")
+    for c in ("model", "aggregate", "95% CI", *tasks):
+        t.add_column(c)
+    for r in summary.rows:
+        ci = "" if r.ci is None else f"[{r.ci[0]:.3f}, {r.ci[1]:.3f}]"
+        t.add_row(r.label, f"{r.aggregate:.3f}", ci, *[f"{r.per_task[k]:.3f}" for k in tasks])
+    return t
+
+
+def _save_config(cfg, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "run_config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(out / "run_config.yaml")

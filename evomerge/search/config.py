@@ -1,0 +1,180 @@
+"""Run configs for ``evomerge search``: models, search space, tasks, budget, sampler, storage, output.
+
+A run config is YAML (``configs/*.yaml``), validated strictly like recipes (unknown keys are errors
+naming the file and key). Paths are relative to the config file. ``zoo:`` uses the built-in offline
+demo zoo: base, experts and tasks then come from it (built on first use, cached afterwards)::
+
+    name: demo
+    zoo: {size: small, seed: 0}           # or base_model / models / tasks given explicitly
+    search_space: ../search_spaces/ties_per_block.yaml
+    budget: {trials: 60, timeout: 15m}
+    sampler: {name: cmaes, popsize: 8}
+    output_dir: ../results/demo
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evomerge.recipe import _pydantic_message
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_duration(text: str | int | float | None) -> float | None:
+    """'8h', '90m', '45s', '1h30m', or seconds as a number → seconds (None stays None)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
+    if not parts or "".join(f"{a}{b}" for a, b in parts) != s.replace(" ", ""):
+        raise ValueError(f"cannot parse duration {text!r}; use e.g. 8h, 90m, 45s or 1h30m")
+    return sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u] for v, u in parts)
+
+
+class Zoo(_Strict):
+    size: Literal["tiny", "small"] = "small"
+    seed: int = 0
+    dir: str | None = None  # default: the user cache
+
+
+class Budget(_Strict):
+    trials: int | None = Field(None, ge=1)
+    timeout: str | float | None = None  # per invocation, e.g. "8h"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.trials is None and self.timeout is None:
+            raise ValueError("give trials, timeout or both")
+        parse_duration(self.timeout)
+        return self
+
+
+class Sampler(_Strict):
+    name: Literal["cmaes", "tpe", "gp", "random", "nsga2"] = "cmaes"
+    popsize: int | None = Field(None, ge=2)  # CMA-ES population (or NSGA-II population)
+    separable: bool = False  # sep-CMA-ES
+    sigma0: float | None = Field(None, gt=0)
+    n_startup_trials: int | None = Field(None, ge=0)  # TPE/GP random start
+
+
+class Pruner(_Strict):
+    name: Literal["none", "median", "percentile", "successive_halving"] = "median"
+    chunk_size: int = Field(64, ge=1)  # examples per task between pruning checks
+    warmup_steps: int = Field(1, ge=0)
+    startup_trials: int = Field(5, ge=0)
+    percentile: float = Field(25.0, gt=0, lt=100)
+
+
+class Finetune(_Strict):
+    steps: int = Field(50, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    train: list[str] = Field(default_factory=lambda: ["*"])  # name patterns of trainable tensors (fnmatch)
+    layers: tuple[int, int] | None = None  # only layers in [start, end)
+    data: str | None = None  # tasks YAML whose `train` split (or search split) is used
+    seed: int = 0
+
+
+class RunConfig(_Strict):
+    name: str = "evomerge"
+    zoo: Zoo | None = None
+    base_model: str | None = None
+    models: list[str] | dict[str, str] | None = None
+    search_space: str | dict[str, Any]
+    tasks: str | dict[str, Any] | list[dict[str, Any]] | None = None
+    objectives: Literal["aggregate", "per_task"] = "aggregate"
+    budget: Budget = Field(default_factory=lambda: Budget(trials=50))
+    sampler: Sampler = Field(default_factory=Sampler)
+    pruner: Pruner = Field(default_factory=Pruner)
+    storage: str | None = None  # Optuna storage URL; default: a journal file in output_dir
+    study_name: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(32, ge=1)
+    output_dir: str = "results/run"
+    top_k: int = Field(5, ge=1)
+    finetune: Finetune | None = None
+    export_checkpoint: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.zoo is None:
+            missing = [k for k in ("base_model", "models", "tasks") if getattr(self, k) in (None, [], {})]
+            if missing:
+                raise ValueError(f"without 'zoo:' the config must give {', '.join(missing)}")
+        if self.objectives == "per_task" and self.sampler.name not in ("nsga2", "tpe", "random", "gp"):
+            raise ValueError(f"objectives: per_task is multi-objective; sampler '{self.sampler.name}' supports one "
+                             f"objective; use nsga2 (or tpe/random/gp)")
+        return self
+
+    # -- resolution of paths ----------------------------------------------------------------------
+    def resolved(self, config_dir: Path) -> "RunConfig":
+        """A copy with every relative path made absolute against ``config_dir``."""
+
+        def p(x: str | None) -> str | None:
+            if x is None:
+                return None
+            q = Path(x).expanduser()
+            return str(q if q.is_absolute() else (config_dir / q).resolve())
+
+        upd: dict[str, Any] = {"output_dir": p(self.output_dir)}
+        if self.base_model:
+            upd["base_model"] = p(self.base_model)
+        if isinstance(self.models, list):
+            upd["models"] = {Path(m).name: p(m) for m in self.models}
+        elif isinstance(self.models, dict):
+            upd["models"] = {k: p(v) for k, v in self.models.items()}
+        if isinstance(self.search_space, str):
+            upd["search_space"] = p(self.search_space)
+        if isinstance(self.tasks, str):
+            upd["tasks"] = p(self.tasks)
+        if self.zoo and self.zoo.dir:
+            upd["zoo"] = self.zoo.model_copy(update={"dir": p(self.zoo.dir)})
+        if self.storage and self.storage.startswith("sqlite:///") and not self.storage.startswith("sqlite:////"):
+            upd["storage"] = "sqlite:///" + p(self.storage[len("sqlite:///"):])
+        if self.finetune and self.finetune.data:
+            upd["finetune"] = self.finetune.model_copy(update={"data": p(self.finetune.data)})
+        return self.model_copy(update=upd)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load, validate and resolve a run config file; ``overrides`` (from the CLI) win over the file."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: run config not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: malformed YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a run config must be a mapping")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in ("trials", "timeout"):
+            data.setdefault("budget", {})
+            if isinstance(data["budget"], dict):
+                data["budget"] = {**data["budget"], key: value}
+        else:
+            data[key] = value
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_pydantic_message(e, where)) from None
+    return cfg.resolved(path.parent.resolve())

@@ -1,0 +1,223 @@
+"""The end of a search: re-rank finalists on validation, report the test split, export the winner.
+
+Selection never looks at the test split: the top-k candidates by search score are re-scored on
+the validation split and the best there wins. Then the winner, the default recipe, every single
+fine-tune, the base (and the zoo's multi-task reference, when there is one) are scored on the test
+split with bootstrap confidence intervals. Written to the run directory:
+
+- ``best_recipe.yaml`` — the winner's recipe (mergekit-compatible);
+- ``merged/`` — the winner's checkpoint, written by the engine from that recipe;
+- ``trials.csv`` — every trial: state, scores, parameters, durations, failure reasons;
+- ``summary.md`` / ``summary.json`` — the test table and where the time went;
+- ``plots/`` — optimization history, the winner's per-layer parameters, importances, Pareto front.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.engine import run_merge
+from evomerge.recipe import load_recipe
+from evomerge.search.run import SearchRun, best_trials, trial_score
+
+
+@dataclass
+class Row:
+    """One line of the test table."""
+
+    label: str
+    aggregate: float
+    ci: tuple[float, float] | None
+    per_task: dict[str, float]
+    validation: float | None = None
+
+
+@dataclass
+class Summary:
+    winner_trial: int
+    winner_recipe: str
+    rows: list[Row]
+    finalists: list[dict[str, Any]]
+    timing: dict[str, float]
+    counts: dict[str, int]
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def _row(label: str, result, validation: float | None = None) -> Row:
+    return Row(label, result.aggregate, result.ci, dict(result.per_task), validation)
+
+
+def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Summary:
+    """Re-rank on validation, score baselines on test, write every report file; returns the summary."""
+    t0 = time.perf_counter()
+    study, cfg, out, builder = run.study, run.cfg, run.out, run.builder
+    finalists = best_trials(study, cfg.top_k)
+    if not finalists:
+        raise RuntimeError("no trial completed; nothing to export (see trials.csv for failure reasons)")
+    log(f"re-ranking the top {len(finalists)} candidates on the validation split")
+    val = run.evaluator("validation")
+    ranked = []
+    for t in finalists:
+        builder.build(load_recipe(t.user_attrs["recipe"]))
+        ranked.append((t, val.evaluate(builder.model).aggregate))
+    winner, winner_val = max(ranked, key=lambda x: x[1])
+    winner_recipe = load_recipe(winner.user_attrs["recipe"])
+
+    log("scoring the winner and the baselines on the test split")
+    test = run.evaluator("test")
+    rows = []
+    builder.build(winner_recipe)
+    rows.append(_row(f"winner (trial {winner.number})", test.evaluate(builder.model), winner_val))
+    builder.build(run.recipe_for(run.default_point))
+    rows.append(_row(f"default recipe ({run.space.method})", test.evaluate(builder.model)))
+    for name, path in run.inputs.models.items():
+        builder.load_model_weights(path)
+        rows.append(_row(f"fine-tune: {name}", test.evaluate(builder.model)))
+    builder.load_model_weights(None)
+    rows.append(_row("base", test.evaluate(builder.model)))
+    if run.inputs.reference:
+        from evomerge.checkpoint import ModelReader
+
+        builder.readers.setdefault(run.inputs.reference, ModelReader(run.inputs.reference))
+        builder.load_model_weights(run.inputs.reference)
+        rows.append(_row("multi-task reference", test.evaluate(builder.model)))
+
+    files = {"recipe": str(out / "best_recipe.yaml")}
+    (out / "best_recipe.yaml").write_text(winner_recipe.to_yaml())
+    if export_checkpoint:
+        log(f"writing the merged checkpoint to {out / 'merged'}")
+        run_merge(winner_recipe, out / "merged", device=builder.device, seed=cfg.seed, overwrite=True)
+        files["checkpoint"] = str(out / "merged")
+    files["trials"] = str(write_trials_csv(study, out / "trials.csv"))
+    counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,)))
+              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    timing = {"setup_s": run.stats.setup_s, "build_s": run.stats.build_s, "eval_s": run.stats.eval_s,
+              "finalize_s": time.perf_counter() - t0,
+              "trials_this_process": len(run.stats.trials)}
+    summary = Summary(winner.number, winner_recipe.to_yaml(), rows,
+                      [{"trial": t.number, "search": trial_score(t), "validation": v} for t, v in ranked],
+                      timing, counts, files)
+    try:
+        from evomerge.search.plots import write_plots
+
+        files.update(write_plots(run, winner_recipe, out / "plots"))
+    except Exception as e:  # plots are a convenience; never lose a finished search over one
+        log(f"warning: plots failed: {type(e).__name__}: {e}")
+    summary.timing["finalize_s"] = time.perf_counter() - t0
+    (out / "summary.md").write_text(render_summary(run, summary))
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    files["summary"] = str(out / "summary.md")
+    return summary
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> Path:
+    """Every trial of the study: number, state, value(s), per-task scores, durations, params, reason."""
+    trials = study.get_trials(deepcopy=False)
+    params = sorted({p for t in trials for p in t.params})
+    tasks = sorted({k for t in trials for k in (t.user_attrs.get("scores") or {})})
+    header = ["number", "state", "value", *[f"score:{k}" for k in tasks], "build_s", "eval_s", "duration_s",
+              "default", "fail_reason", *params]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for t in trials:
+            scores = t.user_attrs.get("scores") or {}
+            value = "" if t.values is None else (t.values[0] if len(t.values) == 1 else
+                                                 sum(t.values) / len(t.values))
+            duration = "" if t.duration is None else round(t.duration.total_seconds(), 3)
+            w.writerow([t.number, t.state.name, value, *[scores.get(k, "") for k in tasks],
+                        t.user_attrs.get("build_s", ""), t.user_attrs.get("eval_s", ""), duration,
+                        bool(t.user_attrs.get("default")), t.user_attrs.get("fail_reason", ""),
+                        *[t.params.get(p, "") for p in params]])
+    tmp.replace(path)
+    return path
+
+
+def _fmt_ci(row: Row) -> str:
+    return "" if row.ci is None else f"[{row.ci[0]:.3f}, {row.ci[1]:.3f}]"
+
+
+def render_summary(run: SearchRun, s: Summary) -> str:
+    """summary.md: the test table, the finalists, and where the time went."""
+    tasks = list(s.rows[0].per_task)
+    lines = [f"# evomerge search: {run.cfg.name}", "",
+             f"Method `{run.space.method}`, granularity `{run.space.granularity}`"
+             + (f" (blocks of {run.space.block_size})" if run.space.granularity == "block" else "")
+             + (", attention and MLP separately" if run.space.attn_mlp else "")
+             + f"; sampler `{run.cfg.sampler.name}`; {len(run.distributions)} searched dimensions.",
+             f"Trials: {s.counts.get('COMPLETE', 0)} complete, {s.counts.get('PRUNED', 0)} pruned, "
+             f"{s.counts.get('FAIL', 0)} failed.", "",
+             "## Test split (never used for selection)", "",
+             "| model | aggregate | 95% CI | " + " | ".join(tasks) + " |",
+             "|---|---:|---|" + "---:|" * len(tasks)]
+    for r in s.rows:
+        lines.append(f"| {r.label} | {r.aggregate:.3f} | {_fmt_ci(r)} | "
+                     + " | ".join(f"{r.per_task.get(t, float('nan')):.3f}" for t in tasks) + " |")
+    lines += ["", "## Finalists (selection on the validation split)", "", "| trial | search | validation |",
+              "|---:|---:|---:|"]
+    for f in s.finalists:
+        mark = " **winner**" if f["trial"] == s.winner_trial else ""
+        lines.append(f"| {f['trial']}{mark} | {f['search']:.3f} | {f['validation']:.3f} |")
+    t = s.timing
+    searched = t["build_s"] + t["eval_s"]
+    lines += ["", "## Where the time went (this process)", "",
+              "| phase | seconds | share of search |", "|---|---:|---:|",
+              f"| setup (load models, task vectors, order statistics) | {t['setup_s']:.1f} | |",
+              f"| merging candidates | {t['build_s']:.1f} | {100 * t['build_s'] / max(searched, 1e-9):.0f}% |",
+              f"| evaluating candidates (search split) | {t['eval_s']:.1f} | "
+              f"{100 * t['eval_s'] / max(searched, 1e-9):.0f}% |",
+              f"| finalize (validation, test, export) | {t['finalize_s']:.1f} | |", "",
+              f"Trials run by this process: {t['trials_this_process']}.", "",
+              "## Winner's recipe", "", "```yaml", s.winner_recipe.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _jsonable(obj):
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(obj, k)) for k in obj.__dataclass_fields__}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def export_trial(run_dir: str | Path, out_dir: str | Path, *, trial: int | None = None, storage: str | None = None,
+                 study_name: str | None = None, device: str = "auto", seed: int | None = None,
+                 overwrite: bool = False) -> Path:
+    """Re-export a recorded trial of a run (default: the winner in summary.json) as a checkpoint."""
+    import yaml
+
+    from evomerge.search.study import make_storage
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "run_config.yaml"
+    saved = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if not saved and storage is None:
+        raise FileNotFoundError(f"{run_dir}: not a search run directory (no run_config.yaml)")
+    storage_obj = make_storage(storage or saved.get("storage"), run_dir)
+    name = study_name or saved.get("study_name") or saved.get("name")
+    study = optuna.load_study(study_name=name, storage=storage_obj)
+    if trial is None:
+        summary = run_dir / "summary.json"
+        if not summary.is_file():
+            raise FileNotFoundError(f"{run_dir}: no summary.json yet; pass --trial N")
+        trial = json.loads(summary.read_text())["winner_trial"]
+    matches = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
+    if not matches:
+        raise ValueError(f"{run_dir}: study '{name}' has no trial {trial}")
+    t = matches[0]
+    if "recipe" not in t.user_attrs:
+        raise ValueError(f"{run_dir}: trial {trial} has no recorded recipe (state {t.state.name})")
+    recipe = load_recipe(t.user_attrs["recipe"], where=f"{run_dir} trial {trial}")
+    return run_merge(recipe, out_dir, device=device, seed=saved.get("seed", 0) if seed is None else seed,
+                     overwrite=overwrite)

@@ -1,0 +1,124 @@
+"""PNG plots of a search: optimization history, the winner's per-layer parameters, importances, Pareto front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from evomerge.recipe import evaluate_setting  # noqa: E402
+
+
+def write_plots(run, winner_recipe, out_dir: Path) -> dict[str, str]:
+    """Write every plot that applies to this run; returns {name: path}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"history": _history(run.study, out_dir / "optimization_history.png"),
+             "layers": _layer_heatmap(run, winner_recipe, out_dir / "winner_layers.png")}
+    importance = _importances(run.study, out_dir / "param_importances.png")
+    if importance:
+        files["importances"] = importance
+    if run.n_objectives > 1:
+        files["pareto"] = _pareto(run, out_dir / "pareto_front.png")
+    return files
+
+
+def _history(study, path: Path) -> str:
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    xs = [t.number for t in trials]
+    ys = [t.values[0] if len(t.values) == 1 else float(np.mean(t.values)) for t in trials]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(xs, ys, s=12, alpha=0.6, label="trial (search split)")
+    if ys:
+        ax.plot(xs, np.maximum.accumulate(ys), color="C3", label="best so far")
+    pruned = [t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.PRUNED]
+    if pruned and ys:
+        ax.scatter(pruned, [min(ys)] * len(pruned), marker="x", color="gray", s=12, label="pruned")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("aggregate score")
+    ax.set_title("Optimization history")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _layer_heatmap(run, recipe, path: Path) -> str:
+    """Winner's per-layer value of every per-model parameter, for MLP and attention tensors."""
+    L = run.num_layers
+    names = list(run.inputs.models)
+    params = sorted({k for m in recipe.models or [] for k in (m.parameters or {})})
+    parts = [("mlp", "model.layers.{i}.mlp.up_proj.weight"), ("attn", "model.layers.{i}.self_attn.q_proj.weight")]
+    if not run.space.attn_mlp:
+        parts = parts[:1]
+    fig, axes = plt.subplots(len(params) or 1, len(parts), figsize=(4 + 0.35 * L * len(parts), 1.2 + 1.1 * len(names) * max(1, len(params))),
+                             squeeze=False)
+    for pi, pname in enumerate(params):
+        for ci, (part, pattern) in enumerate(parts):
+            grid = np.full((len(names), L), np.nan)
+            for mi, m in enumerate(recipe.models):
+                setting = (m.parameters or {}).get(pname)
+                if setting is None:
+                    continue
+                for i in range(L):
+                    t = i / (L - 1) if L > 1 else 1.0
+                    v = evaluate_setting(setting, pattern.format(i=i), t)
+                    grid[mi, i] = np.nan if v is None else float(v)
+            ax = axes[pi][ci]
+            im = ax.imshow(grid, aspect="auto", cmap="viridis")
+            ax.set_yticks(range(len(names)), names)
+            ax.set_xticks(range(L))
+            ax.set_xlabel("layer")
+            ax.set_title(f"{pname}" + (f" ({part})" if run.space.attn_mlp else ""))
+            fig.colorbar(im, ax=ax)
+    fig.suptitle("Winner: per-layer parameters per model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _importances(study, path: Path) -> str | None:
+    import optuna
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if len(complete) < 4:
+        return None
+    target = None if len(complete[0].values) == 1 else (lambda t: float(np.mean(t.values)))
+    imp = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target=target)
+    items = list(imp.items())[:25][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(items) + 1.2))
+    ax.barh([k for k, _ in items], [v for _, v in items])
+    ax.set_xlabel("importance (PED-ANOVA)")
+    ax.set_title("Parameter importances")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _pareto(run, path: Path) -> str:
+    study = run.study
+    tasks = [t.name for t in run.task_specs]
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    front = {t.number for t in study.best_trials}
+    vals = np.array([t.values for t in complete])
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    if len(vals):
+        on = np.array([t.number in front for t in complete])
+        ax.scatter(vals[~on, 0], vals[~on, 1], s=12, alpha=0.5, label="trial")
+        ax.scatter(vals[on, 0], vals[on, 1], s=24, color="C3", label="Pareto front")
+    ax.set_xlabel(tasks[0])
+    ax.set_ylabel(tasks[1] if len(tasks) > 1 else "")
+    ax.set_title("Pareto front (first two objectives)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

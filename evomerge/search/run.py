@@ -1,0 +1,330 @@
+"""The search loop: ask Optuna for parameters, build the candidate in memory, score it, tell Optuna.
+
+One :class:`SearchRun` per process. Several processes pointed at the same storage and study act as
+workers of one search; re-running the same command resumes it and finishes the budget. Ctrl-C (or
+SIGTERM) marks the running trial as failed with reason "interrupted" and stops; nothing else is
+lost. A trial left RUNNING by a process that died (SIGKILL, power loss) is marked failed when the
+next process starts. A failed candidate (NaN weights, out of memory, an evaluation error) is
+recorded as failed with its reason and the search goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from evomerge.search.builder import CandidateBuilder
+from evomerge.search.config import RunConfig, parse_duration
+from evomerge.search.space import SearchSpace, load_space
+from evomerge.search.study import count_trials, make_pruner, make_sampler, make_storage, open_study
+
+
+@dataclass
+class Inputs:
+    """The resolved models and tasks of a run (from the config, or from the demo zoo)."""
+
+    base_model: str
+    models: dict[str, str]
+    tasks: Any
+    reference: str | None = None  # the zoo's multi-task reference (reported beside the winner)
+
+
+def resolve_inputs(cfg: RunConfig, progress: Callable[[str], None] = print) -> Inputs:
+    """Base, fine-tunes and tasks of a run; builds the demo zoo first when the config asks for it."""
+    reference = None
+    base, models, tasks = cfg.base_model, cfg.models, cfg.tasks
+    if cfg.zoo is not None:
+        from evomerge.zoo import build_zoo
+
+        zoo = build_zoo(cfg.zoo.dir, size=cfg.zoo.size, seed=cfg.zoo.seed, progress=True)
+        base = base or str(zoo.base)
+        models = models or {name: str(p) for name, p in zoo.experts.items()}
+        tasks = tasks or str(zoo.tasks_yaml)
+        reference = str(zoo.multitask)
+    if isinstance(models, list):
+        models = {Path(m).name: m for m in models}
+    return Inputs(base_model=str(base), models=dict(models), tasks=tasks, reference=reference)
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    state: str
+    value: float | None
+    scores: dict[str, float]
+    build_s: float
+    eval_s: float
+    reason: str = ""
+
+
+@dataclass
+class LoopStats:
+    """Where this process's search time went."""
+
+    build_s: float = 0.0
+    eval_s: float = 0.0
+    plan_s: float = 0.0
+    setup_s: float = 0.0
+    trials: list[TrialRecord] = field(default_factory=list)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class SearchRun:
+    """Everything one search process needs: config, space, resident candidate builder, evaluators, study."""
+
+    def __init__(self, cfg: RunConfig, *, on_event: Callable[[str, dict], None] | None = None):
+        from transformers import AutoTokenizer
+
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        self.on_event = on_event or (lambda kind, data: None)
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.inputs = resolve_inputs(cfg)
+        self.space: SearchSpace = load_space(cfg.search_space, where=cfg.search_space
+                                             if isinstance(cfg.search_space, str) else "search_space")
+        self.builder = CandidateBuilder(self.inputs.base_model, self.inputs.models, method=self.space.method,
+                                        device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.base_model)
+        self.num_layers = self.builder.num_layers
+        self.model_names = list(self.inputs.models)
+        from evomerge.evaluate import load_tasks
+
+        self.task_specs = load_tasks(self.inputs.tasks)
+        self._evaluators: dict[str, Any] = {}
+        self.n_objectives = len(self.task_specs) if cfg.objectives == "per_task" else 1
+        self.distributions = self.space.distributions(self.model_names, self.num_layers)
+        self.default_point = self.space.default_point(self.model_names, self.num_layers)
+        self.study = self._open_study()
+        self.stats = LoopStats()
+        self.stats.setup_s = time.perf_counter() - t0 + self.builder.precompute()
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def evaluator(self, split: str):
+        from evomerge.evaluate import Evaluator
+
+        if split not in self._evaluators:
+            self._evaluators[split] = Evaluator(self.task_specs, self.tokenizer, split=split,
+                                                batch_size=self.cfg.batch_size, device=self.builder.device,
+                                                bootstrap_iters=1000 if split == "test" else 0, seed=self.cfg.seed)
+        return self._evaluators[split]
+
+    def recipe_for(self, point: dict[str, float], name: str | None = None):
+        """The complete recipe of a point in the search space."""
+        return self.space.to_recipe(point, base_model=self.inputs.base_model, models=self.inputs.models,
+                                    num_layers=self.num_layers, dtype=self.cfg.dtype, name=name)
+
+    def study_name(self) -> str:
+        return self.cfg.study_name or self.cfg.name
+
+    def _open_study(self) -> optuna.Study:
+        storage = make_storage(self.cfg.storage, self.out)
+        sampler = make_sampler(self.cfg.sampler, seed=self.cfg.seed,
+                               n_objectives=self.n_objectives)
+        pruner = make_pruner(self.cfg.pruner, self.n_objectives)
+        with _file_lock(self.out / ".study.lock"):  # one creator; the default trial enqueued once
+            study = open_study(storage=storage, name=self.study_name(), sampler=sampler, pruner=pruner,
+                               n_objectives=self.n_objectives)
+            if not study.get_trials(deepcopy=False):
+                study.set_user_attr("distributions", sorted(self.distributions))
+                study.set_user_attr("method", self.space.method)
+                study.enqueue_trial(self.default_point, user_attrs={"default": True})
+            else:
+                known = study.user_attrs.get("distributions")
+                if known is not None and known != sorted(self.distributions):
+                    raise ValueError(f"study '{self.study_name()}' in this storage was created with a different "
+                                     f"search space; use another --study-name or output_dir")
+            _fail_orphans(study)
+        return study
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def budget_left(self, started: float) -> bool:
+        b = self.cfg.budget
+        if b.trials is not None and _budget_count(self.study) >= b.trials:
+            return False
+        timeout = parse_duration(b.timeout)
+        return timeout is None or time.perf_counter() - started < timeout
+
+    def run(self) -> LoopStats:
+        """Run trials until the budget is spent; returns this process's statistics."""
+        started = time.perf_counter()
+        with _sigterm_as_interrupt():
+            while self.budget_left(started):
+                trial = self.study.ask(self.distributions)
+                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                if self.cfg.budget.trials is not None and _budget_count(self.study) > self.cfg.budget.trials:
+                    # another worker took the last slot between our budget check and ask()
+                    trial.set_user_attr("fail_reason", "over budget (another worker took the last slot)")
+                    trial.set_user_attr("interrupted", True)
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    break
+                try:
+                    record = self.run_trial(trial)
+                except KeyboardInterrupt:
+                    trial.set_user_attr("fail_reason", "interrupted")
+                    trial.set_user_attr("interrupted", True)
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    self.on_event("interrupted", {"number": trial.number})
+                    raise
+                self.stats.trials.append(record)
+                self.on_event("trial", {"record": record, "study": self.study, "started": started})
+        return self.stats
+
+    def run_trial(self, trial: optuna.Trial) -> TrialRecord:
+        """Build, score and tell one trial; failures are recorded, not raised."""
+        recipe = self.recipe_for(trial.params, name=f"{self.cfg.name}-trial-{trial.number}")
+        trial.set_user_attr("recipe", recipe.to_yaml())
+        build_s = eval_s = 0.0
+        try:
+            t0 = time.perf_counter()
+            bstats = self.builder.build(recipe)
+            build_s = time.perf_counter() - t0
+            self.stats.build_s += build_s
+            self.stats.plan_s += bstats.plan
+            _check_finite(self.builder)
+            t1 = time.perf_counter()
+            result, pruned = self._score(trial)
+            eval_s = time.perf_counter() - t1
+            self.stats.eval_s += eval_s
+        except (KeyboardInterrupt, Interrupted):
+            raise
+        except Exception as e:  # a failed candidate must not stop an overnight search
+            if isinstance(e, torch.OutOfMemoryError) and self.builder.device.type == "cuda":
+                torch.cuda.empty_cache()
+            reason = f"{type(e).__name__}: {e}"
+            trial.set_user_attr("fail_reason", reason[:2000])
+            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+            self.study.tell(trial, state=TrialState.FAIL)
+            return TrialRecord(trial.number, "FAIL", None, {}, build_s, eval_s, reason)
+        trial.set_user_attr("build_s", round(build_s, 4))
+        trial.set_user_attr("eval_s", round(eval_s, 4))
+        trial.set_user_attr("scores", result.per_task if result else {})
+        if pruned:
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return TrialRecord(trial.number, "PRUNED", None, {}, build_s, eval_s, "pruned")
+        values = ([result.per_task[t.name] for t in self.task_specs] if self.n_objectives > 1
+                  else result.aggregate)
+        self.study.tell(trial, values)
+        value = result.aggregate
+        return TrialRecord(trial.number, "COMPLETE", value, dict(result.per_task), build_s, eval_s)
+
+    def _score(self, trial: optuna.Trial):
+        """Score on the search split, reporting running scores chunk by chunk to the pruner."""
+        ev = self.evaluator("search")
+        if self.cfg.pruner.name == "none" or self.n_objectives > 1:
+            return ev.evaluate(self.builder.model), False
+        for step, running in enumerate(ev.evaluate_chunks(self.builder.model, self.cfg.pruner.chunk_size)):
+            trial.report(running.aggregate, step)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_at", {"examples": running.examples_seen, "score": running.aggregate})
+                return None, True
+        return ev.last_result, False
+
+
+# ---------------------------------------------------------------------------------------------------
+def _budget_count(study: optuna.Study) -> int:
+    """Trials that count against the budget: finished (interrupted ones excluded) and running."""
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
+            continue
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING):
+            n += 1
+    return n
+
+
+def _fail_orphans(study: optuna.Study) -> None:
+    """Mark RUNNING trials of dead workers on this host as failed ("worker died"); they are not counted."""
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        if not worker.startswith(host + ":"):
+            continue
+        pid = int(worker.rsplit(":", 1)[1])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        storage = study._storage
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker died (process ended while running)")
+        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (killed child not yet reaped) is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _check_finite(builder: CandidateBuilder) -> None:
+    for name, p in builder.params.items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise FloatingPointError(f"candidate has NaN or infinite values in {name}")
+
+
+@contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the search like Ctrl-C (the running trial is marked interrupted)."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def best_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The top-k complete trials by search-split aggregate (per-task studies: mean of objectives)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+    def score(t):
+        return t.value if len(t.values) == 1 else sum(t.values) / len(t.values)
+
+    return sorted(done, key=score, reverse=True)[:k]
+
+
+def trial_score(t: optuna.trial.FrozenTrial) -> float:
+    return t.values[0] if len(t.values) == 1 else sum(t.values) / len(t.values)

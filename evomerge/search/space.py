@@ -1,0 +1,236 @@
+"""Search spaces: which merge parameters are searched, at what granularity, and how a point decodes to a recipe.
+
+A search space is a YAML file (see ``search_spaces/``)::
+
+    method: ties
+    granularity: block        # model | block | layer
+    block_size: 4             # layers per block (granularity: block)
+    attn_mlp: false           # separate values for attention and MLP tensors
+    smooth: true              # block values as a smooth gradient across layers (else constant per block)
+    search:                   # searched parameters: range (linear, or log: true) and the default point
+      weight: {low: 0.0, high: 2.0, default: 1.0}
+      density: {low: 0.1, high: 1.0, default: 0.5}
+    fixed:                    # parameters held constant
+      normalize: true
+
+Every point decodes to a complete :class:`~evomerge.recipe.Recipe` in mergekit's format: per-model
+parameters become scalars (``model``), gradients over blocks (``block`` + ``smooth``) or per-layer
+lists (``layer``, or ``block`` without ``smooth``); ``attn_mlp`` wraps them in conditional filters
+(``mlp`` first, catch-all for attention, norms and embeddings). The default point (the ``default``
+of every searched parameter) is the first trial of every search and CMA-ES's starting mean.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evomerge.methods import METHODS, get_method
+from evomerge.recipe import Recipe, RecipeError, _pydantic_message, _suggest, _validate_scalar
+
+SEARCHABLE = ("weight", "density", "epsilon", "gamma", "lambda", "t")
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be used; the message names the file and key."""
+
+
+class Range(BaseModel):
+    """A searched parameter: uniform on [low, high] (or log-uniform), starting at ``default``."""
+
+    model_config = ConfigDict(extra="forbid")
+    low: float
+    high: float
+    log: bool = False
+    default: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        if self.default is None:
+            self.default = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        if not self.low <= self.default <= self.high:
+            raise ValueError(f"default {self.default} is outside [{self.low}, {self.high}]")
+        return self
+
+
+class SearchSpace(BaseModel):
+    """Method, granularity and parameter ranges of a search (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    granularity: Literal["model", "block", "layer"] = "model"
+    block_size: int = Field(4, ge=1)
+    attn_mlp: bool = False
+    smooth: bool = True
+    search: dict[str, Range] = Field(min_length=1)
+    fixed: dict[str, float | bool] = Field(default_factory=dict)
+    description: str = ""
+
+    def off_center(self) -> list[str]:
+        """Searched parameters whose default is not the middle of their range (CMA-ES starts there)."""
+        out = []
+        for name, r in self.search.items():
+            mid = math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2
+            if abs(r.default - mid) > 1e-9 * max(1.0, abs(mid)):
+                out.append(f"{name} (default {r.default:g}, middle {mid:g})")
+        return out
+
+    # -- geometry ---------------------------------------------------------------------------------
+    def n_groups(self, num_layers: int) -> int:
+        """Values per (model, parameter, part): 1, ⌈L / block_size⌉ or L."""
+        if self.granularity == "model":
+            return 1
+        if self.granularity == "block":
+            return math.ceil(num_layers / self.block_size)
+        return num_layers
+
+    def parts(self) -> tuple[str, ...]:
+        return ("attn", "mlp") if self.attn_mlp else ("all",)
+
+    def param_names(self, model_names: list[str], num_layers: int) -> list[str]:
+        """Every searched dimension's name, e.g. ``density[math][b2].mlp``, in a stable order."""
+        method = get_method(self.method)
+        names = []
+        for pname in self.search:
+            per_model = method.param(pname).per_model
+            owners = model_names if per_model else [None]
+            for owner in owners:
+                for g in range(self.n_groups(num_layers)):
+                    for part in self.parts():
+                        names.append(_dim_name(pname, owner, g, part, self.granularity))
+        return names
+
+    def distributions(self, model_names: list[str], num_layers: int):
+        """Optuna distributions for every searched dimension."""
+        from optuna.distributions import FloatDistribution
+
+        dists = {}
+        for name in self.param_names(model_names, num_layers):
+            r = self.search[name.split("[")[0].split(".")[0]]
+            dists[name] = FloatDistribution(r.low, r.high, log=r.log)
+        return dists
+
+    def default_point(self, model_names: list[str], num_layers: int) -> dict[str, float]:
+        """The default recipe as a point: every dimension at its parameter's ``default``."""
+        return {n: self.search[n.split("[")[0].split(".")[0]].default
+                for n in self.param_names(model_names, num_layers)}
+
+    # -- decoding ---------------------------------------------------------------------------------
+    def to_recipe(self, point: dict[str, float], *, base_model: str, models: dict[str, str], num_layers: int,
+                  dtype: str | None = None, name: str | None = None) -> Recipe:
+        """The recipe of one point. ``models`` maps short model names to paths (recipe order)."""
+        method = get_method(self.method)
+        global_params: dict[str, Any] = {}
+        per_model: dict[str, dict[str, Any]] = {m: {} for m in models}
+        for pname, value in self.fixed.items():
+            if method.param(pname).per_model:
+                for m in models:
+                    per_model[m][pname] = value
+            else:
+                global_params[pname] = value
+        for pname in self.search:
+            if method.param(pname).per_model:
+                for m in models:
+                    per_model[m][pname] = self._setting(point, pname, m, num_layers)
+            else:
+                global_params[pname] = self._setting(point, pname, None, num_layers)
+        data: dict[str, Any] = {
+            "models": [{"model": path, "parameters": per_model[m]} for m, path in models.items()],
+            "base_model": base_model,
+            "merge_method": self.method,
+        }
+        if self.method == "slerp":  # slerp interpolates base -> one model and takes no per-model values
+            data["models"] = [{"model": base_model}] + [{"model": p} for p in models.values()]
+        if global_params:
+            data["parameters"] = global_params
+        if dtype:
+            data["dtype"] = dtype
+        if name:
+            data["name"] = name
+        return Recipe.model_validate(data)
+
+    def _setting(self, point: dict[str, float], pname: str, owner: str | None, num_layers: int):
+        """One parameter's recipe value for one model: scalar, gradient list or mlp/attn conditional."""
+        values = {part: [point[_dim_name(pname, owner, g, part, self.granularity)]
+                         for g in range(self.n_groups(num_layers))] for part in self.parts()}
+        settings = {part: self._as_setting(v, num_layers) for part, v in values.items()}
+        if not self.attn_mlp:
+            return settings["all"]
+        return [{"filter": "mlp", "value": settings["mlp"]}, {"value": settings["attn"]}]
+
+    def _as_setting(self, values: list[float], num_layers: int):
+        values = [round(float(v), 6) for v in values]
+        if len(values) == 1:
+            return values[0]
+        if self.granularity == "block" and not self.smooth:
+            return [values[i // self.block_size] for i in range(num_layers)]
+        return values
+
+
+def _dim_name(pname: str, owner: str | None, group: int, part: str, granularity: str) -> str:
+    name = pname + (f"[{owner}]" if owner else "")
+    if granularity == "block":
+        name += f"[b{group}]"
+    elif granularity == "layer":
+        name += f"[l{group}]"
+    return name + ("" if part == "all" else f".{part}")
+
+
+def load_space(source: str | Path | dict, *, where: str | None = None) -> SearchSpace:
+    """Load and validate a search space (file path or mapping); errors name the file and key."""
+    if isinstance(source, dict):
+        data, where = source, where or "<search space>"
+    else:
+        where = where or str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise SpaceError(f"{where}: search space file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SpaceError(f"{where}: malformed YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpaceError(f"{where}: a search space must be a mapping")
+    try:
+        space = SearchSpace.model_validate(data)
+    except ValidationError as e:
+        raise SpaceError(_pydantic_message(e, where)) from None
+    problems = []
+    if space.method not in METHODS:
+        raise SpaceError(f"{where}: method: unknown method '{space.method}'" + _suggest(space.method, METHODS))
+    method = get_method(space.method)
+    names = {p.name for p in method.params}
+    for section, keys in (("search", space.search), ("fixed", space.fixed)):
+        for key in keys:
+            if key not in names:
+                problems.append(f"{section}.{key}: method '{space.method}' has no parameter '{key}'"
+                                + _suggest(key, names))
+    for key, r in space.search.items():
+        if key in names:
+            if key not in SEARCHABLE:
+                problems.append(f"search.{key}: only {', '.join(SEARCHABLE)} can be searched; put '{key}' under fixed")
+                continue
+            for bound in (r.low, r.high):
+                msg = _validate_scalar(method.param(key), bound)
+                if msg:
+                    problems.append(f"search.{key}: {msg}")
+                    break
+    for key, v in space.fixed.items():
+        if key in names:
+            msg = _validate_scalar(method.param(key), v)
+            if msg:
+                problems.append(f"fixed.{key}: {msg}")
+    overlap = set(space.search) & set(space.fixed)
+    if overlap:
+        problems.append(f"{sorted(overlap)} are both searched and fixed")
+    if problems:
+        raise SpaceError("\n".join(f"{where}: {p}" for p in problems))
+    return space

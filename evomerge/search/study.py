@@ -1,0 +1,97 @@
+"""Optuna plumbing: samplers, pruners and storages behind one small interface.
+
+Storage: by default an embedded journal file inside the run's output directory (safe for several
+worker processes on one machine); any Optuna storage URL is accepted (``sqlite:///``,
+``postgresql://``, ``mysql://`` through RDBStorage, ``redis://`` through the journal's Redis
+backend). The study is created once, ``load_if_exists``, so re-running a command resumes it and
+several processes pointed at it cooperate as workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from evomerge.search.config import Pruner, Sampler
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def make_storage(url: str | None, output_dir: Path) -> optuna.storages.BaseStorage:
+    """The study storage: a journal file in ``output_dir`` by default, else the given URL."""
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    if url is None or url.startswith("journal:") or url.endswith(".journal") or url.endswith(".log"):
+        path = Path(url[len("journal:"):] if url and url.startswith("journal:") else (url or output_dir / "study.journal"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    if url.startswith("redis://"):
+        from optuna.storages.journal import JournalRedisBackend
+
+        return JournalStorage(JournalRedisBackend(url))
+    return RDBStorage(url, heartbeat_interval=60, grace_period=180)
+
+
+def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of a run.
+
+    CMA-ES starts its mean at the middle of every range (in log space for log ranges): search spaces
+    put their default point there (``SearchSpace.centered``), and the default is also enqueued as
+    the first trial. (Optuna deprecated CmaEsSampler's ``x0`` in 4.9, so ranges do the job.)
+    """
+    name = cfg.name
+    if n_objectives > 1 and name == "cmaes":
+        raise ValueError("CMA-ES optimizes one objective; use nsga2 for per-task objectives")
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(sigma0=cfg.sigma0, seed=seed, popsize=cfg.popsize,
+                                            use_separable_cma=cfg.separable, n_startup_trials=0,
+                                            warn_independent_sampling=False)
+    if name == "tpe":
+        kw: dict[str, Any] = {"seed": seed, "multivariate": True, "warn_independent_sampling": False}
+        if cfg.n_startup_trials is not None:
+            kw["n_startup_trials"] = cfg.n_startup_trials
+        return optuna.samplers.TPESampler(**kw)
+    if name == "gp":
+        kw = {"seed": seed}
+        if cfg.n_startup_trials is not None:
+            kw["n_startup_trials"] = cfg.n_startup_trials
+        return optuna.samplers.GPSampler(**kw)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.popsize or 16)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+def make_pruner(cfg: Pruner, n_objectives: int) -> optuna.pruners.BasePruner:
+    """Early stopping on chunked scores; multi-objective studies cannot prune."""
+    if cfg.name == "none" or n_objectives > 1:
+        return optuna.pruners.NopPruner()
+    if cfg.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_steps)
+    if cfg.name == "percentile":
+        return optuna.pruners.PercentilePruner(cfg.percentile, n_startup_trials=cfg.startup_trials,
+                                               n_warmup_steps=cfg.warmup_steps)
+    return optuna.pruners.SuccessiveHalvingPruner()
+
+
+def open_study(*, storage: optuna.storages.BaseStorage, name: str, sampler, pruner,
+               n_objectives: int) -> optuna.Study:
+    """Create the study or load it (resume / join as a worker)."""
+    directions = ["maximize"] * n_objectives
+    try:
+        return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+                                   directions=directions, load_if_exists=True)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it between our check and create
+        return optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
+
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+def count_trials(study: optuna.Study, states=FINISHED + (optuna.trial.TrialState.RUNNING,)) -> int:
+    """Trials counted against the budget: finished ones and those running in other workers."""
+    return len(study.get_trials(deepcopy=False, states=states))

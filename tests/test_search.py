@@ -1,0 +1,294 @@
+"""evomerge search end to end on the tiny zoo: spaces, configs, builder parity, resume, workers, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from evomerge.search.config import ConfigError, load_config, parse_duration
+from evomerge.search.space import SpaceError, load_space
+from tests.conftest import read_weights
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+# --------------------------------------------------------------------------------------- spaces
+def test_shipped_spaces_load_and_default_point_decodes():
+    for path in sorted(SPACES.glob("*.yaml")):
+        space = load_space(path)
+        names = space.param_names(["a", "b"], 8)
+        assert len(names) == len(set(names))
+        point = space.default_point(["a", "b"], 8)
+        recipe = space.to_recipe(point, base_model="base", models={"a": "A", "b": "B"}, num_layers=8)
+        assert recipe.merge_method == space.method
+        from evomerge.recipe import validate_recipe
+        assert validate_recipe(recipe) == [], path.name
+
+
+def test_space_granularities_decode_to_gradients_and_filters():
+    space = load_space({"method": "ties", "granularity": "block", "block_size": 2, "smooth": False,
+                        "attn_mlp": True, "search": {"weight": {"low": 0, "high": 2}, "density": {"low": 0.1, "high": 0.9}}})
+    names = space.param_names(["m"], 4)
+    assert "weight[m][b1].mlp" in names and "density[m][b0].attn" in names and len(names) == 8
+    point = {n: (0.3 if ".mlp" in n else 0.7) + (0.1 if "[b1]" in n else 0) for n in names}
+    r = space.to_recipe(point, base_model="B", models={"m": "M"}, num_layers=4)
+    w = r.models[0].parameters["weight"]
+    assert w[0].filter == "mlp" and w[0].value == [0.3, 0.3, 0.4, 0.4]  # constant within each block
+    assert w[1].filter is None and w[1].value == [0.7, 0.7, 0.8, 0.8]
+    smooth = load_space({"method": "task_arithmetic", "granularity": "layer",
+                         "search": {"weight": {"low": 0, "high": 2}, "lambda": {"low": 0.5, "high": 1.5}}})
+    r = smooth.to_recipe(smooth.default_point(["m"], 3), base_model="B", models={"m": "M"}, num_layers=3)
+    assert r.models[0].parameters["weight"] == [1.0, 1.0, 1.0] and r.parameters["lambda"] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("data, pattern", [
+    ({"method": "ties", "search": {"densty": {"low": 0, "high": 1}}}, r"search\.densty: .*did you mean 'density'"),
+    ({"method": "ties", "search": {"density": {"low": 0, "high": 1.5}}}, r"search\.density: .*\[0, 1\].*1\.5"),
+    ({"method": "ties", "search": {"weight": {"low": 1, "high": 0}}}, r"low \(1\.0\) must be below high"),
+    ({"method": "tiez", "search": {"weight": {"low": 0, "high": 1}}}, r"unknown method 'tiez'"),
+    ({"method": "ties", "granularity": "row", "search": {"weight": {"low": 0, "high": 1}}}, r"granularity"),
+    ({"method": "ties", "search": {"normalize": {"low": 0, "high": 1}}}, r"only weight, density.*fixed"),
+    ({"method": "ties", "search": {"weight": {"low": 0, "high": 1}}, "fixd": {}}, r"unknown key 'fixd'"),
+])
+def test_bad_spaces(data, pattern):
+    with pytest.raises(SpaceError, match=pattern):
+        load_space(data)
+
+
+# --------------------------------------------------------------------------------------- configs
+def test_duration_parsing():
+    assert parse_duration("1h30m") == 5400 and parse_duration("45s") == 45 and parse_duration(90) == 90
+    with pytest.raises(ValueError, match="cannot parse duration"):
+        parse_duration("8 hours")
+
+
+@pytest.mark.parametrize("body, pattern", [
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\nbudget: {trals: 3}\n", r"unknown key 'budget\.trals'"),
+    ("search_space: x.yaml\n", r"without 'zoo:' the config must give base_model, models, tasks"),
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\nobjectives: per_task\n", r"multi-objective.*nsga2"),
+    ("zoo: {size: huge}\nsearch_space: x.yaml\n", r"zoo\.size"),
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\nsampler: {name: cma}\n", r"sampler\.name"),
+    ("zoo: [\n", r"malformed YAML"),
+])
+def test_bad_configs(tmp_path, body, pattern):
+    p = tmp_path / "run.yaml"
+    p.write_text(body)
+    with pytest.raises(ConfigError, match=pattern) as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+
+
+# --------------------------------------------------------------------------------------- end to end
+def _config(tmp_path: Path, zoo, **extra) -> Path:
+    cfg = {
+        "name": "t",
+        "base_model": str(zoo.base),
+        "models": {k: str(v) for k, v in zoo.experts.items()},
+        "tasks": str(zoo.tasks_yaml),
+        "search_space": str(SPACES / "ties_per_model.yaml"),
+        "budget": {"trials": 10},
+        "sampler": {"name": "cmaes", "popsize": 4},
+        "pruner": {"name": "none"},
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "top_k": 2,
+    }
+    cfg.update(extra)
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_zoo, tmp_path_factory):
+    """One short CMA-ES search on the tiny zoo, finalized."""
+    from evomerge.search.export import finalize
+    from evomerge.search.run import SearchRun
+
+    tmp = tmp_path_factory.mktemp("search")
+    cfg = load_config(_config(tmp, tiny_zoo, budget={"trials": 14}))
+    run = SearchRun(cfg)
+    run.run()
+    summary = finalize(run)
+    return run, summary
+
+
+def test_search_improves_on_its_first_trial(finished_run):
+    run, summary = finished_run
+    trials = run.study.get_trials(deepcopy=False)
+    assert len(trials) == 14
+    first = trials[0]
+    assert first.user_attrs.get("default") is True  # the default recipe is enqueued first
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert max(t.value for t in complete) > first.value
+
+
+def test_search_outputs(finished_run):
+    run, summary = finished_run
+    out = run.out
+    for f in ("best_recipe.yaml", "trials.csv", "summary.md", "summary.json", "merged/config.json",
+              "plots/optimization_history.png", "plots/winner_layers.png"):
+        assert (out / f).exists(), f
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert len(rows) == 14 and rows[0]["default"] == "True"
+    labels = [r.label for r in summary.rows]
+    assert labels[0].startswith("winner") and "base" in labels and "multi-task reference" in labels
+    assert sum(l.startswith("fine-tune") for l in labels) == len(run.inputs.models)
+    assert all(r.ci is not None and r.ci[0] <= r.aggregate <= r.ci[1] for r in summary.rows)
+    md = (out / "summary.md").read_text()
+    assert "merging candidates" in md and "evaluating candidates" in md
+    assert json.loads((out / "summary.json").read_text())["winner_trial"] == summary.winner_trial
+
+
+def test_exported_checkpoint_equals_candidate(finished_run):
+    """The merged checkpoint written by the engine equals, bit for bit, the candidate the search scored."""
+    from evomerge.recipe import load_recipe
+
+    run, summary = finished_run
+    recipe = load_recipe((run.out / "best_recipe.yaml").read_text())
+    run.builder.build(recipe)
+    live = run.builder.model.state_dict()
+    on_disk = read_weights(run.out / "merged")
+    assert set(on_disk) <= set(live)
+    for k, v in on_disk.items():
+        assert torch.equal(v, live[k]), k
+
+
+def test_mergekit_accepts_exported_recipe(finished_run, tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge as mk_run
+
+    run, _ = finished_run
+    text = (run.out / "best_recipe.yaml").read_text()
+    mk_run(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
+           MergeOptions(quiet=True, copy_tokenizer=True))
+    theirs = read_weights(tmp_path / "mk")
+    ours = read_weights(run.out / "merged")
+    assert sorted(theirs) == sorted(ours)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0, msg=k)
+
+
+def test_builder_matches_engine_for_stochastic_methods(tiny_zoo, tmp_path):
+    """DARE/DELLA candidates equal the engine's output from the exported recipe with the same seed."""
+    from evomerge.engine import run_merge
+    from evomerge.search.builder import CandidateBuilder
+
+    models = {k: str(v) for k, v in tiny_zoo.experts.items()}
+    for name in ("dare_ties_per_layer.yaml", "della_per_block.yaml", "task_arithmetic_per_layer.yaml"):
+        space = load_space(SPACES / name)
+        builder = CandidateBuilder(tiny_zoo.base, models, method=space.method, device="cpu", seed=5)
+        rng = torch.Generator().manual_seed(0)
+        dists = space.distributions(list(models), builder.num_layers)
+        point = {k: d.low + (d.high - d.low) * torch.rand(1, generator=rng).item() for k, d in dists.items()}
+        recipe = space.to_recipe(point, base_model=str(tiny_zoo.base), models=models,
+                                 num_layers=builder.num_layers, dtype="float32")
+        builder.build(recipe)
+        out = read_weights(run_merge(recipe, tmp_path / name, device="cpu", seed=5))
+        live = builder.model.state_dict()
+        assert all(torch.equal(v, live[k]) for k, v in out.items()), name
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _study(run_dir: Path):
+    from evomerge.search.study import make_storage
+
+    return optuna.load_study(study_name="t", storage=make_storage(None, run_dir))
+
+
+def test_sigkill_then_resume_loses_no_finished_trial(tiny_zoo, tmp_path):
+    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 12})
+    proc = _cli(["search", str(cfg), "--no-finalize"])
+    deadline = time.time() + 240
+    done_before = []
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if (tmp_path / "run" / "study.journal").exists():
+            try:
+                s = _study(tmp_path / "run")
+            except KeyError:
+                continue
+            done_before = [t for t in s.get_trials(deepcopy=False) if t.state.is_finished()]
+            if len(done_before) >= 4:
+                break
+        assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(done_before) >= 4
+    before = {t.number: (t.state, t.params) for t in done_before}
+    res = _cli(["search", str(cfg), "--no-finalize"])
+    output = res.communicate(timeout=300)[0]
+    assert res.returncode == 0, output
+    after = _study(tmp_path / "run").get_trials(deepcopy=False)
+    by_number = {t.number: t for t in after}
+    for n, (state, params) in before.items():  # every trial finished before the kill is still there
+        assert by_number[n].state == state and by_number[n].params == params
+    counted = [t for t in after if not t.user_attrs.get("interrupted")]
+    assert len([t for t in counted if t.state.is_finished()]) == 12
+    orphans = [t for t in after if t.user_attrs.get("interrupted")]
+    assert all("worker died" in t.user_attrs["fail_reason"] for t in orphans)
+
+
+def test_two_workers_share_one_journal(tiny_zoo, tmp_path):
+    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 10}, sampler={"name": "random"})
+    procs = [_cli(["search", str(cfg), "--no-finalize"]) for _ in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    trials = _study(tmp_path / "run").get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 10 and all(t.state.is_finished() for t in counted)
+    workers = {t.user_attrs.get("worker") for t in counted}
+    assert len(workers) == 2  # both processes did work
+    recipes = [t.user_attrs["recipe"] for t in counted]
+    assert len(set(recipes)) == len(recipes)  # every trial recorded once
+
+
+def test_export_command_reexports_a_trial(finished_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    run, summary = finished_run
+    res = CliRunner().invoke(app, ["export", str(run.out), str(tmp_path / "t3"), "--trial", "3", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    from evomerge.recipe import load_recipe
+    t3 = [t for t in run.study.get_trials(deepcopy=False) if t.number == 3][0]
+    assert load_recipe((tmp_path / "t3" / "mergekit_config.yml").read_text()) == load_recipe(t3.user_attrs["recipe"])
+    res = CliRunner().invoke(app, ["export", str(run.out), str(tmp_path / "t99"), "--trial", "99"])
+    assert res.exit_code == 2 and "no trial 99" in res.output
+
+
+def test_failed_candidate_is_recorded_and_search_goes_on(tiny_zoo, tmp_path):
+    """A candidate whose build fails (DELLA window violated) is recorded as FAIL with its reason."""
+    from evomerge.search.run import SearchRun
+
+    space = {"method": "della", "search": {"density": {"low": 0.05, "high": 0.95, "default": 0.5},
+                                           "epsilon": {"low": 0.01, "high": 0.3, "default": 0.1}},
+             "fixed": {"weight": 1.0}}
+    cfg = load_config(_config(tmp_path, tiny_zoo, search_space=space, budget={"trials": 8},
+                              sampler={"name": "random"}))
+    run = SearchRun(cfg)
+    run.run()
+    trials = run.study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(trials) == 8 and failed, "expected some windows outside (0, 1) with these ranges"
+    assert all("density ± epsilon" in t.user_attrs["fail_reason"] for t in failed)
+    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
