@@ -14,6 +14,7 @@ in-memory state dicts.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -464,6 +465,19 @@ def _load(plan: MergePlan, ref: TensorRef, device: torch.device) -> torch.Tensor
     return tensor.to(device, non_blocking=True)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """True if ``x`` has no NaN or infinity.
+
+    A NaN or infinity anywhere makes the sum non-finite, so one fast reduction settles the common
+    case; only a non-finite sum (bad values, or a finite overflow) pays for the exact check.
+    """
+    if not x.is_floating_point() or x.numel() == 0:
+        return True
+    if math.isfinite(x.sum().item()):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed: int) -> torch.Tensor:
     """Read the inputs of one output tensor and merge them with the plan's kernel."""
     if task.method == "copy":
@@ -472,7 +486,7 @@ def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed
     base = _load(plan, task.base, device) if task.base else None
     for ref, x in zip([task.base, *task.inputs] if base is not None else task.inputs,
                       [base, *inputs] if base is not None else inputs):
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise MergeError(f"model '{ref.model}': tensor {ref.name} contains NaN or infinite values")
     fields = None
     if plan.method.needs_fields:
@@ -482,7 +496,7 @@ def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed
                             fields=fields)
     out_dtype = plan._out_dtype_of(task)
     out = out.to(out_dtype)
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         raise MergeError(f"merged tensor {task.name} contains NaN or infinite values "
                          f"(method {plan.method.name}, params {task.params}, {task.model_params})")
     return out

@@ -96,6 +96,7 @@ def _config(tmp_path: Path, zoo, **extra) -> Path:
         "base_model": str(zoo.base),
         "models": {k: str(v) for k, v in zoo.experts.items()},
         "tasks": str(zoo.tasks_yaml),
+        "reference_model": str(zoo.multitask),
         "search_space": str(SPACES / "ties_per_model.yaml"),
         "budget": {"trials": 10},
         "sampler": {"name": "cmaes", "popsize": 4},

@@ -8,6 +8,7 @@ disjoint merge), the methods (``task_arithmetic``, ``linear``, ``slerp``,
 
 from .consensus import agreement_mask, disjoint_merge, elect_sign, weighted_sum
 from .fields import field_seed, random_field
+from .host import tune_host_allocator
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .registry import METHODS, MergeMethod, ParamSpec, get_method
@@ -19,12 +20,15 @@ from .sparsify import (
     check_della_window,
     dare_mask,
     della_keep_probability,
+    della_probability_table,
     della_mask,
     della_ranks,
     della_window_error,
     magnitude_keep_count,
     magnitude_mask,
     rank_window_mask,
+    select_values,
+    sort_values,
     sorted_magnitudes,
     sparsify,
 )
@@ -34,14 +38,24 @@ from .task_arithmetic import (
     combine_task_vectors,
     compute_dtype,
     generalized_task_arithmetic,
+    merge_task_vectors,
 )
 
 __all__ = [
-    "METHODS", "MergeMethod", "ParamSpec", "get_method", "random_field", "field_seed",
-    "VARIANTS", "TaskArithmeticVariant", "combine_task_vectors", "compute_dtype", "generalized_task_arithmetic",
-    "apply_mask", "breadcrumbs_mask", "breadcrumbs_window", "check_della_window", "dare_mask",
-    "della_keep_probability", "della_mask", "della_ranks", "della_window_error", "magnitude_keep_count",
-    "magnitude_mask", "rank_window_mask", "sorted_magnitudes", "sparsify",
-    "agreement_mask", "disjoint_merge", "elect_sign", "weighted_sum",
-    "linear", "passthrough", "model_stock", "nuslerp", "nuslerp_t", "slerp",
+    # registry
+    "METHODS", "MergeMethod", "ParamSpec", "get_method",
+    # randomness and host tuning
+    "random_field", "field_seed", "tune_host_allocator",
+    # task-arithmetic family
+    "VARIANTS", "TaskArithmeticVariant", "compute_dtype", "generalized_task_arithmetic", "merge_task_vectors",
+    "combine_task_vectors",
+    # sparsifiers and order statistics
+    "sparsify", "apply_mask", "magnitude_mask", "magnitude_keep_count", "breadcrumbs_mask", "breadcrumbs_window",
+    "dare_mask", "della_mask", "della_ranks", "della_keep_probability", "della_probability_table",
+    "della_window_error", "check_della_window", "rank_window_mask", "select_values", "sort_values",
+    "sorted_magnitudes",
+    # consensus
+    "elect_sign", "agreement_mask", "disjoint_merge", "weighted_sum",
+    # other methods
+    "linear", "passthrough", "slerp", "nuslerp", "nuslerp_t", "model_stock",
 ]

@@ -3,43 +3,64 @@
 Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models",
 arXiv:2306.01708. mergekit (``get_mask`` with method "sum") elects the sign on
 the *weighted* deltas Dᵢ = wᵢ·δᵢ, and zeros never agree with the elected sign.
+
+Every step is elementwise across the models, so callers may run these functions
+on any slice of the elements (``task_arithmetic`` runs them on cache-sized
+chunks). Sums run over the models in order, ((D₀ + D₁) + D₂) + ..., exactly as
+``Tensor.sum(dim=0)`` over the stacked deltas in mergekit, so float32 results
+are bit-identical.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 
 def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
-    """Elected sign per element, True for +1: ΣᵢDᵢ ≥ 0 (ties go to +1), over dim 0 of stacked Dᵢ."""
+    """Elected sign per element, True for +1: ΣᵢDᵢ ≥ 0 (a zero sum elects +1), over dim 0 of stacked Dᵢ."""
     return weighted.sum(dim=0) >= 0
 
 
+def signed_unit(positive: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """s = +1 where ``positive`` else −1, in ``dtype``."""
+    return positive.to(dtype).mul_(2).sub_(1)
+
+
 def agreement_mask(weighted: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """mᵢ = (sign(Dᵢ) == elected sign); zero entries never agree."""
-    return torch.where(positive, weighted > 0, weighted < 0)
+    """mᵢ = (sign(Dᵢ) == elected sign), i.e. s·Dᵢ > 0; zero entries never agree. Broadcasts over stacked Dᵢ."""
+    return weighted * signed_unit(positive, weighted.dtype) > 0
 
 
 def disjoint_merge(
-    weighted: torch.Tensor, weights: torch.Tensor, agree: torch.Tensor, normalize: bool
+    weighted: torch.Tensor, weights: Sequence[float], positive: torch.Tensor, normalize: bool
 ) -> torch.Tensor:
-    """Σᵢ mᵢDᵢ, divided per element by Σᵢ mᵢwᵢ (0 → 1) when ``normalize``.
+    """Σᵢ mᵢDᵢ over the Dᵢ agreeing with the elected sign s; ``normalize`` divides by Σᵢ mᵢwᵢ (0 → 1).
 
-    ``weights`` is shaped (k, 1, ..., 1) to broadcast against the stacked (k, ...) Dᵢ.
+    Computed as s·Σᵢ relu(s·Dᵢ) and Σᵢ wᵢ·sign(relu(s·Dᵢ)): relu(s·Dᵢ) is |Dᵢ|
+    where Dᵢ agrees and 0 elsewhere, and negation is exact, so this equals
+    mergekit's masked sums bit for bit with fewer passes over memory.
     """
-    mixed = (weighted * agree).sum(dim=0)
+    unit = signed_unit(positive, weighted.dtype)
+    mixed = torch.zeros_like(unit)
+    divisor = torch.zeros_like(unit) if normalize else None
+    for i, w in enumerate(weights):
+        agreeing = torch.mul(weighted[i], unit).clamp_(min=0)
+        mixed += agreeing
+        if normalize:
+            divisor.add_(agreeing.sign_(), alpha=float(w))
+    mixed *= unit
     if normalize:
-        divisor = (weights * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-        mixed /= divisor
+        mixed /= divisor.masked_fill_(divisor == 0, 1)
     return mixed
 
 
-def weighted_sum(weighted: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+def weighted_sum(weighted: torch.Tensor, weights: Sequence[float], normalize: bool) -> torch.Tensor:
     """Σᵢ Dᵢ, divided by Σᵢ wᵢ when ``normalize`` (|Σ| < 1e-8 → 1): task arithmetic without consensus."""
     mixed = weighted.sum(dim=0)
     if normalize:
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-        mixed /= divisor
+        total = torch.tensor([float(w) for w in weights], dtype=weighted.dtype).sum()
+        if total.abs() >= 1e-8:
+            mixed /= total.to(weighted.device)
     return mixed

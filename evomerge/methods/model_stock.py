@@ -12,7 +12,7 @@ import torch
 
 
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
-    """t·mean(xᵢ) + (1−t)·base with t = N·cosθ / (1 + (N−1)·cosθ), cosθ the mean pairwise cosine of the deltas.
+    """t·mean(xᵢ) + (1−t)·base, t = N·cosθ / (1 + (N−1)·cosθ), cosθ the mean pairwise cosine of the deltas.
 
     ``filter_wise`` uses one cosθ per row (1-D tensors as one row), else one for
     the flattened tensor. Where 1 + (N−1)cosθ ≈ 0 (|·| < 1e-6), t = 0 (keep base).

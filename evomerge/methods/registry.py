@@ -94,6 +94,7 @@ class MergeMethod:
         raise ValueError(f"{self.name} has no parameter {name!r} (known: {known})")
 
     def has_param(self, name: str) -> bool:
+        """Whether the method accepts a parameter called ``name``."""
         return any(p.name == name for p in self.params)
 
     def resolve(self, model_params: Sequence[Mapping[str, Any]], params: Mapping[str, Any]
@@ -164,7 +165,8 @@ class MergeMethod:
         if others < self.min_others or (self.max_others is not None and others > self.max_others):
             expected = (f"exactly {self.min_others}" if self.max_others == self.min_others
                         else f"at least {self.min_others}")
-            errors.append(f"{self.name} needs {expected} models besides the base, got {others}")
+            noun = "model" if expected == "exactly 1" else "models"
+            errors.append(f"{self.name} needs {expected} {noun} besides the base, got {others}")
         return errors
 
     # ------------------------------------------------------------------ merging
@@ -353,7 +355,7 @@ def _build_methods() -> dict[str, MergeMethod]:
             kernel=_passthrough_kernel,
         ),
     ]
-    methods += [_task_arithmetic_method(variant) for variant in VARIANTS]
+    methods += [_task_arithmetic_method(variant) for variant in VARIANTS.values()]
     return {method.name: method for method in methods}
 
 

@@ -27,11 +27,10 @@ import torch
 
 from evomerge.checkpoint import ModelReader
 from evomerge.engine import MergePlan, TensorTask, plan_merge, resolve_device
-from evomerge.methods import random_field, sorted_magnitudes, della_ranks, sparsify
-from evomerge.methods.task_arithmetic import VARIANTS, combine_task_vectors
+from evomerge.methods import della_ranks, random_field, sorted_magnitudes
+from evomerge.methods.task_arithmetic import VARIANTS, merge_task_vectors
 from evomerge.recipe import Recipe
 
-_TA_VARIANTS = {v.name: v for v in VARIANTS}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,7 +59,7 @@ class CandidateBuilder:
         self.device = resolve_device(device)
         self.seed = seed
         self.method = method
-        self.variant = _TA_VARIANTS.get(method)
+        self.variant = VARIANTS.get(method)
         self.base_dir = str(base_dir)
         self.model_paths = {name: str(p) for name, p in models.items()}
         self.readers = {self.base_dir: ModelReader(base_dir)}
@@ -158,17 +157,18 @@ class CandidateBuilder:
             out = plan.method.merge(base=base, tensors=tensors, model_params=task.model_params,
                                     params=task.params, fields=fields)
             return out.to(out_dtype)
-        v = self.variant
-        deltas = []
-        for i, (ref, mp) in enumerate(zip(task.inputs, task.model_params)):
-            delta = self.inputs[ref.model][name]
-            # the engine draws input i's field with model_index=i: same key here
-            stats = self._stats(name, ref.model, i) if mp["density"] < 1 and v.sparsification else {}
-            deltas.append(sparsify(delta, v.sparsification, density=mp["density"], rescale=task.params["rescale"],
-                                   gamma=mp.get("gamma", 0.01), epsilon=mp.get("epsilon", 0.15), **stats))
-        out = combine_task_vectors(self.base[name], deltas, [mp["weight"] for mp in task.model_params],
-                                   consensus=v.consensus, normalize=task.params["normalize"],
-                                   lambda_=task.params["lambda"])
+        v, mps = self.variant, task.model_params
+        deltas = [self.inputs[ref.model][name] for ref in task.inputs]
+        # the engine draws input i's random field with model_index=i: the same key here
+        stats = [self._stats(name, ref.model, i) if v.sparsification and mp["density"] < 1 else {}
+                 for i, (ref, mp) in enumerate(zip(task.inputs, mps))]
+        out = merge_task_vectors(
+            v, self.base[name], deltas,
+            weights=[mp["weight"] for mp in mps], densities=[mp["density"] for mp in mps],
+            gammas=[mp.get("gamma", 0.01) for mp in mps], epsilons=[mp.get("epsilon", 0.15) for mp in mps],
+            normalize=task.params["normalize"], rescale=task.params["rescale"], lambda_=task.params["lambda"],
+            fields=[st.get("field") for st in stats], sorted_magnitudes=[st.get("sorted_magnitudes") for st in stats],
+            ranks=[st.get("ranks") for st in stats])
         return out.to(out_dtype)
 
     def _fields_for(self, name: str, index: int) -> torch.Tensor:

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -80,7 +79,6 @@ def run_search_command(config: Path, *, overrides: dict[str, Any], finalize: boo
         run = SearchRun(cfg)
     except (ConfigError, SpaceError, RecipeError, TaskError, FileNotFoundError, ValueError) as e:
         fail(str(e))
-    _save_config(cfg, Path(cfg.output_dir))
     if cfg.sampler.name == "cmaes" and run.space.off_center():
         console.print("[yellow]note:[/] CMA-ES starts at the middle of each range, not at the default of "
                       + ", ".join(run.space.off_center()) + "; the default is still the first trial")
@@ -116,10 +114,3 @@ def _table(summary) -> Table:
         ci = "" if r.ci is None else f"[{r.ci[0]:.3f}, {r.ci[1]:.3f}]"
         t.add_row(r.label, f"{r.aggregate:.3f}", ci, *[f"{r.per_task[k]:.3f}" for k in tasks])
     return t
-
-
-def _save_config(cfg, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "run_config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(out / "run_config.yaml")

@@ -94,6 +94,7 @@ class RunConfig(_Strict):
     zoo: Zoo | None = None
     base_model: str | None = None
     models: list[str] | dict[str, str] | None = None
+    reference_model: str | None = None  # e.g. a multi-task fine-tune, reported beside the winner
     search_space: str | dict[str, Any]
     tasks: str | dict[str, Any] | list[dict[str, Any]] | None = None
     objectives: Literal["aggregate", "per_task"] = "aggregate"
@@ -135,6 +136,8 @@ class RunConfig(_Strict):
         upd: dict[str, Any] = {"output_dir": p(self.output_dir)}
         if self.base_model:
             upd["base_model"] = p(self.base_model)
+        if self.reference_model:
+            upd["reference_model"] = p(self.reference_model)
         if isinstance(self.models, list):
             upd["models"] = {Path(m).name: p(m) for m in self.models}
         elif isinstance(self.models, dict):

@@ -43,7 +43,7 @@ class Inputs:
 
 def resolve_inputs(cfg: RunConfig, progress: Callable[[str], None] = print) -> Inputs:
     """Base, fine-tunes and tasks of a run; builds the demo zoo first when the config asks for it."""
-    reference = None
+    reference = cfg.reference_model
     base, models, tasks = cfg.base_model, cfg.models, cfg.tasks
     if cfg.zoo is not None:
         from evomerge.zoo import build_zoo
@@ -52,7 +52,7 @@ def resolve_inputs(cfg: RunConfig, progress: Callable[[str], None] = print) -> I
         base = base or str(zoo.base)
         models = models or {name: str(p) for name, p in zoo.experts.items()}
         tasks = tasks or str(zoo.tasks_yaml)
-        reference = str(zoo.multitask)
+        reference = reference or str(zoo.multitask)
     if isinstance(models, list):
         models = {Path(m).name: m for m in models}
     return Inputs(base_model=str(base), models=dict(models), tasks=tasks, reference=reference)
@@ -95,6 +95,7 @@ class SearchRun:
         self.on_event = on_event or (lambda kind, data: None)
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        _save_config(cfg, self.out)
         self.inputs = resolve_inputs(cfg)
         self.space: SearchSpace = load_space(cfg.search_space, where=cfg.search_space
                                              if isinstance(cfg.search_space, str) else "search_space")
@@ -237,6 +238,15 @@ class SearchRun:
 
 
 # ---------------------------------------------------------------------------------------------------
+def _save_config(cfg: RunConfig, out: Path) -> None:
+    """The resolved config, next to the study (``evomerge export`` reads storage and seed from it)."""
+    import yaml
+
+    tmp = out / f"run_config.yaml.{os.getpid()}.tmp"
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(out / "run_config.yaml")
+
+
 def _budget_count(study: optuna.Study) -> int:
     """Trials that count against the budget: finished (interrupted ones excluded) and running."""
     n = 0
@@ -280,8 +290,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _check_finite(builder: CandidateBuilder) -> None:
+    from evomerge.engine import all_finite
+
     for name, p in builder.params.items():
-        if p.is_floating_point() and not torch.isfinite(p).all():
+        if not all_finite(p):
             raise FloatingPointError(f"candidate has NaN or infinite values in {name}")
 
 
