@@ -37,6 +37,11 @@ class RecipeError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("parameters", mode="before", check_fields=False)
+    @classmethod
+    def _settings(cls, v):
+        return _coerce_parameters(v)
+
 
 class Conditional(_Strict):
     """One entry of a conditional parameter: ``value`` applies to tensors whose name contains ``filter``."""
@@ -46,7 +51,55 @@ class Conditional(_Strict):
 
 
 ParameterSetting = Union[ScalarOrGradient, Conditional, list[Conditional]]
-Parameters = dict[str, ParameterSetting]
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (bool, int, float, str))
+
+
+def coerce_setting(value: Any, key: str) -> ParameterSetting:
+    """A raw YAML parameter value as a setting: scalar, gradient, or conditional entries.
+
+    Raises ValueError with a short message naming ``key`` when the shape is none of these.
+    """
+    def conditional(entry: Any, where: str) -> Conditional:
+        if isinstance(entry, Conditional):
+            return entry
+        unknown = sorted(set(entry) - {"filter", "value"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key '{unknown[0]}' in a conditional entry"
+                             + _suggest(unknown[0], {"filter", "value"}) + "; expected {filter, value}")
+        if "value" not in entry:
+            raise ValueError(f"{where}: a conditional entry needs 'value'")
+        inner = entry["value"]
+        if not (_is_scalar(inner) or (isinstance(inner, list) and inner and all(_is_scalar(x) for x in inner))):
+            raise ValueError(f"{where}.value: expected a number or a list of numbers, got {inner!r}")
+        if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+            raise ValueError(f"{where}.filter: expected a string, got {entry['filter']!r}")
+        return Conditional(filter=entry.get("filter"), value=inner)
+
+    if _is_scalar(value) or isinstance(value, Conditional):
+        return value
+    if isinstance(value, dict):
+        return conditional(value, key)
+    if isinstance(value, list):
+        if value and all(_is_scalar(x) for x in value):
+            return list(value)
+        if value and all(isinstance(x, (dict, Conditional)) for x in value):
+            return [conditional(x, f"{key}[{i}]") for i, x in enumerate(value)]
+        if not value:
+            raise ValueError(f"{key}: empty list")
+        raise ValueError(f"{key}: a list must hold only numbers (a gradient) or only {{filter, value}} entries")
+    raise ValueError(f"{key}: expected a number, a list of numbers or {{filter, value}} entries, got {value!r}")
+
+
+def _coerce_parameters(params: Any) -> Any:
+    if params is None or not isinstance(params, dict):
+        return params
+    return {key: coerce_setting(value, str(key)) for key, value in params.items()}
+
+
+Parameters = dict[str, Any]  # values checked and converted by coerce_setting
 
 
 class ModelEntry(_Strict):
@@ -171,6 +224,8 @@ def _pydantic_message(err: ValidationError, where: str) -> str:
         key = _loc(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key '{key}'" + _suggest(str(loc[-1])))
+        elif e["type"] == "value_error":
+            lines.append(f"{where}: {key}.{e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "missing":
             lines.append(f"{where}: missing required key '{key}'")
         else:

@@ -453,6 +453,8 @@ def test_numpy_and_torch_backends_agree():
         assert torch.equal(_row_order(rows, numpy=True), torch.sort(rows, dim=1, stable=True).indices)
         flat = rows.reshape(-1)
         assert torch.equal(sort_values(flat, numpy=True), sort_values(flat, numpy=False))
+    big = torch.randn(1100, 1000, generator=torch.Generator().manual_seed(11)).abs()  # sorted in row blocks
+    assert torch.equal(_row_order(big, numpy=True), _row_order(big, numpy=False))
     g = torch.Generator().manual_seed(10)
     bf16_like = (torch.randn(200_000, generator=g).bfloat16().float() - torch.randn(200_000, generator=g)
                  .bfloat16().float()).abs()  # many repeated values

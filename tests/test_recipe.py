@@ -93,6 +93,12 @@ models:
   - model: {ft1}
 merge_method: passthrough
 """, r"passthrough.*exactly 1"),
+    "conditional_typo": (TIES.replace("weight: 0.5, density: 0.5}}\n  - model: {ft1}",
+                                      "weight: [{{filter: mlp, valu: 1}}], density: 0.5}}\n  - model: {ft1}"),
+                         r"models\[0\]\.parameters\.weight\[0\]: unknown key 'valu' .*did you mean 'value'"),
+    "mixed_gradient_and_conditional": (TIES.replace("weight: 0.5, density: 0.5}}\n  - model: {ft1}",
+                                                    "weight: [1, {{value: 1}}], density: 0.5}}\n  - model: {ft1}"),
+                                       r"weight: a list must hold only numbers"),
     "not_a_mapping": ("- just\n- a list\n", r"a recipe must be a mapping"),
     "malformed_yaml": ("models: [a, b\nmerge_method: ties\n", r"malformed YAML"),
     "both_models_and_slices": (TIES + "slices: []\n", r"exactly one of 'models' or 'slices'"),

@@ -19,6 +19,7 @@ path and backend gives the same masks.
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -233,6 +234,24 @@ def _row_keys_host(rows: np.ndarray) -> np.ndarray:
     return keys
 
 
+PARALLEL_SORT_MIN_ELEMENTS = 1 << 20
+
+
+def _sort_rows_in_place(keys: np.ndarray) -> None:
+    """Sort each row of ``keys``; large arrays in row blocks on torch's intra-op thread count.
+
+    NumPy releases the GIL while sorting, so the blocks run in parallel; rows are
+    sorted independently, so the result does not depend on the split.
+    """
+    threads = min(torch.get_num_threads(), keys.shape[0])
+    if threads < 2 or keys.size < PARALLEL_SORT_MIN_ELEMENTS:
+        keys.sort(axis=1)
+        return
+    bounds = np.linspace(0, keys.shape[0], threads + 1).astype(int)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: keys[bounds[i] : bounds[i + 1]].sort(axis=1), range(threads)))
+
+
 def _row_order(rows: torch.Tensor, *, numpy: bool | None = None) -> torch.Tensor:
     """Columns of each row of non-negative float32 ``rows`` in stable ascending order (int64).
 
@@ -242,7 +261,7 @@ def _row_order(rows: torch.Tensor, *, numpy: bool | None = None) -> torch.Tensor
     """
     if _use_numpy(rows, numpy):
         keys = _row_keys_host(rows.contiguous().numpy())
-        keys.sort(axis=1)
+        _sort_rows_in_place(keys)
         return torch.from_numpy(keys & 0xFFFFFFFF)
     columns = torch.arange(rows.shape[1], dtype=torch.int64, device=rows.device)
     keys = (rows.contiguous().view(torch.int32).to(torch.int64) << 32) | columns
