@@ -9,7 +9,8 @@ Rows: one task vector through each sparsifier (mergekit ``sparsify.*`` vs
 includes drawing the random fields). "search" rows are a candidate's cost when
 the order statistics were precomputed once per tensor. Times are the best of
 ``--repeat`` runs: wall seconds, and process CPU seconds (less sensitive to
-other jobs on a shared machine).
+other jobs on a shared machine). Both libraries run after
+``tune_host_allocator()`` unless ``--default-malloc``.
 """
 
 from __future__ import annotations

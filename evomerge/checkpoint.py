@@ -2,9 +2,10 @@
 
 Reading (`ModelReader`) validates a whole model directory from file headers alone (config, index,
 every shard's safetensors header) so that a bad input fails before any tensor data is read; tensors
-are then read one at a time from memory-mapped files. Writing (`CheckpointWriter`) buffers at most
-one shard of tensors, writes into a hidden temporary directory beside the target and renames it into
-place only on `commit()`, so an interrupted merge never leaves a half-written model behind.
+are then read one at a time with positional reads (no memory map, so file pages never count in the
+process's RSS). Writing (`CheckpointWriter`) streams each tensor's bytes to disk as it arrives, into
+a hidden temporary directory beside the target, and renames it into place only on `commit()`, so an
+interrupted merge never leaves a half-written model behind and never holds its output in memory.
 
 Layouts follow `transformers` (`PreTrainedModel.save_pretrained`): a single `model.safetensors`, or
 `model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json`; the pickled
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import re
 import secrets
@@ -24,11 +26,11 @@ import threading
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 
 class CheckpointError(Exception):
@@ -80,6 +82,7 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int | None = None  # absolute byte offset of the data in `file` (safetensors only)
 
     @property
     def nbytes(self) -> int:
@@ -152,11 +155,12 @@ def _tied_weight_pairs(architectures: list[str]) -> dict[str, str]:
     return {}
 
 
-def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{name: (shape, dtype)} in data-offset order, from a safetensors header (no data is read).
+def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int]]:
+    """{name: (shape, dtype, absolute data offset)} in data-offset order, from a safetensors header.
 
     safetensors itself rejects corrupt headers and files whose size does not match the header's
     data offsets ("incomplete metadata, file not fully covered"), so a truncated file fails here.
+    No tensor data is read.
     """
     try:
         with safe_open(file, framework="pt") as f:
@@ -168,8 +172,13 @@ def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dt
                 if code not in _SAFETENSORS_DTYPES:
                     raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {code}")
                 entries[name] = (tuple(view.get_shape()), _SAFETENSORS_DTYPES[code])
-            return entries
-    except (SafetensorError, OSError, ValueError) as e:
+        with open(file, "rb") as raw:  # validated above; now the byte offsets of every tensor
+            header_len = int.from_bytes(raw.read(8), "little")
+            header = json.loads(raw.read(header_len))
+        start = 8 + header_len
+        return {name: (shape, dtype, start + int(header[name]["data_offsets"][0]))
+                for name, (shape, dtype) in entries.items()}
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
             f"{file}: not a readable safetensors file (corrupt or truncated?): {e}"
         ) from e
@@ -265,7 +274,7 @@ class ModelReader:
         self.format, self._infos, self._pickled = self._scan_weights(allow_pickle)
         self.weight_files: list[Path] = list(dict.fromkeys(info.file for info in self._infos.values()))
         self.tied_aliases: dict[str, str] = self._find_tied_aliases()
-        self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -334,8 +343,8 @@ class ModelReader:
             for name in wanted:
                 if name in infos:
                     raise CheckpointError(f"{file}: tensor {name!r} also stored in {infos[name].file.name}")
-                shape, dtype = header[name]
-                infos[name] = TensorInfo(file, shape, dtype)
+                shape, dtype, offset = header[name]
+                infos[name] = TensorInfo(file, shape, dtype, offset)
         self._check_index_covered(weight_map, infos)
         return infos
 
@@ -432,42 +441,70 @@ class ModelReader:
     ) -> torch.Tensor:
         """Read one stored tensor onto `device` (cast to `dtype` if given); the result owns its memory.
 
-        safetensors hands out views of a private memory map shared by every read from the same
-        handle, so in-place edits of a view would leak into later reads: the result is always a
-        copy, made by the device transfer or the cast when there is one (one copy, never two).
+        safetensors data is read with positional reads into a fresh buffer rather than through a
+        memory map: the file's pages stay in the page cache, not in this process's resident set,
+        so reading a model tensor by tensor never grows RSS beyond the tensors alive.
         """
         info = self.info(name)
         if self._closed:
             raise CheckpointError(f"{self.path}: reader is closed (reading tensor {name!r})")
+        device = torch.device(device)
         if self.format == "pickle":
             tensor = self._pickled[info.file][name]
-        else:
-            try:
-                tensor = self._handle(info.file).get_tensor(name)
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from e
-        device = torch.device(device)
+            if tensor.device == device and dtype in (None, tensor.dtype):
+                return tensor.clone()
+            return tensor.to(device=device, dtype=dtype, copy=True)
+        tensor = self._read(info, name)
         if tensor.device == device and dtype in (None, tensor.dtype):
-            return tensor.clone()
-        return tensor.to(device=device, dtype=dtype, copy=True)
+            return tensor
+        return tensor.to(device=device, dtype=dtype)
 
-    def _handle(self, file: Path):
-        """The open safe_open handle of `file`, opened on first use."""
+    def _read(self, info: TensorInfo, name: str) -> torch.Tensor:
+        """The bytes of one safetensors tensor, read with os.preadv into a new CPU tensor."""
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        try:
+            fd = self._fd(info.file)
+            view = memoryview(buffer.numpy())
+            done = 0
+            while done < info.nbytes:  # preadv may return short reads for very large tensors
+                n = os.preadv(fd, [view[done:]], info.offset + done)
+                if n <= 0:
+                    raise OSError(f"unexpected end of file at byte {info.offset + done}")
+                done += n
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from e
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def _fd(self, file: Path) -> int:
+        """An open read-only descriptor of `file`, opened on first use."""
         with self._lock:
-            handle = self._handles.get(file)
-            if handle is None:
+            fd = self._fds.get(file)
+            if fd is None:
                 try:
-                    handle = self._handles[file] = safe_open(file, framework="pt")
-                except (SafetensorError, OSError) as e:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
+                except OSError as e:
                     raise CheckpointError(f"{file}: cannot open safetensors file: {e}") from e
-            return handle
+            return fd
 
     def close(self) -> None:
         """Release file handles and memory maps; metadata stays available, reading does not."""
         with self._lock:
-            self._handles.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
             self._pickled = {}
             self._closed = True
+
+    def __del__(self) -> None:
+        fds = getattr(self, "_fds", {})
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        fds.clear()
 
     def __enter__(self) -> "ModelReader":
         return self
@@ -545,6 +582,125 @@ def _is_weight_file_name(name: str) -> bool:
     return name in (SAFE_SINGLE, SAFE_INDEX) or bool(SAFE_SHARD_RE.match(name))
 
 
+_DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+class _ShardPart:
+    """One shard being written, its tensor bytes appended as they arrive.
+
+    With ``planned`` entries (name, shape, dtype known in advance) the header is written first and
+    the data goes straight to its final place. Otherwise the data goes to a side file and
+    ``finish`` writes the 8-byte header length, the JSON header (padded with spaces to 8 bytes, as
+    the format allows) and the data, copied inside the kernel. Either way no tensor is held in memory.
+    """
+
+    def __init__(self, path: Path, planned: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None):
+        self.path = path
+        self.planned = planned
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.names: list[str] = []
+        self.nbytes = 0
+        if planned is None:
+            self.data_path = path.with_suffix(".data")
+            self.fd = os.open(self.data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            return
+        offset, entries = 0, {}
+        for name, shape, dtype in planned:
+            size = math.prod(shape) * dtype.itemsize
+            entries[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        _write_all(self.fd, _header_bytes(entries))
+
+    @property
+    def complete(self) -> bool:
+        return self.planned is not None and len(self.names) == len(self.planned)
+
+    def append(self, name: str, data: torch.Tensor) -> None:
+        if self.planned is not None:
+            want = self.planned[len(self.names)]
+            if (name, tuple(data.shape), data.dtype) != (want[0], tuple(want[1]), want[2]):
+                raise CheckpointError(f"{self.path}: expected tensor {want[0]!r} {list(want[1])} {want[2]} next, "
+                                      f"got {name!r} {list(data.shape)} {data.dtype}")
+        raw = memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
+        _write_all(self.fd, raw)
+        self.entries[name] = {"dtype": _DTYPE_CODES[data.dtype], "shape": list(data.shape),
+                              "data_offsets": [self.nbytes, self.nbytes + len(raw)]}
+        self.names.append(name)
+        self.nbytes += len(raw)
+
+    def finish(self) -> None:
+        if self.planned is not None:
+            if not self.complete:
+                missing = [n for n, _, _ in self.planned[len(self.names):]]
+                raise CheckpointError(f"{self.path}: planned tensors never written: {missing[:5]}")
+            os.fsync(self.fd)
+            os.close(self.fd)
+            return
+        os.close(self.fd)
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as src:
+            out.write(_header_bytes(self.entries))
+            out.flush()
+            _copy_file(src.fileno(), out.fileno(), self.nbytes)
+            os.fsync(out.fileno())
+        os.unlink(self.data_path)
+
+    def discard(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _header_bytes(entries: dict[str, dict[str, Any]]) -> bytes:
+    """The safetensors prefix: 8-byte little-endian length, then the JSON header padded to 8 bytes."""
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += os.write(fd, view[written:])
+
+
+def _plan_shards(expected, max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
+    """Group (name, shape, dtype) entries, in order, into shards of at most `max_shard_bytes`."""
+    shards, current, size = [], [], 0
+    for name, shape, dtype in expected:
+        if dtype not in _DTYPE_CODES:
+            raise CheckpointError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, tuple(shape), dtype))
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _copy_file(src: int, dst: int, count: int) -> None:
+    """Copy `count` bytes from `src`'s current offset to `dst`'s, inside the kernel where possible."""
+    copied = 0
+    try:
+        while copied < count:
+            n = os.copy_file_range(src, dst, count - copied)
+            if n == 0:
+                break
+            copied += n
+    except (AttributeError, OSError):
+        pass
+    while copied < count:
+        n = os.sendfile(dst, src, None, count - copied)
+        if n == 0:
+            raise OSError(f"short copy: {copied} of {count} bytes")
+        copied += n
+
+
 class CheckpointWriter:
     """Atomically write a sharded safetensors checkpoint plus side files into `out_dir`.
 
@@ -553,11 +709,13 @@ class CheckpointWriter:
     place. Used as a context manager it commits on a clean exit and deletes the temporary
     directory on any exception (KeyboardInterrupt included), leaving no output behind.
 
-    `add_tensor` copies each tensor to CPU (the caller may reuse or modify its tensor at once) and
-    buffers at most `max_shard_bytes` of tensor data before flushing a shard.
+    `add_tensor` writes each tensor's bytes to the current shard's data file at once (the caller may
+    reuse or modify its tensor right away); a shard is closed when the next tensor would take it
+    past `max_shard_bytes`.
     """
 
-    def __init__(self, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False):
+    def __init__(self, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False,
+                 expected: Sequence[tuple[str, tuple[int, ...], torch.dtype]] | None = None):
         self.out_dir = Path(out_dir).absolute()
         if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
@@ -571,9 +729,11 @@ class CheckpointWriter:
             raise CheckpointError(
                 f"{self.out_dir}: cannot create a temporary directory beside it: {e}"
             ) from e
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self._part: _ShardPart | None = None  # the shard being written
         self._shards: list[tuple[Path, list[str]]] = []
+        # with `expected` (every tensor's name, shape and dtype, in order) shards are laid out up
+        # front, so each shard's header is written first and data never needs a second copy
+        self._layout = _plan_shards(expected, max_shard_bytes) if expected is not None else None
         self._names: set[str] = set()
         self._state = "open"
         self.stats = WriterStats()
@@ -594,7 +754,11 @@ class CheckpointWriter:
     # -- tensors -----------------------------------------------------------------------------
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """Buffer a CPU, contiguous copy of `tensor` as `name`; flush a shard first if it would overflow."""
+        """Write `tensor`'s bytes as `name` into the current shard; start a new shard if it would overflow.
+
+        Tensor data goes to disk at once (nothing is buffered in memory), so the caller may reuse
+        or modify its tensor right away and a merge's memory never holds its output.
+        """
         self._require_open(f"add tensor {name!r}")
         if not isinstance(name, str) or not name:
             raise CheckpointError(f"{self.out_dir}: invalid tensor name {name!r}")
@@ -604,32 +768,38 @@ class CheckpointWriter:
             raise CheckpointError(
                 f"{self.out_dir}: tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor"
             )
-        # A fresh contiguous CPU buffer: shares storage with nothing (safetensors refuses shared
-        # tensors, e.g. tied embeddings) and is safe from later in-place edits by the caller.
-        owned = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-        owned.copy_(tensor.detach())
-        nbytes = owned.numel() * owned.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+        if tensor.dtype not in _DTYPE_CODES:
+            raise CheckpointError(f"{self.out_dir}: tensor {name!r} has dtype {tensor.dtype}, "
+                                  f"which safetensors cannot store")
+        data = tensor.detach().to("cpu").contiguous()
+        nbytes = data.numel() * data.element_size()
+        if self._layout is None and self._part is not None and self._part.nbytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._buffer[name] = owned
-        self._buffer_bytes += nbytes
+        if self._part is None:
+            path = self._tmp / f"shard-{len(self._shards) + 1:05d}.safetensors.part"
+            if self._layout is not None:
+                if len(self._shards) >= len(self._layout):
+                    raise CheckpointError(f"{self.out_dir}: tensor {name!r} was not in the expected layout")
+                self._part = _ShardPart(path, self._layout[len(self._shards)])
+            else:
+                self._part = _ShardPart(path)
+        self._part.append(name, data)
         self._names.add(name)
         self.stats.tensors_added += 1
         self.stats.bytes_added += nbytes
+        if self._part.complete:
+            self._flush()
 
     def _flush(self) -> None:
-        """Write the buffered tensors as the next shard (temporary name) and empty the buffer."""
-        if not self._buffer:
+        """Close the current shard as a safetensors file (temporary name)."""
+        if self._part is None:
             return
-        path = self._tmp / f"shard-{len(self._shards) + 1:05d}.safetensors.part"
-        save_file(self._buffer, path, metadata={"format": "pt"})
-        _fsync_path(path)
-        self._shards.append((path, list(self._buffer)))
-        self.stats.tensors_written += len(self._buffer)
-        self.stats.bytes_written += self._buffer_bytes
+        part, self._part = self._part, None
+        part.finish()
+        self._shards.append((part.path, part.names))
+        self.stats.tensors_written += len(part.names)
+        self.stats.bytes_written += part.nbytes
         self.stats.shards_written += 1
-        self._buffer = {}
-        self._buffer_bytes = 0
 
     # -- side files ----------------------------------------------------------------------------
 
@@ -674,6 +844,10 @@ class CheckpointWriter:
         self._require_open("commit")
         try:
             self._flush()
+            if self._layout is not None and len(self._shards) != len(self._layout):
+                planned = sum(len(shard) for shard in self._layout)
+                raise CheckpointError(f"{self.out_dir}: {self.stats.tensors_added} of the {planned} expected "
+                                      f"tensors were written")
             if not self._shards:
                 raise CheckpointError(
                     f"{self.out_dir}: no tensors were added; refusing to write an empty model"
@@ -730,7 +904,9 @@ class CheckpointWriter:
         """Discard everything written so far (no-op once committed)."""
         if self._state == "open":
             self._state = "aborted"
-            self._buffer = {}
+            if self._part is not None:
+                self._part.discard()
+                self._part = None
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> "CheckpointWriter":

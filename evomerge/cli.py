@@ -195,6 +195,9 @@ def zoo_build(
 
 
 def main() -> None:
+    from evomerge.methods import tune_host_allocator
+
+    tune_host_allocator()  # keep freed tensor memory for reuse: 2-6x faster merges on the CPU
     try:
         app()
     except KeyboardInterrupt:

@@ -451,18 +451,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _load(plan: MergePlan, ref: TensorRef, device: torch.device) -> torch.Tensor:
-    """Read one input tensor as the kernels see it: cast to the recipe's ``dtype``, then float32.
+    """Read one input tensor as the kernels see it: cast to the recipe's ``dtype`` (if any).
 
-    Reading straight into float32 when no rounding to ``dtype`` is needed saves a copy; the
-    values are identical (every float dtype up-casts to float32 exactly).
+    Tensors stay in their (often 16-bit) storage dtype: the kernels up-cast to float32 one model
+    at a time, so a merge holds half-size inputs and the values are identical.
     """
     reader = plan.readers[ref.model]
     native = reader.dtype(ref.name)
-    if plan.dtype is not None and plan.dtype != native:
-        tensor = reader.get_tensor(ref.name, dtype=plan.dtype)
-    else:
-        tensor = reader.get_tensor(ref.name, dtype=torch.float64 if native == torch.float64 else torch.float32)
-    return tensor.to(device, non_blocking=True)
+    dtype = plan.dtype if plan.dtype is not None and native.is_floating_point else None
+    return reader.get_tensor(ref.name, device=device, dtype=dtype)
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -520,7 +517,8 @@ def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device
     plan = recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_pickle=allow_pickle, where=where)
     dev = resolve_device(device)
     max_shard = parse_size(out_shard_size)
-    with CheckpointWriter(out_dir, max_shard_bytes=max_shard, overwrite=overwrite) as writer:
+    expected = [(task.name, task.shape, plan._out_dtype_of(task)) for task in plan.tasks]
+    with CheckpointWriter(out_dir, max_shard_bytes=max_shard, overwrite=overwrite, expected=expected) as writer:
         for task in plan.tasks:
             tensor = compute_tensor(plan, task, dev, seed)
             writer.add_tensor(task.name, tensor.cpu())
