@@ -9,7 +9,7 @@
    recipe, the best single expert and the multi-task reference; and how much of the gap between
    the default recipe and the reference the CMA-ES winner closes.
 
-    python benchmarks/search_bench.py [--size small] [--trials 200] [--space search_spaces/ties_per_block.yaml]
+    python benchmarks/search_bench.py [--size small] [--trials 200] [--space search_spaces/task_arithmetic_per_layer.yaml] [--large /tmp/evomerge-merge-bench]
 
 Targets: build <= 2x the floor and >= 20x faster than mergekit; the CMA-ES winner closes at least
 half of the default-to-reference gap on the test split within 200 trials.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -42,21 +43,20 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def build_speed(zoo, repeats: int) -> list[tuple]:
+def build_speed(base, models: dict[str, str], repeats: int) -> list[tuple]:
     """(method, build ms, floor ms, mergekit ms) for ties, dare_ties, della."""
     from mergekit.merge_methods.api import merge_state_dicts
 
     from evomerge.search.builder import CandidateBuilder
     from evomerge.search.space import load_space
 
-    models = {k: str(v) for k, v in zoo.experts.items()}
     rows = []
     for method, space_file in (("ties", "ties_per_model.yaml"), ("dare_ties", "dare_ties_per_layer.yaml"),
                                ("della", "della_per_block.yaml")):
         space = load_space(ROOT / "search_spaces" / space_file)
-        builder = CandidateBuilder(zoo.base, models, method=method, device="cpu", seed=0)
+        builder = CandidateBuilder(base, models, method=method, device="cpu", seed=0)
         builder.precompute()
-        recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(zoo.base),
+        recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(base),
                                  models=models, num_layers=builder.num_layers, dtype="float32")
         build = _median_time(lambda: builder.build(recipe), repeats)
         floor = _median_time(builder.floor, repeats)
@@ -89,6 +89,7 @@ def search_quality(zoo, size: str, trials: int, space: str, work: Path) -> tuple
     rows, baselines = [], {}
     for sampler in ("cmaes", "tpe", "random"):
         out = work / f"search-{sampler}"
+        shutil.rmtree(out, ignore_errors=True)  # a fresh study each time
         cfg_path = work / f"{sampler}.yaml"
         cfg_path.write_text(yaml.safe_dump({
             "name": f"bench-{sampler}", "zoo": {"size": size, "seed": 0}, "search_space": str(space),
@@ -119,20 +120,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small")
     ap.add_argument("--trials", type=int, default=200)
-    ap.add_argument("--space", default=str(ROOT / "search_spaces" / "ties_per_block.yaml"))
+    ap.add_argument("--space", default=str(ROOT / "search_spaces" / "task_arithmetic_per_layer.yaml"))
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--work", default="/tmp/evomerge-search-bench")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--large", default=None, help="also time builds on DIR/{base,ft0,ft1} (e.g. the models "
+                    "benchmarks/merge_speed.py builds in /tmp/evomerge-merge-bench)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "search_bench.md"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    from evomerge.methods import tune_host_allocator
+
+    tune_host_allocator()  # as the CLI does
 
     from evomerge.zoo import build_zoo
 
     zoo = build_zoo(None, size=args.size, seed=0)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    speed = build_speed(zoo, args.repeats)
+    speed = {f"`{args.size}` zoo (4 experts)": build_speed(zoo.base, {k: str(v) for k, v in zoo.experts.items()},
+                                                           args.repeats)}
+    if args.large:
+        large = Path(args.large)
+        speed["~170M Llama, bf16 files, float32 resident (2 fine-tunes)"] = build_speed(
+            large / "base", {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}, 3)
     cpu = "unknown CPU"
     try:
         cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
@@ -141,12 +152,14 @@ def main() -> None:
     lines = ["# Search benchmark", "",
              f"Machine: {os.cpu_count()} CPU cores ({cpu}), no GPU; device cpu, float32. Date: {datetime.date.today()}.",
              f"Zoo: `{args.size}` (seed 0). Command: `python benchmarks/search_bench.py --size {args.size} "
-             f"--trials {args.trials}`.", "",
+             f"--trials {args.trials}" + (f" --large {args.large}" if args.large else "") + "`.", "",
              "## Per-candidate build time (median)", "",
-             "| method | evomerge build ms | floor ms | build / floor | mergekit merge_state_dicts ms | speed-up vs mergekit |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for m, b, f, mk in speed:
-        lines.append(f"| {m} | {b:.1f} | {f:.1f} | {b / f:.2f}x | {mk:.1f} | {mk / b:.1f}x |")
+             "| models | method | evomerge build ms | floor ms | build / floor | mergekit merge_state_dicts ms "
+             "| speed-up vs mergekit |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for label, rows in speed.items():
+        for m, b, f, mk in rows:
+            lines.append(f"| {label} | {m} | {b:.1f} | {f:.1f} | {b / f:.2f}x | {mk:.1f} | {mk / b:.1f}x |")
     if not args.skip_quality:
         baselines, rows = search_quality(zoo, args.size, args.trials, Path(args.space), work)
         lines += ["", f"## Search quality: winner's test score at {args.trials} trials "

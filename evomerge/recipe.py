@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.methods import METHODS, MergeMethod, get_method
+from evomerge.yamlfile import parse_yaml_mapping, read_yaml_mapping
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -259,19 +260,14 @@ def load_recipe(source: str | Path | dict, *, where: str | None = None) -> Recip
         data, where = source, where or "<recipe>"
     else:
         path = Path(source)
-        if "\n" not in str(source) and path.suffix in (".yaml", ".yml", ".json") or path.exists():
-            where = where or str(path)
-            if not path.is_file():
-                raise RecipeError(f"{where}: recipe file not found")
-            text = path.read_text()
+        is_file = "\n" not in str(source) and (path.suffix in (".yaml", ".yml", ".json") or path.exists())
+        where = where or (str(path) if is_file else "<recipe>")
+        if is_file:
+            data = read_yaml_mapping(path, where=where, what="recipe", error=RecipeError)
         else:
-            where, text = where or "<recipe>", str(source)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{where}: malformed YAML: {e}") from None
+            data = parse_yaml_mapping(str(source), where=where, what="recipe", error=RecipeError)
     if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a recipe must be a mapping with at least 'merge_method', got {type(data).__name__}")
+        raise RecipeError(f"{where}: a recipe must be a mapping, got {type(data).__name__}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -390,12 +386,7 @@ def _check_params(params: Parameters | None, method: MergeMethod, where: str, *,
 
 
 def _validate_scalar(spec, value) -> str | None:
-    if spec.type is bool:
-        if not isinstance(value, bool):
-            return f"expected true or false, got {value!r}"
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"expected a number, got {value!r}"
+    """The method's own check of one value (type, finiteness, range): a message, or None."""
     return spec.validate_value(value)
 
 

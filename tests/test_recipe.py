@@ -63,7 +63,7 @@ merge_method: della
                                             "weight: 0.5, normalize: false}}\n  - model: {ft1}"),
                                r"models\[0\]\.parameters\.normalize: .*whole merge"),
     "wrong_type": (TIES.replace("weight: 0.5, density: 0.5}}\n  - model: {ft1}",
-                                "weight: heavy}}\n  - model: {ft1}"), r"weight: expected a number"),
+                                "weight: heavy}}\n  - model: {ft1}"), r"weight: weight must be a number"),
     "layer_range_outside": ("""
 slices:
   - sources:

@@ -18,10 +18,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.recipe import _pydantic_message
+from evomerge.yamlfile import read_yaml_mapping
 
 
 class ConfigError(ValueError):
@@ -159,14 +159,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     """Load, validate and resolve a run config file; ``overrides`` (from the CLI) win over the file."""
     path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise ConfigError(f"{where}: run config not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: malformed YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: a run config must be a mapping")
+    data = read_yaml_mapping(path, where=where, what="run config", error=ConfigError)
     for key, value in (overrides or {}).items():
         if value is None:
             continue

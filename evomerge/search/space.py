@@ -26,11 +26,11 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.methods import METHODS, get_method
-from evomerge.recipe import Recipe, RecipeError, _pydantic_message, _suggest, _validate_scalar
+from evomerge.recipe import Recipe, _pydantic_message, _suggest, _validate_scalar
+from evomerge.yamlfile import read_yaml_mapping
 
 SEARCHABLE = ("weight", "density", "epsilon", "gamma", "lambda", "t")
 
@@ -190,13 +190,7 @@ def load_space(source: str | Path | dict, *, where: str | None = None) -> Search
         data, where = source, where or "<search space>"
     else:
         where = where or str(source)
-        path = Path(source)
-        if not path.is_file():
-            raise SpaceError(f"{where}: search space file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise SpaceError(f"{where}: malformed YAML: {e}") from None
+        data = read_yaml_mapping(source, where=where, what="search space", error=SpaceError)
     if not isinstance(data, dict):
         raise SpaceError(f"{where}: a search space must be a mapping")
     try:
