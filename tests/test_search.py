@@ -247,7 +247,8 @@ def test_sigkill_then_resume_loses_no_finished_trial(tiny_zoo, tmp_path):
 
 
 def test_two_workers_share_one_journal(tiny_zoo, tmp_path):
-    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 10}, sampler={"name": "random"})
+    # enough trials that both processes are past start-up while trials remain
+    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 150}, sampler={"name": "random"})
     procs = [_cli(["search", str(cfg), "--no-finalize"]) for _ in range(2)]
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -255,7 +256,7 @@ def test_two_workers_share_one_journal(tiny_zoo, tmp_path):
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     counted = [t for t in trials if not t.user_attrs.get("interrupted")]
-    assert len(counted) == 10 and all(t.state.is_finished() for t in counted)
+    assert len(counted) == 150 and all(t.state.is_finished() for t in counted)
     workers = {t.user_attrs.get("worker") for t in counted}
     assert len(workers) == 2  # both processes did work
     recipes = [t.user_attrs["recipe"] for t in counted]
