@@ -376,11 +376,8 @@ class _Planner:
                         continue
                     v = spec.default
                 mp[spec.name] = coerce(spec, v)
-                msg = spec.validate_value(mp[spec.name]) if spec.type is not bool else None
-                if msg:
-                    self.problem(f"{self.location(s, model)}: {msg}", in_name)
             model_params.append(mp)
-        if not missing:
+        if not missing:  # types, ranges and cross-parameter rules (DELLA's window), per tensor
             for msg in method.check_params(model_params, params):
                 m = re.match(rf"{method.name}: model (\d+): (.*)", msg)
                 if m:
