@@ -31,6 +31,7 @@ from evomerge.methods import (
     random_field,
     rank_window_mask,
     sorted_magnitudes,
+    flat_ranks,
     sparsify,
 )
 
@@ -406,9 +407,12 @@ def test_precomputed_sorted_magnitudes_give_identical_masks(make):
     delta = make()
     n = delta.numel()
     sorted_mags = sorted_magnitudes(delta)
+    ranks = flat_ranks(delta)
+    assert sorted(ranks.reshape(-1).tolist()) == list(range(n))
     for density in (0.0, 1e-6, 0.1, 0.33, 0.5, 0.77, 0.999, 1.0):
         by_selection = magnitude_mask(delta, density)
         assert torch.equal(by_selection, magnitude_mask(delta, density, sorted_magnitudes=sorted_mags))
+        assert torch.equal(by_selection, magnitude_mask(delta, density, ranks=ranks))
         if 0 < density < 1:
             k = magnitude_keep_count(n, density)
             assert int(by_selection.sum()) == k
@@ -416,6 +420,7 @@ def test_precomputed_sorted_magnitudes_give_identical_masks(make):
         for gamma in (0.0, 0.01, 0.2):
             crumbs = breadcrumbs_mask(delta, density, gamma)
             assert torch.equal(crumbs, breadcrumbs_mask(delta, density, gamma, sorted_magnitudes=sorted_mags))
+            assert torch.equal(crumbs, breadcrumbs_mask(delta, density, gamma, ranks=ranks))
             if density < 1:
                 low, high = breadcrumbs_window(n, density, gamma)
                 assert torch.equal(crumbs, stable_rank_window_reference(delta, low, high))

@@ -30,6 +30,7 @@ from .sparsify import (
     select_values,
     sort_values,
     sorted_magnitudes,
+    flat_ranks,
     sparsify,
 )
 from .task_arithmetic import (
@@ -53,7 +54,7 @@ __all__ = [
     "sparsify", "apply_mask", "magnitude_mask", "magnitude_keep_count", "breadcrumbs_mask", "breadcrumbs_window",
     "dare_mask", "della_mask", "della_ranks", "della_keep_probability", "della_probability_table",
     "della_window_error", "check_della_window", "rank_window_mask", "select_values", "sort_values",
-    "sorted_magnitudes",
+    "sorted_magnitudes", "flat_ranks",
     # consensus
     "elect_sign", "agreement_mask", "disjoint_merge", "weighted_sum",
     # other methods

@@ -83,6 +83,33 @@ def sorted_magnitudes(delta: torch.Tensor) -> torch.Tensor:
     return sort_values(magnitudes(delta))
 
 
+def flat_ranks(delta: torch.Tensor) -> torch.Tensor:
+    """0-based stable ascending rank of every |δ| over the whole tensor (int32, shape of δ).
+
+    Equal magnitudes rank by flat index, the order every mask here uses. Computed once per tensor
+    (one stable sort), it turns a TIES or breadcrumbs mask into one comparison per element: no
+    selection, no tie handling.
+    """
+    mags = magnitudes(delta)
+    n = mags.numel()
+    order = torch.sort(mags, stable=True).indices
+    ranks = torch.empty(n, dtype=torch.int32, device=delta.device)
+    ranks[order] = torch.arange(n, dtype=torch.int32, device=delta.device)
+    return ranks.reshape(delta.shape)
+
+
+def _window(ranks: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Elements whose precomputed rank lies in [low, high)."""
+    n = ranks.numel()
+    if low <= 0 and high >= n:
+        return torch.ones_like(ranks, dtype=torch.bool)
+    if low <= 0:
+        return ranks < high
+    if high >= n:
+        return ranks >= low
+    return (ranks >= low) & (ranks < high)
+
+
 def _position_after(flags: torch.Tensor, count: int, chunk: int = 1 << 16) -> int:
     """Smallest P such that ``flags[:P]`` holds ``count`` True values (0 when count is 0)."""
     if count <= 0:
@@ -153,13 +180,15 @@ def magnitude_keep_count(numel: int, density: float) -> int:
 
 
 def magnitude_mask(
-    delta: torch.Tensor, density: float, sorted_magnitudes: torch.Tensor | None = None
+    delta: torch.Tensor, density: float, sorted_magnitudes: torch.Tensor | None = None,
+    ranks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TIES trim: keep the top k = max(1, ⌊density·n⌋) of |δ| over the whole tensor.
 
     Yadav et al. 2023, "TIES-Merging", arXiv:2306.01708. density ≥ 1 keeps all,
-    density ≤ 0 keeps none. Threshold by selection, or by lookup in the ascending
-    ``sorted_magnitudes``; both give the same mask.
+    density ≤ 0 keeps none. Threshold by selection, by lookup in the ascending
+    ``sorted_magnitudes``, or a comparison with precomputed ``ranks`` (``flat_ranks``);
+    all give the same mask.
     """
     n = delta.numel()
     if density >= 1:
@@ -167,6 +196,8 @@ def magnitude_mask(
     if density <= 0 or n == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     k = magnitude_keep_count(n, density)
+    if ranks is not None:
+        return _window(ranks, n - k, n)
     return rank_window_mask(magnitudes(delta), n - k, n, sorted_magnitudes).reshape(delta.shape)
 
 
@@ -183,7 +214,8 @@ def breadcrumbs_window(numel: int, density: float, gamma: float) -> tuple[int, i
 
 
 def breadcrumbs_mask(
-    delta: torch.Tensor, density: float, gamma: float, sorted_magnitudes: torch.Tensor | None = None
+    delta: torch.Tensor, density: float, gamma: float, sorted_magnitudes: torch.Tensor | None = None,
+    ranks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs: drop the largest ⌊gamma·n⌋ |δ| (outliers) and the smallest, keeping ⌊density·n⌋.
 
@@ -193,6 +225,8 @@ def breadcrumbs_mask(
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     low, high = breadcrumbs_window(delta.numel(), density, gamma)
+    if ranks is not None:
+        return _window(ranks, low, high) if low < high else torch.zeros_like(delta, dtype=torch.bool)
     return rank_window_mask(magnitudes(delta), low, high, sorted_magnitudes).reshape(delta.shape)
 
 
@@ -390,6 +424,7 @@ def sparsify(
     field: torch.Tensor | None = None,
     sorted_magnitudes: torch.Tensor | None = None,
     ranks: torch.Tensor | None = None,
+    flat_ranks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparsify one task vector with ``method`` in {None, magnitude, random, magnitude_outliers, della_magprune}.
 
@@ -399,9 +434,9 @@ def sparsify(
     if method is None or density >= 1:
         return delta
     if method == "magnitude":
-        mask = magnitude_mask(delta, density, sorted_magnitudes)
+        mask = magnitude_mask(delta, density, sorted_magnitudes, flat_ranks)
     elif method == "magnitude_outliers":
-        mask = breadcrumbs_mask(delta, density, gamma, sorted_magnitudes)
+        mask = breadcrumbs_mask(delta, density, gamma, sorted_magnitudes, flat_ranks)
     elif method in ("random", "della_magprune"):
         if field is None:
             raise ValueError(f"sparsification {method!r} needs a random field (see random_field)")

@@ -121,7 +121,7 @@ def _mix_stacked(
 
 
 def _sparsified(variant: TaskArithmeticVariant, delta: torch.Tensor, i: int, *, densities, rescale, gammas,
-                epsilons, fields, sorted_magnitudes, ranks) -> torch.Tensor:
+                epsilons, fields, sorted_magnitudes, ranks, flat_ranks=None) -> torch.Tensor:
     """Model i's task vector after the variant's sparsifier (optional per-model inputs may be None)."""
     return sparsify(
         delta,
@@ -133,6 +133,7 @@ def _sparsified(variant: TaskArithmeticVariant, delta: torch.Tensor, i: int, *, 
         field=fields[i] if fields is not None else None,
         sorted_magnitudes=sorted_magnitudes[i] if sorted_magnitudes is not None else None,
         ranks=ranks[i] if ranks is not None else None,
+        flat_ranks=flat_ranks[i] if flat_ranks is not None else None,
     )
 
 
@@ -151,11 +152,12 @@ def merge_task_vectors(
     fields: Sequence[torch.Tensor | None] | None = None,
     sorted_magnitudes: Sequence[torch.Tensor | None] | None = None,
     ranks: Sequence[torch.Tensor | None] | None = None,
+    flat_ranks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """``variant`` applied to resident task vectors δᵢ (compute dtype), for a search.
 
-    ``sorted_magnitudes[i]`` / ``ranks[i]`` are optional precomputed order
-    statistics of δᵢ (``sorted_magnitudes``, ``della_ranks``); results are
+    ``sorted_magnitudes[i]`` / ``flat_ranks[i]`` / ``ranks[i]`` are optional precomputed order
+    statistics of δᵢ (``sorted_magnitudes``, ``flat_ranks``, ``della_ranks``); results are
     bit-identical to ``generalized_task_arithmetic`` on the models themselves.
     """
     if not deltas:
@@ -163,7 +165,8 @@ def merge_task_vectors(
     stacked = torch.empty((len(deltas), *base.shape), dtype=deltas[0].dtype, device=deltas[0].device)
     for i, delta in enumerate(deltas):
         stacked[i] = _sparsified(variant, delta, i, densities=densities, rescale=rescale, gammas=gammas,
-                                 epsilons=epsilons, fields=fields, sorted_magnitudes=sorted_magnitudes, ranks=ranks)
+                                 epsilons=epsilons, fields=fields, sorted_magnitudes=sorted_magnitudes, ranks=ranks,
+                                 flat_ranks=flat_ranks)
     return _mix_stacked(base, stacked, weights, consensus=variant.consensus, normalize=normalize, lambda_=lambda_)
 
 

@@ -5,8 +5,8 @@ of every tensor, resident on the device in float32. For the task-arithmetic fami
 are the task vectors δᵢ = xᵢ − base; for the other methods the fine-tuned tensors themselves.
 
 Precomputed once per tensor and model, lazily, because they never change between candidates:
-- the ascending order statistics of |δᵢ| (TIES and breadcrumbs thresholds become lookups, so no
-  candidate sorts or selects over a whole tensor);
+- the stable ascending rank of every |δᵢ| over its tensor (a TIES or breadcrumbs mask becomes one
+  comparison per element, so no candidate sorts or selects over a tensor);
 - DELLA's per-row ranks of |δᵢ|;
 - the DARE/DELLA random fields (``random_field(seed, tensor, model)``), so a candidate's mask depends
   only on its density (common random numbers).
@@ -27,7 +27,7 @@ import torch
 
 from evomerge.checkpoint import ModelReader
 from evomerge.engine import MergePlan, TensorTask, plan_merge, resolve_device
-from evomerge.methods import della_ranks, random_field, sorted_magnitudes
+from evomerge.methods import della_ranks, flat_ranks, random_field
 from evomerge.methods.task_arithmetic import VARIANTS, merge_task_vectors
 from evomerge.recipe import Recipe
 
@@ -87,7 +87,7 @@ class CandidateBuilder:
                 x = reader.get_tensor(reader.resolve_tied(name), dtype=torch.float32).to(self.device)
                 self.inputs[p][name] = x - b if self.variant else x
         self.load_seconds = time.perf_counter() - t0
-        self._sorted: dict[tuple[str, str], torch.Tensor] = {}
+        self._flat_ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._fields: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -104,12 +104,12 @@ class CandidateBuilder:
 
     def _stats(self, name: str, path: str, index: int) -> dict[str, torch.Tensor | None]:
         sp = self.variant.sparsification
-        out: dict[str, torch.Tensor | None] = {"sorted_magnitudes": None, "ranks": None, "field": None}
+        out: dict[str, torch.Tensor | None] = {"flat_ranks": None, "ranks": None, "field": None}
         key = (name, path)
         if sp in ("magnitude", "magnitude_outliers"):
-            if key not in self._sorted:
-                self._sorted[key] = sorted_magnitudes(self.inputs[path][name])
-            out["sorted_magnitudes"] = self._sorted[key]
+            if key not in self._flat_ranks:
+                self._flat_ranks[key] = flat_ranks(self.inputs[path][name])
+            out["flat_ranks"] = self._flat_ranks[key]
         if sp == "della_magprune":
             if key not in self._ranks:
                 self._ranks[key] = della_ranks(self.inputs[path][name])
@@ -167,7 +167,7 @@ class CandidateBuilder:
             weights=[mp["weight"] for mp in mps], densities=[mp["density"] for mp in mps],
             gammas=[mp.get("gamma", 0.01) for mp in mps], epsilons=[mp.get("epsilon", 0.15) for mp in mps],
             normalize=task.params["normalize"], rescale=task.params["rescale"], lambda_=task.params["lambda"],
-            fields=[st.get("field") for st in stats], sorted_magnitudes=[st.get("sorted_magnitudes") for st in stats],
+            fields=[st.get("field") for st in stats], flat_ranks=[st.get("flat_ranks") for st in stats],
             ranks=[st.get("ranks") for st in stats])
         return out.to(out_dtype)
 
