@@ -294,3 +294,21 @@ def test_failed_candidate_is_recorded_and_search_goes_on(tiny_zoo, tmp_path):
     assert len(trials) == 8 and failed, "expected some windows outside (0, 1) with these ranges"
     assert all("density ± epsilon" in t.user_attrs["fail_reason"] for t in failed)
     assert any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def test_multi_objective_nsga2_per_task(tiny_zoo, tmp_path):
+    """One objective per task with NSGA-II: every trial records a value per task; a Pareto plot is written."""
+    from evomerge.search.export import finalize
+    from evomerge.search.run import SearchRun
+
+    cfg = load_config(_config(tmp_path, tiny_zoo, objectives="per_task", sampler={"name": "nsga2", "popsize": 4},
+                              budget={"trials": 8}, export_checkpoint=False))
+    run = SearchRun(cfg)
+    run.run()
+    complete = [t for t in run.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    n_tasks = len(run.task_specs)
+    assert len(complete) == 8 and all(len(t.values) == n_tasks for t in complete)
+    assert run.study.best_trials  # a non-empty Pareto front
+    summary = finalize(run, export_checkpoint=False)
+    assert (run.out / "plots" / "pareto_front.png").exists()
+    assert "checkpoint" not in summary.files and summary.rows[0].label.startswith("winner")

@@ -171,7 +171,7 @@ def render_summary(run: SearchRun, s: Summary) -> str:
     searched = t["build_s"] + t["eval_s"]
     lines += ["", "## Where the time went (this process)", "",
               "| phase | seconds | share of search |", "|---|---:|---:|",
-              f"| setup (load models, task vectors, order statistics) | {t['setup_s']:.1f} | |",
+              f"| setup (zoo build if not cached, load models, task vectors, order statistics) | {t['setup_s']:.1f} | |",
               f"| merging candidates | {t['build_s']:.1f} | {100 * t['build_s'] / max(searched, 1e-9):.0f}% |",
               f"| evaluating candidates (search split) | {t['eval_s']:.1f} | "
               f"{100 * t['eval_s'] / max(searched, 1e-9):.0f}% |",
