@@ -300,13 +300,16 @@ def _fused_merge(base, deltas, maskers, weights, *, rescale, consensus, normaliz
     flats = [d.reshape(-1) for d in deltas]
     n = flats[0].numel()
     scales: list[torch.Tensor | None] = [None] * k
-    if rescale:
+    if rescale:  # the whole mask is needed for the L1 ratio anyway: compute it once and slice it below
+        maskers = list(maskers)
         for i, masker in enumerate(maskers):
             if masker is None:
                 continue
+            whole = masker(0, n)
+            maskers[i] = lambda s, e, m=whole: m[s:e]
             mags = deltas[i].abs()
             before = mags.sum()
-            after = mags.reshape(-1).mul_(masker(0, n)).sum()
+            after = mags.reshape(-1).mul_(whole).sum()
             if not (before < L1_EPS or after < L1_EPS):
                 scales[i] = before / after
     base_flat = base.to(dtype).reshape(-1)
