@@ -24,7 +24,7 @@ import torch
 
 from evomerge.checkpoint import CheckpointWriter, ModelReader, copy_tokenizer_files, parse_size
 from evomerge.methods import MergeMethod, random_field
-from evomerge.recipe import Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, resolve_value
+from evomerge.recipe import Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, resolve_source
 
 LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks)\.)(?P<index>\d+)(?P<suffix>\..+)$")
 PRE_LAYER_HINTS = ("embed", "wte", "wpe")
@@ -200,10 +200,14 @@ def _check_architectures(readers: dict[str, Any], where: str) -> None:
 
 
 def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False,
-               readers: Mapping[str, Any] | None = None, where: str | None = None) -> MergePlan:
+               readers: Mapping[str, Any] | None = None, where: str | None = None, trace=None) -> MergePlan:
     """Resolve ``recipe`` against its models' headers into a :class:`MergePlan` (reads no weights).
 
-    Raises :class:`RecipeError` naming the file, key or tensor on every problem found.
+    Raises :class:`RecipeError` naming the file, key or tensor on every problem found. ``trace``,
+    if given, is called for every parameter value resolved: (output tensor, input slot or None for
+    a global parameter, parameter name, the path of the recipe scope the value came from (see
+    ``_Planner.scope_path``; None for the default), the tensor name it was evaluated for, gradient
+    position t).
     """
     if not isinstance(recipe, Recipe):
         where = where or (str(recipe) if isinstance(recipe, (str, Path)) else "<recipe>")
@@ -224,7 +228,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
     if problems:
         raise RecipeError("\n".join(f"{where}: {p}" for p in problems))
 
-    planner = _Planner(recipe, method, readers, where)
+    planner = _Planner(recipe, method, readers, where, trace)
     first, last = slices[0], slices[-1]
     template = planner.template_reader(first)
     pre, post = [], []
@@ -258,8 +262,9 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
 class _Planner:
     """Resolves one output tensor at a time; collects problems instead of stopping at the first."""
 
-    def __init__(self, recipe: Recipe, method: MergeMethod, readers: dict[str, Any], where: str):
+    def __init__(self, recipe: Recipe, method: MergeMethod, readers: dict[str, Any], where: str, trace=None):
         self.recipe, self.method, self.readers, self.where = recipe, method, readers, where
+        self.trace = trace  # trace(out_name, input slot or None, parameter, scope_path, tensor, t)
         self.problems: dict[str, list[str]] = {}  # message -> tensors it applies to
 
     def problem(self, message: str, tensor: str) -> None:
@@ -291,6 +296,25 @@ class _Planner:
             if src.model == model:
                 return f"slices[{si}].sources[{j}] ('{model}')"
         return f"slices[{si}].base_model ('{model}')"
+
+    def scope_path(self, s: Slice, src: SliceSource | None, level: int | None) -> tuple | None:
+        """Where a parameter scope lives in the recipe, as attribute names and list indices.
+
+        ``level`` indexes [source, slice, global] parameters (None: no scope had the value).
+        """
+        if level is None:
+            return None
+        if level == 2:
+            return ("parameters",)
+        if self.recipe.models is not None:  # one implicit slice; sources follow models[]
+            if level == 1:
+                return None  # the implicit slice has no parameters of its own
+            index = next(i for i, m in enumerate(self.recipe.models) if m.model == src.model)
+            return ("models", index, "parameters")
+        si = next(i for i, x in enumerate(self.recipe.slices) if x is s)
+        if level == 1:
+            return ("slices", si, "parameters")
+        return ("slices", si, "sources", next(j for j, x in enumerate(s.sources) if x is src), "parameters")
 
     def slice_base(self, s: Slice) -> str | None:
         return s.base_model or self.recipe.base_model
@@ -356,18 +380,23 @@ class _Planner:
         for spec in method.params:
             if spec.per_model:
                 continue
-            v = resolve_value(glob_sources, spec.name, out_name, t)
+            level, v = resolve_source(glob_sources, spec.name, out_name, t)
+            if self.trace:
+                self.trace(out_name, None, spec.name, self.scope_path(s, None, level + 1 if level is not None else None),
+                           out_name, t)
             params[spec.name] = coerce(spec, spec.default if v is _MISSING else v)
         model_params = []
         missing = False
-        for model, src in kernel_models:
+        for slot, (model, src) in enumerate(kernel_models):
             sources = [src.parameters if src else None, s.parameters, recipe.parameters]
             in_name = refs[model].name
             mp = {}
             for spec in method.params:
                 if not spec.per_model:
                     continue
-                v = resolve_value(sources, spec.name, in_name, t)
+                level, v = resolve_source(sources, spec.name, in_name, t)
+                if self.trace:
+                    self.trace(out_name, slot, spec.name, self.scope_path(s, src, level), in_name, t)
                 if v is _MISSING:
                     if spec.default is None:
                         self.problem(f"{self.location(s, model)}: missing required parameter '{spec.name}' "

@@ -425,12 +425,18 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
 
 def resolve_value(sources: list[Parameters | None], name: str, tensor_name: str, t: float) -> Any:
     """First non-None value of ``name`` over ``sources`` (highest precedence first), else _MISSING."""
-    for scope in sources:
+    return resolve_source(sources, name, tensor_name, t)[1]
+
+
+def resolve_source(sources: list[Parameters | None], name: str, tensor_name: str, t: float
+                   ) -> tuple[int | None, Any]:
+    """``resolve_value`` and the index in ``sources`` of the scope it came from ((None, _MISSING) if none)."""
+    for index, scope in enumerate(sources):
         if scope and name in scope:
             value = evaluate_setting(scope[name], tensor_name, t)
             if value is not None:
-                return value
-    return _MISSING
+                return index, value
+    return None, _MISSING
 
 
 def coerce(spec, value):

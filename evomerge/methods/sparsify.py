@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .l1 import l1_norm
+
 L1_EPS = 1e-7  # mergekit: skip the rescale when either L1 norm is below this
 _HOST_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
 
@@ -399,15 +401,15 @@ def apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.
     """Masked δ, optionally rescaled by ‖δ‖₁ / ‖m⊙δ‖₁ (skipped when either is < 1e-7).
 
     mergekit ``rescaled_masked_tensor`` with the L1 norm (DARE's 1/density
-    rescale, replaced by the exact ratio of L1 norms). Both norms are sums over
-    the whole tensor, in the same order as mergekit's.
+    rescale, replaced by the exact ratio of L1 norms). Both norms are ``l1_norm``: float64 sums
+    in one fixed order, so the search's fused kernel reproduces them bit for bit (mergekit's
+    float32 sums can differ from them by a rounding).
     """
     masked = delta * mask
     if not rescale:
         return masked
-    mags = delta.abs()
-    before = mags.sum()
-    after = mags.mul_(mask).sum()
+    before = l1_norm(delta)
+    after = l1_norm(delta, mask)
     if before < L1_EPS or after < L1_EPS:
         return masked
     return masked.mul_(before / after)

@@ -11,9 +11,15 @@ Precomputed once per tensor and model, lazily, because they never change between
 - the DARE/DELLA random fields (``random_field(seed, tensor, model)``), so a candidate's mask depends
   only on its density (common random numbers).
 
-A candidate is planned with the engine's own planner (headers only, milliseconds) and each tensor is
-computed by the same kernels as ``evomerge merge``: the result equals, bit for bit, what the engine
-writes from the exported recipe with the same seed (tests check it).
+A candidate is planned with the engine's own planner and each tensor is computed by the same
+float32 operations as ``evomerge merge``: the result equals, bit for bit, what the engine writes
+from the exported recipe with the same seed (tests check it).
+
+On the host, the task-arithmetic family takes a faster road (a candidate of a small model in well
+under a millisecond): every resident buffer is one flat array with a segment per tensor (the live
+model's parameters are views into one of them), the plan is re-used from the first recipe of the
+same structure (``fast_plan``), and one compiled pass merges all tensors at once
+(``flat_kernel``). Elsewhere (CUDA, other methods) tensors are merged one by one.
 """
 
 from __future__ import annotations
@@ -25,11 +31,16 @@ from typing import Any
 
 import torch
 
+import numpy as np
+
 from evomerge.checkpoint import ModelReader
 from evomerge.engine import MergePlan, TensorTask, plan_merge, resolve_device
 from evomerge.methods import della_ranks, flat_ranks, random_field
+from evomerge.methods.l1 import L1_BLOCK, l1_norm
 from evomerge.methods.task_arithmetic import VARIANTS, merge_task_vectors
 from evomerge.recipe import Recipe
+from evomerge.search import flat_kernel as fk
+from evomerge.search.fast_plan import PlanTemplate, structure_signature
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,24 +83,40 @@ class CandidateBuilder:
         self.num_layers = self.readers[self.base_dir].num_layers
 
         t0 = time.perf_counter()
+        base_reader = self.readers[self.base_dir]
+        self.names = [n for n in base_reader.tensor_names()
+                      if n in self.params and base_reader.dtype(n).is_floating_point]
+        shapes = {n: tuple(base_reader.shape(n)) for n in self.names}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        total = 0
+        for n in self.names:
+            size = int(np.prod(shapes[n], dtype=np.int64))
+            self.offsets[n] = (total, total + size)
+            total += size
+        # one flat float32 buffer per input, a segment per tensor; the dicts hold views into them
+        self.flat_base = torch.empty(total, dtype=torch.float32, device=self.device)
+        self.flat_inputs = torch.empty((len(self.model_paths), total), dtype=torch.float32, device=self.device)
         self.base: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, dict[str, torch.Tensor]] = {p: {} for p in self.model_paths.values()}
-        base_reader = self.readers[self.base_dir]
-        for name in base_reader.tensor_names():
-            if name not in self.params:
-                continue
-            b = base_reader.get_tensor(name, dtype=torch.float32).to(self.device)
-            if not b.is_floating_point():
-                continue
+        for name in self.names:
+            a, e = self.offsets[name]
+            b = self.flat_base[a:e].view(shapes[name])
+            b.copy_(base_reader.get_tensor(name, dtype=torch.float32))
             self.base[name] = b
-            for p in self.model_paths.values():
+            for i, p in enumerate(self.model_paths.values()):
                 reader = self.readers[p]
-                x = reader.get_tensor(reader.resolve_tied(name), dtype=torch.float32).to(self.device)
-                self.inputs[p][name] = x - b if self.variant else x
+                view = self.flat_inputs[i, a:e].view(shapes[name])
+                view.copy_(reader.get_tensor(reader.resolve_tied(name), dtype=torch.float32))
+                if self.variant:
+                    view.sub_(b)  # the task vector δ = x − base
+                self.inputs[p][name] = view
         self.load_seconds = time.perf_counter() - t0
         self._flat_ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._fields: dict[tuple[str, int], torch.Tensor] = {}
+        self.flat = self.device.type == "cpu" and self.variant is not None
+        if self.flat:
+            self._setup_flat(total)
 
     # -- precomputed statistics -------------------------------------------------------------------
     def precompute(self) -> float:
@@ -97,6 +124,9 @@ class CandidateBuilder:
         t0 = time.perf_counter()
         if self.variant is None:
             return 0.0
+        if self.flat:
+            self._ensure_flat_stats(len(self.model_paths))
+            return time.perf_counter() - t0
         for name in self.base:
             for i, p in enumerate(self.model_paths.values()):
                 self._stats(name, p, i)
@@ -105,6 +135,16 @@ class CandidateBuilder:
     def _stats(self, name: str, path: str, index: int) -> dict[str, torch.Tensor | None]:
         sp = self.variant.sparsification
         out: dict[str, torch.Tensor | None] = {"flat_ranks": None, "ranks": None, "field": None}
+        if self.flat:
+            self._ensure_flat_stats(index + 1)
+            (a, e), shape, m = self.offsets[name], self.base[name].shape, self.model_index[path]
+            if sp in ("magnitude", "magnitude_outliers"):
+                out["flat_ranks"] = self.flat_ranks[m, a:e].view(shape)
+            if sp == "della_magprune":
+                out["ranks"] = self.flat_ranks[m, a:e].view(shape)
+            if sp in ("random", "della_magprune"):
+                out["field"] = self.flat_fields[index, a:e].view(shape)
+            return out
         key = (name, path)
         if sp in ("magnitude", "magnitude_outliers"):
             if key not in self._flat_ranks:
@@ -118,6 +158,172 @@ class CandidateBuilder:
             out["field"] = self._fields_for(name, index)
         return out
 
+    # -- the flat host path -----------------------------------------------------------------------
+    def _setup_flat(self, total: int) -> None:
+        """Segment tables, cache-sized blocks, and the live parameters as views of one flat buffer."""
+        self.model_index = {p: i for i, p in enumerate(self.model_paths.values())}
+        self.seg_index = {n: i for i, n in enumerate(self.names)}
+        self.numel = np.array([e - a for a, e in (self.offsets[n] for n in self.names)], dtype=np.int64)
+        # DELLA ranks run along dim 1 (the whole tensor for 1-D): the row length of each segment
+        self.row = np.array([self.base[n].shape[1] if self.base[n].dim() >= 2 else self.base[n].numel()
+                             for n in self.names], dtype=np.int64)
+        blocks = []
+        for si, n in enumerate(self.names):
+            a, e = self.offsets[n]
+            blocks += [(si, x, min(e, x + L1_BLOCK)) for x in range(a, e, L1_BLOCK)]
+        self.blocks = np.array(blocks, dtype=np.int64).reshape(-1, 3)
+        first = np.searchsorted(self.blocks[:, 0], np.arange(len(self.names)))
+        self.seg_blocks = np.stack([first, np.append(first[1:], len(self.blocks))], axis=1).astype(np.int64)
+        self.runner = fk.SegmentRunner(self.numel, torch.get_num_threads())
+        self.flat_out = torch.empty(total, dtype=torch.float32, device=self.device)
+        params = [self.params[n] for n in self.names]
+        self.aliased = (self.model_dtype == torch.float32 and len({id(p) for p in params}) == len(params)
+                        and all(p.device == self.device for p in params))
+        for n, p in zip(self.names, params):
+            a, e = self.offsets[n]
+            self.flat_out[a:e].copy_(p.detach().reshape(-1))
+            if self.aliased:
+                p.data = self.flat_out[a:e].view(p.shape)
+        self.flat_ranks: torch.Tensor | None = None
+        self.flat_fields: torch.Tensor | None = None
+        self._before: np.ndarray | None = None  # float32 ‖δ‖₁ per segment and model
+        self._templates: dict[str, PlanTemplate] = {}
+        self._tables: dict[int, dict] = {}
+        self._weight_totals: dict[tuple, tuple[bool, np.float32]] = {}
+
+    def _ensure_flat_stats(self, slots: int) -> None:
+        """Fill the flat rank buffer and the random fields of input slots < ``slots``, once."""
+        sp = self.variant.sparsification
+        if sp in ("magnitude", "magnitude_outliers", "della_magprune") and self.flat_ranks is None:
+            ranks = torch.empty_like(self.flat_inputs, dtype=torch.int32)
+            rank_fn = della_ranks if sp == "della_magprune" else flat_ranks
+            for n in self.names:
+                a, e = self.offsets[n]
+                for i, p in enumerate(self.model_paths.values()):
+                    ranks[i, a:e] = rank_fn(self.inputs[p][n]).reshape(-1)
+            self.flat_ranks = ranks
+        have = 0 if self.flat_fields is None else self.flat_fields.shape[0]
+        if sp in ("random", "della_magprune") and have < slots:
+            fields = torch.empty((slots, self.flat_base.numel()), dtype=torch.float32, device=self.device)
+            if have:
+                fields[:have] = self.flat_fields
+            for i in range(have, slots):
+                for n in self.names:
+                    a, e = self.offsets[n]
+                    fields[i, a:e] = random_field(self.base[n].shape, seed=self.seed, tensor_name=n,
+                                                  model_index=i).reshape(-1)
+            self.flat_fields = fields
+
+    def _before_norms(self) -> np.ndarray:
+        """‖δ‖₁ of every segment and model (float32, the engine's ``l1_norm``), computed once."""
+        if self._before is None:
+            before = np.empty((len(self.names), len(self.model_paths)), dtype=np.float32)
+            for si, n in enumerate(self.names):
+                for i, p in enumerate(self.model_paths.values()):
+                    before[si, i] = l1_norm(self.inputs[p][n]).item()
+            self._before = before
+        return self._before
+
+    def _template(self, recipe: Recipe) -> PlanTemplate:
+        """The traced plan of ``recipe``'s structure (planned in full the first time it is seen)."""
+        signature = structure_signature(recipe)
+        tmpl = self._templates.get(signature)
+        if tmpl is None:
+            tmpl = PlanTemplate(recipe, self.readers)
+            if len(self._templates) >= 8:
+                self._templates.pop(next(iter(self._templates)))
+            self._templates[signature] = tmpl
+        return tmpl
+
+    def _structure(self, tmpl: PlanTemplate) -> dict:
+        """Per template: which task feeds each segment, its inputs' models, and the leftover tasks."""
+        key = id(tmpl)
+        if key in self._tables and self._tables[key]["template"] is tmpl:
+            return self._tables[key]
+        n_seg = len(self.names)
+        slots = max(1, max((len(t.inputs) for t in tmpl.plan.tasks), default=0))
+        seg_task = np.full(n_seg, -1, dtype=np.int64)
+        seg_k = np.full(n_seg, -1, dtype=np.int64)
+        slot_model = np.zeros((n_seg, slots), dtype=np.int64)
+        leftover, rounding = [], []
+        for ti, task in enumerate(tmpl.plan.tasks):
+            si = self.seg_index.get(task.name)
+            usable = (si is not None and task.method == self.method and seg_task[si] < 0
+                      and all(r.model in self.model_index for r in task.inputs) and self._same_tensor(task))
+            if not usable:
+                if task.method != "copy" and task.name in self.base:  # copies leave the base's values
+                    leftover.append(task)
+                continue
+            seg_task[si], seg_k[si] = ti, len(task.inputs)
+            slot_model[si, : len(task.inputs)] = [self.model_index[r.model] for r in task.inputs]
+            dtype = tmpl.plan._out_dtype_of(task)
+            if dtype != torch.float32:
+                rounding.append((si, dtype))
+        table = dict(template=tmpl, seg_task=seg_task, seg_k=seg_k, slot_model=slot_model, slots=slots,
+                     leftover=leftover, rounding=rounding, active=seg_task >= 0)
+        self._tables[key] = table
+        return table
+
+    def _weight_total(self, weights: tuple) -> tuple[bool, np.float32]:
+        """Σw as ``weighted_sum`` computes it (float32 torch sum) and whether |Σw| ≥ 1e-8."""
+        if weights not in self._weight_totals:
+            total = torch.tensor(list(weights), dtype=torch.float32).sum()
+            self._weight_totals[weights] = (bool(total.abs() >= 1e-8), np.float32(total.item()))
+        return self._weight_totals[weights]
+
+    def _build_flat(self, recipe: Recipe, stats: BuildStats) -> None:
+        """The whole candidate in two compiled passes (see ``flat_kernel``); leftovers tensor by tensor."""
+        t0 = time.perf_counter()
+        tmpl = self._template(recipe)
+        if tmpl.method.name != self.method:
+            raise ValueError(f"builder was set up for '{self.method}', recipe uses '{tmpl.method.name}'")
+        model_vals, glob_vals = tmpl.values(recipe)
+        st = self._structure(tmpl)
+        stats.plan = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        seg_task, seg_k, slots, active = st["seg_task"], st["seg_k"], st["slots"], st["active"]
+        rows = np.where(active, seg_task, 0)
+        slot_ok = np.arange(slots)[None, :] < np.maximum(seg_k, 0)[:, None]
+        d = model_vals["density"][rows][:, :slots]
+        w = model_vals["weight"][rows][:, :slots]
+        self._ensure_flat_stats(slots)
+        tabs = _mask_tables(self.variant.sparsification, d, model_vals, rows, slots, self.numel, self.row)
+        mode, lo, hi, thr, dme, eps = tabs
+        lo, hi = lo.astype(np.int32), hi.astype(np.int32)  # ranks are int32: 32-bit compares
+        rowm1 = (self.row - 1).astype(np.float32)
+        weight = np.where(slot_ok, w, 0.0).astype(np.float32)
+        normalize = glob_vals["normalize"][rows] != 0
+        rescale = glob_vals["rescale"][rows] != 0
+        lam64 = glob_vals["lambda"][rows]
+        use_lambda, lam = lam64 != 1, lam64.astype(np.float32)
+        use_total = np.zeros(len(self.names), dtype=np.bool_)
+        total = np.ones(len(self.names), dtype=np.float32)
+        if not self.variant.consensus and normalize.any():
+            for si in np.flatnonzero(active & normalize):
+                use_total[si], total[si] = self._weight_total(tuple(float(x) for x in w[si, : seg_k[si]]))
+        D = self.flat_inputs.numpy()
+        R = self.flat_ranks.numpy() if self.flat_ranks is not None else np.empty((0, 0), dtype=np.int32)
+        F = self.flat_fields.numpy() if self.flat_fields is not None else np.empty((0, 0), dtype=np.float32)
+        before = self._before_norms() if (rescale & active).any() else np.zeros((1, 1), dtype=np.float32)
+        self.runner(fk.merge_segments, D, R, F, self.flat_base.numpy(), self.flat_out.numpy(), self.blocks,
+                    self.seg_blocks, st["slot_model"], mode, lo, hi, thr, dme, eps, rowm1, seg_k, weight, rescale,
+                    before, self.variant.consensus, normalize, use_total, total, use_lambda, lam)
+        for si, dtype in st["rounding"]:  # the engine casts to the recipe's dtype; the model holds float32
+            a, e = self.offsets[self.names[si]]
+            self.flat_out[a:e] = self.flat_out[a:e].to(dtype).to(torch.float32)
+        if not self.aliased:
+            for si in np.flatnonzero(active):
+                n = self.names[si]
+                a, e = self.offsets[n]
+                self.params[n].copy_(self.flat_out[a:e].view(self.params[n].shape))
+        if st["leftover"]:  # tensors the flat pass cannot take: planned in full, merged one by one
+            plan = self.plan(recipe)
+            for task in plan.tasks:
+                if task.name not in self.seg_index or not active[self.seg_index[task.name]]:
+                    self.params[task.name].copy_(self.merge_tensor(plan, task))
+        stats.tensors = int(active.sum()) + len(st["leftover"])
+        stats.merge = time.perf_counter() - t1
+
     # -- building ---------------------------------------------------------------------------------
     def plan(self, recipe: Recipe) -> MergePlan:
         """The engine's plan of ``recipe`` against the resident models' headers."""
@@ -127,6 +333,9 @@ class CandidateBuilder:
     def build(self, recipe: Recipe) -> BuildStats:
         """Write the merge of ``recipe`` into the live model's parameters, in place."""
         stats = BuildStats()
+        if self.flat:
+            self._build_flat(recipe, stats)
+            return stats
         t0 = time.perf_counter()
         plan = self.plan(recipe)
         if plan.method.name != self.method:
@@ -142,11 +351,22 @@ class CandidateBuilder:
         stats.merge = time.perf_counter() - t1
         return stats
 
+    def _same_tensor(self, task: TensorTask) -> bool:
+        """Whether every input of ``task`` is the output tensor itself in its model (no layer shift)."""
+        refs = list(task.inputs) + ([task.base] if task.base is not None else [])
+        return all(r.name == self.readers[r.model].resolve_tied(task.name) for r in refs)
+
     def merge_tensor(self, plan: MergePlan, task: TensorTask) -> torch.Tensor:
         """One output tensor from resident inputs; identical to ``engine.compute_tensor``."""
         name = task.name
         if task.method == "copy" or name not in self.base:
             return self.params[name]
+        if not self._same_tensor(task):
+            refs = list(task.inputs) + ([task.base] if task.base is not None else [])
+            shifted = next(r for r in refs if r.name != self.readers[r.model].resolve_tied(name))
+            raise ValueError(f"the candidate builder merges each tensor from the same tensor of every model; "
+                             f"tensor {name} takes '{shifted.name}' from '{shifted.model}' (layer-shifted "
+                             f"slices): merge such recipes with `evomerge merge`")
         out_dtype = plan._out_dtype_of(task)
         if self.variant is None:
             base = self.base[name] if task.base is not None else None
@@ -180,8 +400,15 @@ class CandidateBuilder:
 
     @torch.inference_mode()
     def floor(self) -> float:
-        """The floor of one candidate: read every resident input once, write every parameter once."""
+        """The floor of one candidate: read every resident input once, write every parameter once.
+
+        On the flat host path, one compiled pass base + Σδ over the same blocks as a candidate.
+        """
         t0 = time.perf_counter()
+        if self.flat:
+            self.runner(fk.floor_segments, self.flat_inputs.numpy(), self.flat_base.numpy(), self.flat_out.numpy(),
+                        self.blocks, self.seg_blocks)
+            return time.perf_counter() - t0
         for name, b in self.base.items():
             p = self.params[name]
             acc = b.clone()
@@ -203,3 +430,55 @@ class CandidateBuilder:
     def close(self) -> None:
         for r in self.readers.values():
             r.close()
+
+
+def _mask_tables(sparsification: str | None, d: np.ndarray, model_vals: dict, rows: np.ndarray, slots: int,
+                 numel: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per segment and input: the mask rule (``flat_kernel.MODE_*``) and its constants.
+
+    The same integer arithmetic as ``magnitude_keep_count`` / ``breadcrumbs_window`` and the same
+    float32 casts as ``dare_mask`` / ``della_probability_table``, vectorized.
+    """
+    shape = d.shape
+    mode = np.full(shape, fk.MODE_ALL, dtype=np.int8)
+    lo = np.zeros(shape, dtype=np.int64)
+    hi = np.zeros(shape, dtype=np.int64)
+    thr = np.zeros(shape, dtype=np.float32)
+    dme = np.zeros(shape, dtype=np.float32)
+    eps = np.zeros(shape, dtype=np.float32)
+    n = numel[:, None].astype(np.int64)
+    sparse = d < 1
+    if sparsification is None:
+        return mode, lo, hi, thr, dme, eps
+    if sparsification in ("magnitude", "magnitude_outliers"):
+        if sparsification == "magnitude":  # keep the top k = max(1, int(density·n))
+            k = np.maximum(1, np.trunc(d * n)).astype(np.int64)
+            low, high = n - k, np.broadcast_to(n, shape)
+            none = (d <= 0) | (n == 0)
+        else:  # breadcrumbs: [n_bot, n_bot + int(density·n)) after dropping int(gamma·n) outliers
+            gamma = model_vals["gamma"][rows][:, :slots]
+            target = np.trunc(d * n).astype(np.int64)
+            n_top = np.trunc(gamma * n).astype(np.int64)
+            low = np.maximum(0, n - target - n_top)
+            high = low + target
+            none = low >= high
+        everything = (low <= 0) & (high >= n)
+        mode[sparse] = fk.MODE_RANKS
+        mode[sparse & everything] = fk.MODE_ALL
+        mode[sparse & none] = fk.MODE_NONE
+        lo[:], hi[:] = low, high
+    elif sparsification == "random":
+        mode[sparse] = fk.MODE_FIELD
+        thr[:] = d.astype(np.float32)
+    elif sparsification == "della_magprune":
+        epsilon = model_vals["epsilon"][rows][:, :slots]
+        single = np.broadcast_to((row < 2)[:, None], shape)
+        mode[sparse] = fk.MODE_DELLA
+        mode[sparse & single] = fk.MODE_FIELD  # one-element rows keep with p = density
+        mode[sparse & (d <= 0)] = fk.MODE_NONE
+        thr[:] = d.astype(np.float32)
+        dme[:] = (d - epsilon).astype(np.float32)
+        eps[:] = epsilon.astype(np.float32)
+    else:
+        raise ValueError(f"unknown sparsification {sparsification!r}")
+    return mode, lo, hi, thr, dme, eps

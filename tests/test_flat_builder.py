@@ -1,0 +1,174 @@
+"""The candidate builder's flat host path: every task-arithmetic variant, bit for bit against the engine.
+
+Recipes here use what the search spaces emit and more: per-model gradients, attention/MLP
+conditionals, global lambda gradients, negative weights, density 1 next to sparse inputs, and both
+settings of normalize/rescale. The engine writes real safetensors files; the builder's live model
+must hold exactly those tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import read_weights
+from evomerge.engine import run_merge
+from evomerge.methods.l1 import l1_norm
+from evomerge.recipe import RecipeError, load_recipe
+from evomerge.search.builder import CandidateBuilder
+
+VARIANT_NAMES = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                 "della", "della_linear"]
+
+
+def _recipe(method: str, fam: dict, *, flip: bool, scale: float = 1.0, density0: float = 0.6) -> dict:
+    """A recipe exercising gradients, filters, a dense input and a negative weight."""
+    extra = {}
+    if method.startswith("della"):
+        extra = {"epsilon": [0.05, 0.1]}
+    if method.startswith("breadcrumbs"):
+        extra = {"gamma": 0.02}
+    models = [
+        {"model": str(fam["ft0"]), "parameters": {
+            "weight": [0.9 * scale, 0.3, 1.2], "density": [{"filter": "self_attn", "value": density0},
+                                                           {"value": [0.35, 0.7]}], **extra}},
+        {"model": str(fam["ft1"]), "parameters": {"weight": -0.4 * scale, "density": 1.0, **extra}},
+        {"model": str(fam["ft2"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.5}],
+                                                  "density": 0.45, **extra}},
+    ]
+    params = {"lambda": [1.0, 0.8, 1.3]}
+    if flip:  # the opposite of the method's defaults
+        params.update({"normalize": method in ("task_arithmetic", "dare_ties", "dare_linear", "breadcrumbs",
+                                               "breadcrumbs_ties", "della_linear"),
+                       "rescale": method in ("ties", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties")})
+        if method == "task_arithmetic":
+            params.pop("rescale")
+    return {"merge_method": method, "base_model": str(fam["base"]), "models": models, "parameters": params,
+            "dtype": "float32"}
+
+
+def _assert_live_equals(builder: CandidateBuilder, expected: dict[str, torch.Tensor], label: str) -> None:
+    live = builder.model.state_dict()
+    assert set(expected) <= set(live), label
+    bad = [k for k, v in expected.items() if not torch.equal(v, live[k])]
+    assert not bad, f"{label}: {len(bad)} tensors differ from the engine, e.g. {bad[:3]}"
+
+
+@pytest.fixture(scope="module")
+def builders(llama_family):
+    """One builder per variant (setting one up is the slow part)."""
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    made = {m: CandidateBuilder(llama_family["base"], models, method=m, device="cpu", seed=3) for m in VARIANT_NAMES}
+    yield made
+    for b in made.values():
+        b.close()
+
+
+@pytest.mark.parametrize("method", VARIANT_NAMES)
+@pytest.mark.parametrize("flip", [False, True], ids=["defaults", "flipped"])
+def test_flat_candidate_equals_engine(builders, llama_family, tmp_path, method, flip):
+    builder = builders[method]
+    assert builder.flat, "the host path should take the task-arithmetic family"
+    recipe = load_recipe(_recipe(method, llama_family, flip=flip))
+    builder.build(recipe)
+    expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
+    _assert_live_equals(builder, expected, f"{method} flip={flip}")
+
+
+def test_new_values_and_new_structures_are_not_served_stale(builders, llama_family, tmp_path):
+    """Same structure with other numbers, then another structure, then the first again: all exact."""
+    builder = builders["dare_ties"]
+    recipes = [
+        _recipe("dare_ties", llama_family, flip=False),
+        _recipe("dare_ties", llama_family, flip=False, scale=0.5, density0=0.2),
+        {**_recipe("dare_ties", llama_family, flip=False), "parameters": {"lambda": 0.9}},
+        _recipe("dare_ties", llama_family, flip=False, scale=1.5, density0=0.9),
+    ]
+    for i, data in enumerate(recipes):
+        recipe = load_recipe(data)
+        builder.build(recipe)
+        expected = read_weights(run_merge(recipe, tmp_path / f"r{i}", device="cpu", seed=3))
+        _assert_live_equals(builder, expected, f"recipe {i}")
+
+
+def test_extreme_densities(builders, llama_family, tmp_path):
+    """density 0 (TIES keeps none; DARE drops all) and density 1 mixed in one recipe."""
+    for method in ("ties", "dare_ties", "breadcrumbs"):
+        data = _recipe(method, llama_family, flip=False)
+        data["models"][0]["parameters"]["density"] = 0.0
+        data["models"][2]["parameters"]["density"] = [1.0, 0.0]
+        recipe = load_recipe(data)
+        builders[method].build(recipe)
+        expected = read_weights(run_merge(recipe, tmp_path / method, device="cpu", seed=3))
+        _assert_live_equals(builders[method], expected, method)
+
+
+def test_invalid_values_raise_the_engines_error(builders, llama_family):
+    """A DELLA window outside (0, 1) is the engine's RecipeError, not a silent merge."""
+    builder = builders["della"]
+    builder.build(load_recipe(_recipe("della", llama_family, flip=False)))  # the structure is now cached
+    bad = _recipe("della", llama_family, flip=False)
+    bad["models"][2]["parameters"]["epsilon"] = 0.5  # density 0.45 ± 0.5 leaves (0, 1)
+    with pytest.raises(RecipeError, match="density ± epsilon must lie in"):
+        builder.build(load_recipe(bad))
+
+
+def test_flat_and_per_tensor_paths_agree_on_tied_embeddings(qwen_family, tmp_path):
+    """Qwen2 with tied embeddings: the flat path, the per-tensor path and the engine agree."""
+    models = {"a": str(qwen_family["ft0"]), "b": str(qwen_family["ft1"])}
+    recipe = load_recipe({
+        "merge_method": "ties", "base_model": str(qwen_family["base"]), "dtype": "float32",
+        "models": [{"model": models["a"], "parameters": {"weight": [1.0, 0.4], "density": 0.5}},
+                   {"model": models["b"], "parameters": {"weight": 0.8, "density": [0.3, 0.9]}}],
+    })
+    builder = CandidateBuilder(qwen_family["base"], models, method="ties", device="cpu", seed=0)
+    builder.build(recipe)
+    flat = {k: v.clone() for k, v in builder.model.state_dict().items()}
+    builder.flat = False
+    builder.build(recipe)
+    per_tensor = builder.model.state_dict()
+    assert all(torch.equal(flat[k], per_tensor[k]) for k in flat)
+    expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=0))
+    _assert_live_equals(builder, expected, "qwen2 tied")
+    builder.close()
+
+
+def test_layer_shifted_slices_are_refused_clearly(builders, llama_family):
+    ft0, ft1 = str(llama_family["ft0"]), str(llama_family["ft1"])
+    recipe = load_recipe({
+        "merge_method": "ties", "base_model": str(llama_family["base"]), "dtype": "float32",
+        "slices": [{"sources": [{"model": ft0, "layer_range": [1, 4], "parameters": {"weight": 1.0, "density": 0.5}},
+                                {"model": ft1, "layer_range": [1, 4], "parameters": {"weight": 1.0, "density": 0.5}},
+                                {"model": str(llama_family["base"]), "layer_range": [0, 3]}]}],
+    })
+    with pytest.raises(ValueError, match="layer-shifted"):
+        builders["ties"].build(recipe)
+
+
+def test_floor_writes_base_plus_task_vectors(builders):
+    builder = builders["task_arithmetic"]
+    builder.floor()
+    live = builder.model.state_dict()
+    for name in builder.names[:5]:
+        expected = builder.base[name].clone()
+        for inputs in builder.inputs.values():
+            expected.add_(inputs[name])
+        assert torch.equal(live[name], expected), name
+
+
+def test_l1_norm_is_accurate_and_independent_of_layout():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3001, 7, generator=g) * torch.rand(3001, 7, generator=g) ** 4
+    mask = torch.rand(3001, 7, generator=g) < 0.3
+    exact = math.fsum(abs(v) for v, m in zip(x.reshape(-1).tolist(), mask.reshape(-1).tolist()) if m)
+    got = l1_norm(x, mask)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(exact, rel=1e-7)
+    # a strided view, a contiguous copy and a float64 copy agree (the same fixed order)
+    wide = torch.zeros(3001, 14)
+    wide[:, ::2] = x
+    assert torch.equal(l1_norm(wide[:, ::2], mask), got)
+    assert l1_norm(x.double(), mask).item() == pytest.approx(exact, rel=1e-12)
+    assert torch.equal(l1_norm(x), l1_norm(x, torch.ones_like(mask)))
