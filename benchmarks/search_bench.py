@@ -2,7 +2,8 @@
 
 1. Per-candidate build time of the resident builder for ties, dare_ties and della, versus
    - the floor: one pass reading every resident task vector and writing every parameter, timed the
-     same way (``CandidateBuilder.floor``), and
+     same way (``CandidateBuilder.floor``: a compiled pass over the flat buffers on the host), and the
+     same pass as eager torch ops tensor by tensor (the floor the previous builder was measured against),
    - mergekit's in-memory merge (``mergekit.merge_methods.api.merge_state_dicts``) on the same
      float32 tensors with the same parameters.
 2. The winner's test score for CMA-ES, TPE and random search at equal budget, beside the default
@@ -43,6 +44,16 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.inference_mode()
+def _per_tensor_floor(builder) -> None:
+    """The floor as eager torch ops, tensor by tensor: base + Σδ written into each parameter."""
+    for name, b in builder.base.items():
+        acc = b.clone()
+        for inputs in builder.inputs.values():
+            acc.add_(inputs[name])
+        builder.params[name].copy_(acc)
+
+
 def build_speed(base, models: dict[str, str], repeats: int) -> list[tuple]:
     """(method, build ms, floor ms, mergekit ms) for ties, dare_ties, della."""
     from mergekit.merge_methods.api import merge_state_dicts
@@ -59,7 +70,10 @@ def build_speed(base, models: dict[str, str], repeats: int) -> list[tuple]:
         recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(base),
                                  models=models, num_layers=builder.num_layers, dtype="float32")
         build = _median_time(lambda: builder.build(recipe), repeats)
+        stats = [builder.build(recipe) for _ in range(repeats)]
+        plan = statistics.median(s.plan for s in stats)
         floor = _median_time(builder.floor, repeats)
+        eager_floor = _median_time(lambda: _per_tensor_floor(builder), repeats)
         # mergekit on the same resident float32 tensors (inputs = base + task vectors, as loaded)
         base_sd = dict(builder.base)
         sds = {"base": base_sd}
@@ -71,8 +85,9 @@ def build_speed(base, models: dict[str, str], repeats: int) -> list[tuple]:
             p["epsilon"] = {n: 0.1 for n in models}
         with torch.no_grad():
             mk = _median_time(lambda: merge_state_dicts(sds, method, parameters=p, base="base"), max(1, repeats // 3))
-        rows.append((method, build * 1e3, floor * 1e3, mk * 1e3))
-        print(f"{method:10s} build {build * 1e3:8.1f} ms  floor {floor * 1e3:8.1f} ms  ({build / floor:4.2f}x)  "
+        rows.append((method, build * 1e3, plan * 1e3, floor * 1e3, eager_floor * 1e3, mk * 1e3))
+        print(f"{method:10s} build {build * 1e3:8.2f} ms (plan {plan * 1e3:.2f})  floor {floor * 1e3:8.2f} ms "
+              f"({build / floor:4.2f}x)  per-tensor floor {eager_floor * 1e3:8.2f} ms ({build / eager_floor:4.2f}x)  "
               f"mergekit {mk * 1e3:9.1f} ms  ({mk / build:5.1f}x faster)", flush=True)
         builder.close()
     return rows
@@ -124,6 +139,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--work", default="/tmp/evomerge-search-bench")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-build-speed", action="store_true", help="only the search-quality part")
     ap.add_argument("--large", default=None, help="also time builds on DIR/{base,ft0,ft1} (e.g. the models "
                     "benchmarks/merge_speed.py builds in /tmp/evomerge-merge-bench)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "search_bench.md"))
@@ -138,9 +154,10 @@ def main() -> None:
     zoo = build_zoo(None, size=args.size, seed=0)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    speed = {f"`{args.size}` zoo (4 experts)": build_speed(zoo.base, {k: str(v) for k, v in zoo.experts.items()},
-                                                           args.repeats)}
-    if args.large:
+    speed = {} if args.skip_build_speed else {
+        f"`{args.size}` zoo (4 experts)": build_speed(zoo.base, {k: str(v) for k, v in zoo.experts.items()},
+                                                      args.repeats)}
+    if args.large and not args.skip_build_speed:
         large = Path(args.large)
         speed["~170M Llama, bf16 files, float32 resident (2 fine-tunes)"] = build_speed(
             large / "base", {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}, 3)
@@ -152,14 +169,18 @@ def main() -> None:
     lines = ["# Search benchmark", "",
              f"Machine: {os.cpu_count()} CPU cores ({cpu}), no GPU; device cpu, float32. Date: {datetime.date.today()}.",
              f"Zoo: `{args.size}` (seed 0). Command: `python benchmarks/search_bench.py --size {args.size} "
-             f"--trials {args.trials}" + (f" --large {args.large}" if args.large else "") + "`.", "",
-             "## Per-candidate build time (median)", "",
-             "| models | method | evomerge build ms | floor ms | build / floor | mergekit merge_state_dicts ms "
-             "| speed-up vs mergekit |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             f"--trials {args.trials}" + (f" --large {args.large}" if args.large else "")
+             + (" --skip-build-speed" if args.skip_build_speed else "") + "`."]
+    if speed:
+        lines += ["", "## Per-candidate build time (median)", "",
+                  "| models | method | evomerge build ms | of which planning ms | floor ms (compiled pass) "
+                  "| build / floor | per-tensor torch floor ms | build / that floor | mergekit merge_state_dicts ms "
+                  "| speed-up vs mergekit |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, rows in speed.items():
-        for m, b, f, mk in rows:
-            lines.append(f"| {label} | {m} | {b:.1f} | {f:.1f} | {b / f:.2f}x | {mk:.1f} | {mk / b:.1f}x |")
+        for m, b, pl, f, ef, mk in rows:
+            lines.append(f"| {label} | {m} | {b:.2f} | {pl:.2f} | {f:.2f} | {b / f:.2f}x | {ef:.2f} | {b / ef:.2f}x "
+                         f"| {mk:.1f} | {mk / b:.1f}x |")
     if not args.skip_quality:
         baselines, rows = search_quality(zoo, args.size, args.trials, Path(args.space), work)
         lines += ["", f"## Search quality: winner's test score at {args.trials} trials "

@@ -21,6 +21,7 @@ from .data import SPLITS, TaskError
 from .lm_eval_adapter import LmEvalSplit, make_hflm
 from .metrics import (
     NATIVE_METRICS,
+    PROXY_METRICS,
     Metric,
     bootstrap_values,
     normalize,
@@ -113,6 +114,12 @@ class Evaluator:
     `evaluate(model)` returns an EvalResult; `evaluate_chunks(model, chunk_size)` yields a
     RunningScore after each chunk (each chunk covers the same fraction of every task) and leaves
     the full EvalResult in `last_result`. `bootstrap_iters=0` skips the CIs.
+
+    `proxy=True` scores the step-function metrics by smooth proxies of the same decision, for a
+    search objective: a generate task by `target_prob`, the teacher-forced probability of its
+    target given the prompt (one forward pass, no decoding); a multiple-choice task by
+    `choice_prob`, the softmax over its choices' scores (the ones acc / acc_norm take the argmax
+    of) at the gold choice. Log-likelihood and lm-eval tasks keep their metric.
     """
 
     def __init__(
@@ -125,6 +132,7 @@ class Evaluator:
         *,
         bootstrap_iters: int = 1000,
         seed: int = 0,
+        proxy: bool = False,
     ):
         if split not in SPLITS:
             raise TaskError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -137,6 +145,7 @@ class Evaluator:
         self.device = torch.device(device) if device is not None else None
         self.bootstrap_iters = bootstrap_iters
         self.seed = seed
+        self.proxy = proxy
         self.last_result: EvalResult | None = None
         self._pad_id = pad_token_id(tokenizer)
         self._requests: list[tuple[list[int], list[int]]] = []
@@ -156,7 +165,9 @@ class Evaluator:
             return _Task(spec, split.metric, len(split), split.width, lm_eval=split)
         examples = spec.examples(self.split)
         metric = NATIVE_METRICS[spec.metric]
-        if isinstance(spec, GenerateTask):
+        if self.proxy and isinstance(spec, (GenerateTask, MultipleChoiceTask)):
+            metric = PROXY_METRICS["target_prob" if isinstance(spec, GenerateTask) else "choice_prob"]
+        elif isinstance(spec, GenerateTask):
             return _Task(spec, metric, len(examples), prompts=encode_prompts(self.tokenizer, [e.prompt for e in examples]))
         pairs = [(e.prompt, c) for e in examples for c in e.continuations]
         encoded = encode_pairs(self.tokenizer, pairs)
@@ -291,8 +302,10 @@ class Evaluator:
         return out.numpy()
 
     def _loglik_stats(self, t: _Task, idx: np.ndarray, ll: np.ndarray) -> np.ndarray:
-        """Per-example stats of a multiple-choice or loglikelihood task from request log-likelihoods."""
+        """Per-example stats of a multiple-choice, loglikelihood or (proxy) generate task from request log-likelihoods."""
         spec = t.spec
+        if isinstance(spec, GenerateTask):  # proxy: teacher-forced probability of the target
+            return _target_prob(ll[t.req_start[idx]])[:, None]
         if isinstance(spec, LoglikelihoodTask):
             r = t.req_start[idx]
             if spec.metric == "perplexity":
@@ -306,7 +319,10 @@ class Evaluator:
             scores = ll[s:s + c]
             if spec.metric == "acc_norm":
                 scores = scores / np.array([len(x) for x in examples[e].continuations], dtype=np.float64)
-            rows[k, 0] = float(int(np.argmax(scores)) == examples[e].label)
+            if t.metric.name == "choice_prob":
+                rows[k, 0] = _softmax_at(scores, examples[e].label)
+            else:
+                rows[k, 0] = float(int(np.argmax(scores)) == examples[e].label)
         return rows
 
     def _generate_stats(self, model, t: _Task, batches: Sequence[Batch], out: np.ndarray) -> None:
@@ -374,6 +390,22 @@ class Evaluator:
             aggregate, {k: r.value for k, r in tasks.items()}, ci, {k: r.n_examples for k, r in tasks.items()},
             tasks, self.split, seconds,
         )
+
+
+def _target_prob(loglik: np.ndarray) -> np.ndarray:
+    """p(target | prompt) per example from its summed token log-probabilities.
+
+    The probability that sampling reproduces the target token for token, i.e. the expected exact
+    match of a sampled answer: a smooth surrogate of greedy exact match (which is 1 exactly when
+    every target token is the argmax). It ignores where decoding would stop and any normalization.
+    """
+    return np.exp(loglik)
+
+
+def _softmax_at(scores: np.ndarray, label: int) -> float:
+    """softmax(scores)[label], computed stably."""
+    z = scores - scores.max()
+    return float(np.exp(z[label]) / np.exp(z).sum())
 
 
 def _input_device(model) -> torch.device:

@@ -62,6 +62,12 @@ NATIVE_METRICS = {
     "perplexity": Metric("perplexity", False, _perplexity_of_sums),  # [loglik sum, n tokens]
 }
 
+# Smooth proxies of the step-function metrics, for a search objective (`Evaluator(proxy=True)`).
+PROXY_METRICS = {
+    "target_prob": Metric("target_prob", True, _mean),  # generate: [p(target | prompt), teacher-forced]
+    "choice_prob": Metric("choice_prob", True, _mean),  # multiple choice: [softmax over choices, at the gold]
+}
+
 # lm-eval aggregation functions (by __name__) that reduce column sums of their items.
 LM_EVAL_REDUCERS = {
     "mean": (_mean, 1),

@@ -9,14 +9,15 @@ rounded once to the tensor's dtype. The engine (``apply_mask``) and the search's
 candidate kernel both call ``lane_sum`` on the same blocks, so their rescale factors, and
 so their merged tensors, are identical; the result is more accurate than a float32 sum and
 differs from mergekit's by at most a rounding of the norm (≤ 1 ulp of the factor).
-On the host the sum runs in compiled code (numba); elsewhere a float64 torch sum.
+On the host the sum runs in compiled code (numba, one thread: a memory-bound pass); elsewhere
+a float64 torch sum.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
 L1_BLOCK = 4096
 
@@ -52,13 +53,13 @@ def lane_sum(values: np.ndarray, m: int) -> float:
     return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _l1_host(values: np.ndarray, mask: np.ndarray, masked: bool) -> float:
     """Σ |values| where ``mask`` (all when not ``masked``), in the module's fixed order."""
     n = values.shape[0]
     blocks = (n + L1_BLOCK - 1) // L1_BLOCK
     partial = np.empty(blocks)
-    for b in prange(blocks):
+    for b in range(blocks):
         start = b * L1_BLOCK
         m = min(n, start + L1_BLOCK) - start
         if masked:

@@ -420,6 +420,17 @@ class CandidateBuilder:
         return time.perf_counter() - t0
 
     @torch.inference_mode()
+    def nonfinite_tensor(self) -> str | None:
+        """The name of a live parameter holding NaN or ±inf (None if all are finite): one check on the host path."""
+        from evomerge.engine import all_finite
+
+        if self.flat and self.aliased and all_finite(self.flat_out):
+            others = [n for n in self.params if n not in self.seg_index]
+        else:
+            others = list(self.params)
+        return next((n for n in others if not all_finite(self.params[n])), None)
+
+    @torch.inference_mode()
     def load_model_weights(self, path: str | None) -> None:
         """Put a source model's own weights (None: the base) into the live model, from its file."""
         reader = self.readers[path or self.base_dir]

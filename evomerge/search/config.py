@@ -10,6 +10,8 @@ demo zoo: base, experts and tasks then come from it (built on first use, cached 
     budget: {trials: 60, timeout: 15m}
     sampler: {name: cmaes, popsize: 8}
     output_dir: ../results/demo
+    search_metric: task                   # or proxy: smooth proxies of exact match / accuracy on the
+                                          # search split (docs/TASKS.md); validation and test keep the metric
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class RunConfig(_Strict):
     search_space: str | dict[str, Any]
     tasks: str | dict[str, Any] | list[dict[str, Any]] | None = None
     objectives: Literal["aggregate", "per_task"] = "aggregate"
+    # what the search split is scored by: each task's own metric, or smooth proxies of exact match and
+    # accuracy (Evaluator(proxy=True)); validation re-ranking and the test table always use the metric
+    search_metric: Literal["task", "proxy"] = "task"
     budget: Budget = Field(default_factory=lambda: Budget(trials=50))
     sampler: Sampler = Field(default_factory=Sampler)
     pruner: Pruner = Field(default_factory=Pruner)

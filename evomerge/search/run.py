@@ -122,7 +122,8 @@ class SearchRun:
         if split not in self._evaluators:
             self._evaluators[split] = Evaluator(self.task_specs, self.tokenizer, split=split,
                                                 batch_size=self.cfg.batch_size, device=self.builder.device,
-                                                bootstrap_iters=1000 if split == "test" else 0, seed=self.cfg.seed)
+                                                bootstrap_iters=1000 if split == "test" else 0, seed=self.cfg.seed,
+                                                proxy=split == "search" and self.cfg.search_metric == "proxy")
         return self._evaluators[split]
 
     def recipe_for(self, point: dict[str, float], name: str | None = None):
@@ -301,11 +302,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _check_finite(builder: CandidateBuilder) -> None:
-    from evomerge.engine import all_finite
-
-    for name, p in builder.params.items():
-        if not all_finite(p):
-            raise FloatingPointError(f"candidate has NaN or infinite values in {name}")
+    name = builder.nonfinite_tensor()
+    if name is not None:
+        raise FloatingPointError(f"candidate has NaN or infinite values in {name}")
 
 
 @contextmanager
