@@ -172,3 +172,24 @@ def test_l1_norm_is_accurate_and_independent_of_layout():
     assert torch.equal(l1_norm(wide[:, ::2], mask), got)
     assert l1_norm(x.double(), mask).item() == pytest.approx(exact, rel=1e-12)
     assert torch.equal(l1_norm(x), l1_norm(x, torch.ones_like(mask)))
+
+
+def test_slices_recipe_with_slice_and_source_parameters(builders, llama_family, tmp_path):
+    """``slices:`` recipes (two slices, parameters at source, slice and global level) plan and merge exactly."""
+    ft0, ft1, ft2, base = (str(llama_family[k]) for k in ("ft0", "ft1", "ft2", "base"))
+
+    def source(model, lo, hi, **params):
+        return {"model": model, "layer_range": [lo, hi], **({"parameters": params} if params else {})}
+
+    recipe = load_recipe({
+        "merge_method": "ties", "base_model": base, "dtype": "float32", "parameters": {"density": 0.5},
+        "slices": [
+            {"sources": [source(ft0, 0, 2, weight=[1.0, 0.2]), source(ft1, 0, 2, weight=0.6),
+                         source(base, 0, 2)], "parameters": {"density": [0.3, 0.8]}},
+            {"sources": [source(ft0, 2, 4, weight=0.4, density=0.9), source(ft2, 2, 4, weight=[0.7, 0.1]),
+                         source(base, 2, 4)]},
+        ],
+    })
+    builders["ties"].build(recipe)
+    expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
+    _assert_live_equals(builders["ties"], expected, "slices")
