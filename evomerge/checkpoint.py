@@ -497,11 +497,11 @@ class ModelReader:
             self._pickled = {}
             self._closed = True
 
-    def __del__(self) -> None:
+    def __del__(self, _close=os.close) -> None:  # bound now: at interpreter exit `os` may already be gone
         fds = getattr(self, "_fds", {})
         for fd in fds.values():
             try:
-                os.close(fd)
+                _close(fd)
             except OSError:
                 pass
         fds.clear()

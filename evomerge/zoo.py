@@ -5,22 +5,27 @@ Everything is generated locally and deterministically from a seed (no Hub, no do
 - a word-level tokenizer over a fixed vocabulary (numbers, letters, capitals, colours, task
   keywords, a few words);
 - a Llama-style **base** model pre-trained briefly on generic synthetic text (ordered runs,
-  copies, template sentences) and keyword skills (``copy``, ``next``, ``up``), so it knows every
-  token and how a keyword selects a behaviour, but none of the zoo's tasks;
+  copies, template sentences) and keyword skills (``copy``, ``next``, ``up``), with a small share
+  of examples of every zoo task mixed in: like a real pretrained LM, it knows every token, how a
+  keyword selects a behaviour and the task formats, and has partial skill on every task;
 - one **expert** per task family (``rev``, ``map``, ``cmp``, ``cnt``), fully fine-tuned from the
-  base on that family plus a little replay of the base data;
+  base on that family plus a little replay of the generic data, until it masters that task;
 - a **multi-task reference**, fine-tuned the same way on all families together: the upper bound a
   merge of the experts aims at;
 - the task data as JSONL (search / validation / test, plus the train split the models saw) and task
   YAMLs in evomerge's task format (one per task plus ``tasks.yaml`` with all of them).
 
-Each family reads and writes its own token domain, but all experts rewrite the same attention and
-MLP weights, and two of them (``rev``, ``map``) are three-token sequence transforms built on the
-same copying circuit. Their task vectors are dense (AdamW) and interfere when added: the default
-merges (weight 1, density 1) land far below the multi-task reference, while re-weighted or
-sparsified merges do markedly better, so a search has room to win. The fine-tuning learning rate
-sets how hard the problem is (higher: larger, less additive task vectors). ``zoo_report.md``
-inside the zoo holds the measured test-split table.
+This is the regime merging methods are designed for: each task vector refines skills the base
+already has (6-8% of the base's weight norm in the small zoo) rather than building a new skill
+from nothing, so scaling a task vector down weakens its skill gradually instead of erasing it. A
+base that scores zero on a task leaves nothing to refine, and its experts' task vectors interfere
+all-or-nothing. Each family reads and writes its own token domain, but all experts rewrite the
+same attention and MLP weights, and two of them (``rev``, ``map``) are three-token sequence
+transforms built on the same copying circuit. Their task vectors are dense (AdamW) and interfere
+when added: the default merges (weight 1, density 1: four full task vectors on top of each
+other) land far below the multi-task reference, while re-weighted or sparsified merges do
+markedly better, so a search has room to win. ``zoo_report.md`` inside the zoo holds the measured
+test-split table.
 
 A build happens in a temporary directory next to the target and is renamed into place; a marker
 file, written last, records the build parameters, so :func:`build_zoo` returns a complete zoo
@@ -47,7 +52,7 @@ import yaml
 
 from evomerge.tiny import SPECIAL_TOKENS, build_tiny_model, make_tokenizer, save_model, tiny_config
 
-ZOO_VERSION = 1  # bump when the data or training code changes what a build produces
+ZOO_VERSION = 2  # bump when the data or training code changes what a build produces
 MARKER_NAME = "zoo.json"
 REPORT_NAME = "zoo_report.md"
 _ZOO_ENTRIES = {"base", "experts", "multitask", "data", "tasks", "tasks.yaml", REPORT_NAME, MARKER_NAME}
@@ -96,20 +101,21 @@ class ZooSize:
     batch_size: int = 32
     replay: float = 0.25  # share of generic base data mixed into every fine-tune
     n_generic: int = 6000  # generic pre-training lines
+    base_task_share: float = 0.0  # share of task examples (every family) in the base's pre-training
 
 
 SIZES: dict[str, ZooSize] = {
     # tests: three experts, high learning rate so they specialize in a few steps
     "tiny": ZooSize(
         hidden_size=64, num_layers=2, intermediate_size=128, families=("rev", "map", "cmp"),
-        base_steps=400, base_lr=3e-3, expert_steps=200, multitask_steps=400, finetune_lr=1e-3,
-        n_train=2000, n_search=48, n_validation=48, n_test=96, n_generic=3000,
+        base_steps=800, base_lr=3e-3, expert_steps=200, multitask_steps=400, finetune_lr=1e-3,
+        n_train=2000, n_search=48, n_validation=48, n_test=96, n_generic=3000, base_task_share=0.15,
     ),
     # the demo: four experts whose task vectors interfere, but not hopelessly
     "small": ZooSize(
         hidden_size=96, num_layers=3, intermediate_size=256, families=("rev", "map", "cmp", "cnt"),
         base_steps=1000, base_lr=2e-3, expert_steps=400, multitask_steps=1200, finetune_lr=3e-4,
-        n_train=6000, n_search=128, n_validation=128, n_test=256,
+        n_train=6000, n_search=128, n_validation=128, n_test=256, base_task_share=0.15,
     ),
 }
 
@@ -428,13 +434,29 @@ def _finetune_examples(tok, spec: ZooSize, seed: int, data, tasks: list[str]):
     return examples + [generic[rng.randrange(len(generic))] for _ in range(n_replay)]
 
 
-def train_base(size: str, seed: int, tokenizer=None, log=None):
-    """The base model: seeded init, then generic pre-training (deterministic)."""
+def _pretraining_examples(tok, spec: ZooSize, seed: int, data):
+    """The base's pre-training data: the generic data plus `spec.base_task_share` of task examples.
+
+    The task examples are drawn uniformly from every family's train split (the prompts the experts
+    train on; never an evaluation prompt), so the base sees every task format a little.
+    """
+    generic = _generic_examples(tok, spec, seed)
+    if not spec.base_task_share:
+        return generic
+    tasks = _encode_pairs(tok, [FAMILIES[t].completion(row) for t in spec.families for row in data[t]["train"]])
+    n_task = int(round(len(generic) * spec.base_task_share / (1 - spec.base_task_share)))
+    rng = random.Random(f"zoo-pretrain-mix-{seed}")
+    return generic + [tasks[rng.randrange(len(tasks))] for _ in range(n_task)]
+
+
+def train_base(size: str, seed: int, tokenizer=None, data=None, log=None):
+    """The base model: seeded init, then pre-training on generic text and a little task data (deterministic)."""
     spec = zoo_size(size)
     tok = tokenizer or zoo_tokenizer()
+    data = data if data is not None else make_zoo_data(size, seed)
     with _Deterministic():
         model = build_tiny_model(zoo_config(size, tok), seed=_seed(seed, "init"))
-        train_lm(model, _generic_examples(tok, spec, seed), steps=spec.base_steps, lr=spec.base_lr,
+        train_lm(model, _pretraining_examples(tok, spec, seed, data), steps=spec.base_steps, lr=spec.base_lr,
                  batch_size=spec.batch_size, seed=_seed(seed, "base"), pad_id=tok.pad_token_id, log=log)
     return model
 
@@ -557,7 +579,8 @@ def render_report(zoo: "Zoo", rows, seconds: float) -> str:
         f"Llama-style models: hidden {spec.hidden_size}, {spec.num_layers} layers, "
         f"intermediate {spec.intermediate_size}, vocabulary {len(SPECIAL_TOKENS) + len(set(VOCAB))} "
         "words; float32.",
-        f"Base: {spec.base_steps} steps of generic text (lr {spec.base_lr:g}). Experts: {spec.expert_steps} "
+        f"Base: {spec.base_steps} steps of generic text with {spec.base_task_share:.0%} examples of every task "
+        f"mixed in (lr {spec.base_lr:g}), so it has partial skill on every task. Experts: {spec.expert_steps} "
         f"steps on one task each; multitask: {spec.multitask_steps} steps on all "
         f"(lr {spec.finetune_lr:g}, {int(spec.replay * 100)}% generic replay, full fine-tuning).",
         f"Built in {seconds:.0f} s.",
@@ -744,8 +767,8 @@ def _build_into(root: Path, size: str, seed: int, spec: ZooSize, log: Callable[[
         log(f"[zoo]   done in {time.perf_counter() - t:.1f} s")
         return out
 
-    base = timed(f"base: {spec.base_steps} steps of generic text",
-                 lambda: train_base(size, seed, tok, log=log))
+    base = timed(f"base: {spec.base_steps} steps of generic text + {spec.base_task_share:.0%} task examples",
+                 lambda: train_base(size, seed, tok, data, log=log))
     save_model(base, tok, zoo.base)
     for name in spec.families:
         expert = timed(f"expert {name}: {spec.expert_steps} steps",

@@ -79,12 +79,12 @@ def test_layout_and_checkpoints_load(zoo):
         assert model.config.num_hidden_layers == TINY.num_layers
         assert next(model.parameters()).dtype == torch.float32
         assert AutoTokenizer.from_pretrained(path).get_vocab() == tok.get_vocab()
-    # fine-tuning moved the weights substantially away from the base
+    # fine-tuning moved the weights away from the base, but only refined them (small task vectors)
     base = load_file(zoo.base / "model.safetensors")
     for name, path in zoo.experts.items():
         expert = load_file(path / "model.safetensors")
         rel = (sum((expert[k] - base[k]).norm() ** 2 for k in base) / sum(base[k].norm() ** 2 for k in base)) ** 0.5
-        assert rel > 0.02, f"expert {name} barely moved ({rel:.4f})"
+        assert 0.02 < rel < 0.2, f"expert {name}: task vector is {rel:.4f} of the base's norm"
 
 
 def test_task_yamls_load_with_evaluate(zoo):
@@ -108,25 +108,27 @@ def test_task_yamls_load_with_evaluate(zoo):
         ]
 
 
-def test_experts_specialize_and_multitask_covers_all(zoo, test_scores):
+def test_base_has_partial_skill_experts_specialize_and_multitask_covers_all(zoo, test_scores):
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    chance = {t: 0.5 if FAMILIES[t].spec["kind"] == "multiple_choice" else 0.0 for t in TINY.families}
     base = test_scores["base"]
+    # pre-training saw a little task data: the base is clearly above chance, but masters nothing
+    assert mean(base) >= mean(chance) + 0.1, base
+    assert max(base.values()) <= 0.9, base
     for name in TINY.families:
         own = test_scores[f"expert:{name}"]
-        mc = FAMILIES[name].spec["kind"] == "multiple_choice"
-        assert own[name] >= 0.8, (name, own)
-        assert own[name] >= base[name] + 0.25, (name, own, base)
+        assert own[name] >= 0.9, (name, own)
+        # the expert removes at least half of the base's remaining error on its task
+        assert own[name] - base[name] >= 0.5 * (1 - base[name]), (name, own, base)
         for other in TINY.families:
             if other == name:
                 continue
             theirs = test_scores[f"expert:{other}"][name]
-            assert own[name] >= theirs + 0.2, (name, other, own[name], theirs)
-            # near chance on tasks it was not trained on
-            chance = 0.5 if FAMILIES[other].spec["kind"] == "multiple_choice" else 0.0
-            assert own[other] <= chance + 0.2, (name, other, own[other])
-        assert mc or base[name] <= 0.05
+            assert own[name] >= theirs + 0.15, (name, other, own[name], theirs)
+            # training on one task does not teach the others
+            assert own[other] <= base[other] + 0.1, (name, other, own[other], base[other])
     multi = test_scores["multitask"]
-    assert min(multi.values()) >= 0.6, multi
-    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    assert min(multi.values()) >= 0.75, multi
     assert mean(multi) >= max(mean(test_scores[f"expert:{n}"]) for n in TINY.families) + 0.2
 
 
