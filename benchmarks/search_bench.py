@@ -72,7 +72,8 @@ def build_speed(base, models: dict[str, str], repeats: int) -> list[tuple]:
         build = _median_time(lambda: builder.build(recipe), repeats)
         stats = [builder.build(recipe) for _ in range(repeats)]
         plan = statistics.median(s.plan for s in stats)
-        floor = _median_time(builder.floor, repeats)
+        # the faster of the floor on the candidates' threads and on one thread (thread hand-off can cost more)
+        floor = min(_median_time(builder.floor, repeats), _median_time(lambda: builder.floor(threads=1), repeats))
         eager_floor = _median_time(lambda: _per_tensor_floor(builder), repeats)
         # mergekit on the same resident float32 tensors (inputs = base + task vectors, as loaded)
         base_sd = dict(builder.base)

@@ -399,16 +399,19 @@ class CandidateBuilder:
         return self._fields[key]
 
     @torch.inference_mode()
-    def floor(self) -> float:
+    def floor(self, threads: int | None = None) -> float:
         """The floor of one candidate: read every resident input once, write every parameter once.
 
-        On the flat host path, one compiled pass base + Σδ over the same blocks as a candidate.
+        On the flat host path, one compiled pass base + Σδ over the same blocks as a candidate, on
+        the candidates' threads (or ``threads`` threads).
         """
-        t0 = time.perf_counter()
         if self.flat:
-            self.runner(fk.floor_segments, self.flat_inputs.numpy(), self.flat_base.numpy(), self.flat_out.numpy(),
-                        self.blocks, self.seg_blocks)
+            runner = self.runner if threads is None else fk.SegmentRunner(self.numel, threads)
+            t0 = time.perf_counter()
+            runner(fk.floor_segments, self.flat_inputs.numpy(), self.flat_base.numpy(), self.flat_out.numpy(),
+                   self.blocks, self.seg_blocks)
             return time.perf_counter() - t0
+        t0 = time.perf_counter()
         for name, b in self.base.items():
             p = self.params[name]
             acc = b.clone()

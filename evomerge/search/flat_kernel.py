@@ -210,7 +210,7 @@ class SegmentRunner:
     than it saves).
     """
 
-    MIN_ELEMENTS_PER_THREAD = 1 << 19
+    MIN_ELEMENTS_PER_THREAD = 1 << 17
 
     def __init__(self, numel: np.ndarray, threads: int):
         total = int(numel.sum())
