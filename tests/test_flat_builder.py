@@ -193,3 +193,23 @@ def test_slices_recipe_with_slice_and_source_parameters(builders, llama_family, 
     builders["ties"].build(recipe)
     expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
     _assert_live_equals(builders["ties"], expected, "slices")
+
+
+def test_engine_and_kernel_sum_in_the_same_order():
+    """``l1_norm`` (NumPy, engine) and ``flat_kernel.lane_sum`` (numba, builder) agree bit for bit,
+    across several scratch chunks of the NumPy path and a ragged last block."""
+    import numpy as np
+
+    from evomerge.methods.l1 import L1_BLOCK
+    from evomerge.search.flat_kernel import lane_sum
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(L1_BLOCK * 600 + 1237, generator=g) * torch.rand(L1_BLOCK * 600 + 1237, generator=g) ** 6
+    mask = torch.rand(x.shape, generator=g) < 0.4
+    values = (x * mask).numpy()
+    total = 0.0
+    for start in range(0, values.size, L1_BLOCK):
+        block = values[start : start + L1_BLOCK]
+        total += lane_sum(block, block.size)
+    assert l1_norm(x, mask).item() == np.float32(total)
+    assert torch.equal(l1_norm(x, mask), torch.tensor(total, dtype=torch.float64).to(torch.float32))

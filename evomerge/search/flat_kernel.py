@@ -8,7 +8,7 @@ per-segment, per-input values (weight, mask rule) and one compiled loop over the
 segment, in cache-sized blocks:
 
 1. ‖m⊙δ‖₁ of every masked input of a rescaled segment, summed with
-   ``evomerge.methods.l1.lane_sum`` exactly as ``l1_norm`` sums a tensor;
+   ``lane_sum``, exactly as ``evomerge.methods.l1.l1_norm`` sums a tensor;
 2. per element, the same float32 operations, in the same order, as the engine's ``sparsify`` →
    ``apply_mask`` → ``_mix_chunk`` (weight, sign election, disjoint merge or sum, normalize,
    lambda, + base), so the result is bit-identical to ``evomerge merge``; the segment's blocks
@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-from evomerge.methods.l1 import lane_sum
+from evomerge.methods.l1_host import lane_sum
+
 from evomerge.methods.sparsify import L1_EPS
 
 MODE_ALL, MODE_NONE, MODE_RANKS, MODE_FIELD, MODE_DELLA = 0, 1, 2, 3, 4
