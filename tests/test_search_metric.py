@@ -14,19 +14,8 @@ import yaml
 import evomerge  # noqa: F401  (sets the HF offline variables)
 from evomerge.evaluate import Evaluator, load_tasks
 from evomerge.search.config import ConfigError, load_config
-from evomerge.tiny import build_tiny_model, make_tokenizer, tiny_config
-from tests.test_evaluate import MC, arith_rows, manual_loglik, write_jsonl, write_yaml
+from tests.test_evaluate import MC, arith_rows, manual_loglik, model, tok, write_jsonl, write_yaml  # noqa: F401
 from tests.test_search import _config
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return build_tiny_model(tiny_config("llama", vocab_size=len(tok), num_layers=2), seed=0).eval()
 
 
 GEN = """
