@@ -442,8 +442,11 @@ class CandidateBuilder:
                 p.copy_(reader.get_tensor(reader.resolve_tied(name)).to(p.device, p.dtype))
 
     def close(self) -> None:
+        """Close the model files and stop the kernel's worker threads."""
         for r in self.readers.values():
             r.close()
+        if self.flat and self.runner.pool is not None:
+            self.runner.pool.shutdown(wait=False)
 
 
 def _mask_tables(sparsification: str | None, d: np.ndarray, model_vals: dict, rows: np.ndarray, slots: int,
