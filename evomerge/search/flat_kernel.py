@@ -41,33 +41,42 @@ ZERO = np.float32(0.0)
 TWO = np.float32(2.0)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _store(dst, S, j, v, acc, first):
+    """dst[j] = v and, when ``acc``, the running input sum S[j] = v (first input) or S[j] + v."""
+    dst[j] = v
+    if acc:
+        S[j] = v if first else S[j] + v
+
+
 @njit(cache=True, nogil=True)
-def _masked(dst, delta, md, lo, hi, thr, dme, eps, rowm1, ranks, field, sc, w):
+def _masked(dst, delta, md, lo, hi, thr, dme, eps, rowm1, ranks, field, sc, w, S, acc, first):
     """dst = ((δ·keep)·sc)·w for one block, each a float32 multiplication as in the engine.
 
     keep is 1 or 0 (so a dropped element keeps its sign of zero); sc is the rescale factor, or 1
-    when the input is not rescaled, and w its weight: multiplying by 1 changes no bit.
+    when the input is not rescaled, and w its weight: multiplying by 1 changes no bit. With
+    ``acc``, also adds dst into the inputs' running sum S (in input order; ``first`` starts it).
     ``ranks`` / ``field`` are the block's slices of the input's rank buffer and random field;
     only the rule's own buffer is read (the other may be empty).
     """
     m = delta.shape[0]
     if md == MODE_ALL:
         for j in range(m):
-            dst[j] = (delta[j] * sc) * w
+            _store(dst, S, j, (delta[j] * sc) * w, acc, first)
     elif md == MODE_NONE:
         for j in range(m):
-            dst[j] = ((delta[j] * ZERO) * sc) * w
+            _store(dst, S, j, ((delta[j] * ZERO) * sc) * w, acc, first)
     elif md == MODE_RANKS:
         for j in range(m):
             r = ranks[j]
-            dst[j] = ((delta[j] * (ONE if (r >= lo) & (r < hi) else ZERO)) * sc) * w
+            _store(dst, S, j, ((delta[j] * (ONE if (r >= lo) & (r < hi) else ZERO)) * sc) * w, acc, first)
     elif md == MODE_FIELD:
         for j in range(m):
-            dst[j] = ((delta[j] * (ONE if field[j] < thr else ZERO)) * sc) * w
+            _store(dst, S, j, ((delta[j] * (ONE if field[j] < thr else ZERO)) * sc) * w, acc, first)
     else:  # DELLA, with torch's float32 ops: (density − ε) + ((r/(n−1))·2)·ε
         for j in range(m):
             p = dme + ((np.float32(ranks[j]) / rowm1) * TWO) * eps
-            dst[j] = ((delta[j] * (ONE if field[j] < p else ZERO)) * sc) * w
+            _store(dst, S, j, ((delta[j] * (ONE if field[j] < p else ZERO)) * sc) * w, acc, first)
 
 
 @njit(cache=True, nogil=True)
@@ -91,7 +100,7 @@ def _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo, hi, thr, dme, eps, r
         start, end = blocks[b, 1], blocks[b, 2]
         masked = scratch[: end - start]
         delta, ranks, field = _views(D, R, F, mi, i, start, end)
-        _masked(masked, delta, md, lo, hi, thr, dme, eps, rowm1, ranks, field, ONE, ONE)
+        _masked(masked, delta, md, lo, hi, thr, dme, eps, rowm1, ranks, field, ONE, ONE, masked, False, True)
         total += lane_sum(masked, end - start)  # |δ| where kept, ±0 where dropped
     after = np.float32(total)
     if before < L1_EPS32 or after < L1_EPS32:
@@ -149,13 +158,7 @@ def _merge_block(D, R, F, base, out, start, end, s, k, slot_model, mode, lo, hi,
         row = W[i, :m] if consensus else scratch[1, :m]
         delta, ranks, field = _views(D, R, F, slot_model[s, i], i, start, end)
         _masked(row, delta, mode[s, i], lo[s, i], hi[s, i], thr[s, i], dme[s, i], eps[s, i], rowm1[s],
-                ranks, field, sc[i], weight[s, i])
-        if i == 0:
-            for j in range(m):
-                S[j] = row[j]
-        else:
-            for j in range(m):
-                S[j] = S[j] + row[j]
+                ranks, field, sc[i], weight[s, i], S, True, i == 0)
     if consensus:  # Σ over inputs agreeing with the elected sign, done as s·Σ max(s·W[i], 0)
         unit, mixed, divisor = scratch[1, :m], scratch[2, :m], scratch[3, :m]
         for j in range(m):
