@@ -213,3 +213,16 @@ def test_engine_and_kernel_sum_in_the_same_order():
         total += lane_sum(block, block.size)
     assert l1_norm(x, mask).item() == np.float32(total)
     assert torch.equal(l1_norm(x, mask), torch.tensor(total, dtype=torch.float64).to(torch.float32))
+
+
+def test_bfloat16_search_matches_engine_on_float32_files(llama_family, tmp_path):
+    """A bfloat16 search (resident model and recipes in bf16) reads float32 files as the engine
+    does for `dtype: bfloat16` (cast first), so candidates still equal the engine's output."""
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    builder = CandidateBuilder(llama_family["base"], models, method="della", device="cpu", seed=3, dtype="bfloat16")
+    recipe = load_recipe({**_recipe("della", llama_family, flip=False), "dtype": "bfloat16"})
+    builder.build(recipe)
+    expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
+    assert all(v.dtype == torch.bfloat16 for v in expected.values())
+    _assert_live_equals(builder, expected, "bfloat16")
+    builder.close()

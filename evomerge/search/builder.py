@@ -101,12 +101,13 @@ class CandidateBuilder:
         for name in self.names:
             a, e = self.offsets[name]
             b = self.flat_base[a:e].view(shapes[name])
-            b.copy_(base_reader.get_tensor(name, dtype=torch.float32))
+            # inputs are read as the engine reads them for recipes of this dtype (cast to it), then held in float32
+            b.copy_(base_reader.get_tensor(name, dtype=self.model_dtype))
             self.base[name] = b
             for i, p in enumerate(self.model_paths.values()):
                 reader = self.readers[p]
                 view = self.flat_inputs[i, a:e].view(shapes[name])
-                view.copy_(reader.get_tensor(reader.resolve_tied(name), dtype=torch.float32))
+                view.copy_(reader.get_tensor(reader.resolve_tied(name), dtype=self.model_dtype))
                 if self.variant:
                     view.sub_(b)  # the task vector δ = x − base
                 self.inputs[p][name] = view
