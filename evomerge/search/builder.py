@@ -273,7 +273,7 @@ class CandidateBuilder:
         return self._weight_totals[weights]
 
     def _build_flat(self, recipe: Recipe, stats: BuildStats) -> None:
-        """The whole candidate in two compiled passes (see ``flat_kernel``); leftovers tensor by tensor."""
+        """The whole candidate in one compiled loop over the segments (``flat_kernel``); leftovers tensor by tensor."""
         t0 = time.perf_counter()
         tmpl = self._template(recipe)
         if tmpl.method.name != self.method:
