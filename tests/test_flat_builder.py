@@ -226,3 +226,25 @@ def test_bfloat16_search_matches_engine_on_float32_files(llama_family, tmp_path)
     assert all(v.dtype == torch.bfloat16 for v in expected.values())
     _assert_live_equals(builder, expected, "bfloat16")
     builder.close()
+
+
+@pytest.mark.parametrize("k", [1, 4, 5])
+def test_consensus_for_one_to_five_inputs(tmp_path_factory, tmp_path, k):
+    """The sign election has a one-pass form for up to four inputs and a general loop beyond."""
+    from evomerge.tiny import build_tiny_family
+
+    root = tmp_path_factory.mktemp(f"five-{k}")
+    base, fts = build_tiny_family(root, family="llama", n_finetunes=k, seed=7, num_layers=2)
+    models = {f"m{i}": str(p) for i, p in enumerate(fts)}
+    weights = [0.9, -0.4, 0.7, 0.5, 1.1]
+    recipe = load_recipe({
+        "merge_method": "ties", "base_model": str(base), "dtype": "float32",
+        "models": [{"model": p, "parameters": {"weight": [weights[i], 0.3], "density": [0.4, 0.8]}}
+                   for i, p in enumerate(models.values())],
+        "parameters": {"lambda": 1.2},
+    })
+    builder = CandidateBuilder(base, models, method="ties", device="cpu", seed=0)
+    builder.build(recipe)
+    expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=0))
+    _assert_live_equals(builder, expected, f"{k} inputs")
+    builder.close()

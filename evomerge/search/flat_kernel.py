@@ -159,7 +159,9 @@ def _merge_block(D, R, F, base, out, start, end, s, k, slot_model, mode, lo, hi,
         delta, ranks, field = _views(D, R, F, slot_model[s, i], i, start, end)
         _masked(row, delta, mode[s, i], lo[s, i], hi[s, i], thr[s, i], dme[s, i], eps[s, i], rowm1[s],
                 ranks, field, sc[i], weight[s, i], S, True, i == 0)
-    if consensus:  # Σ over inputs agreeing with the elected sign, done as s·Σ max(s·W[i], 0)
+    if consensus and k <= 4:  # the same, for up to four inputs in one pass (padding rows add +0)
+        _consensus4(W, m, k, weight[s], S, normalize[s])
+    elif consensus:  # Σ over inputs agreeing with the elected sign, done as s·Σ max(s·W[i], 0)
         unit, mixed, divisor = scratch[1, :m], scratch[2, :m], scratch[3, :m]
         for j in range(m):
             unit[j] = ONE if S[j] >= ZERO else -ONE
@@ -189,6 +191,43 @@ def _merge_block(D, R, F, base, out, start, end, s, k, slot_model, mode, lo, hi,
             S[j] = S[j] * lm
     for j in range(m):
         dst[j] = bas[j] + S[j]
+
+
+@njit(cache=True, nogil=True)
+def _consensus4(W, m, k, weights, S, normalize):
+    """S[:m] = s·Σᵢ max(s·W[i], 0) (÷ the agreeing weights when ``normalize``), s the sign of S, in one pass.
+
+    Up to four inputs; missing ones are rows of zeros with weight 0, which add +0 to both sums
+    and so change no bit. Same operations, in the same order, as the general loop below.
+    """
+    r0 = W[0, :m]
+    r1 = W[1, :m] if k > 1 else W[0, :m]
+    r2 = W[2, :m] if k > 2 else W[0, :m]
+    r3 = W[3, :m] if k > 3 else W[0, :m]
+    w0 = weights[0]
+    w1 = weights[1] if k > 1 else ZERO
+    w2 = weights[2] if k > 2 else ZERO
+    w3 = weights[3] if k > 3 else ZERO
+    f1 = ONE if k > 1 else ZERO  # multiplies a stand-in row to +-0, which max(., 0) turns into +0
+    f2 = ONE if k > 2 else ZERO
+    f3 = ONE if k > 3 else ZERO
+    for j in range(m):
+        u = ONE if S[j] >= ZERO else -ONE
+        a0 = r0[j] * u
+        a0 = a0 if a0 > ZERO else ZERO
+        a1 = (r1[j] * f1) * u
+        a1 = a1 if a1 > ZERO else ZERO
+        a2 = (r2[j] * f2) * u
+        a2 = a2 if a2 > ZERO else ZERO
+        a3 = (r3[j] * f3) * u
+        a3 = a3 if a3 > ZERO else ZERO
+        mixed = (((ZERO + a0) + a1) + a2) + a3
+        v = mixed * u
+        if normalize:
+            d = (((ZERO + (w0 if a0 > ZERO else ZERO)) + (w1 if a1 > ZERO else ZERO))
+                 + (w2 if a2 > ZERO else ZERO)) + (w3 if a3 > ZERO else ZERO)
+            v = v / (ONE if d == ZERO else d)
+        S[j] = v
 
 
 @njit(cache=True, nogil=True)
