@@ -248,3 +248,53 @@ def test_consensus_for_one_to_five_inputs(tmp_path_factory, tmp_path, k):
     expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=0))
     _assert_live_equals(builder, expected, f"{k} inputs")
     builder.close()
+
+
+def test_fused_pass_and_block_path_both_match_engine(llama_family, tmp_path):
+    """float32 task vectors: every segment takes the fused pass. bfloat16 ones have many equal
+    magnitudes, so some TIES/breadcrumbs bounds fall inside a run of ties and those segments
+    take the rank-based block path: both paths equal the engine."""
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    for method in ("ties", "breadcrumbs_ties"):
+        b32 = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3)
+        recipe = load_recipe(_recipe(method, llama_family, flip=False))
+        stats = b32.build(recipe)
+        assert stats.extra["block_segments"] == 0
+        _assert_live_equals(b32, read_weights(run_merge(recipe, tmp_path / f"{method}32", device="cpu", seed=3)),
+                            f"{method} float32")
+        b32.close()
+        b16 = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3, dtype="bfloat16")
+        recipe = load_recipe({**_recipe(method, llama_family, flip=False), "dtype": "bfloat16"})
+        stats = b16.build(recipe)
+        assert stats.extra["block_segments"] > 0, "bf16 ties should send some segments to the block path"
+        _assert_live_equals(b16, read_weights(run_merge(recipe, tmp_path / f"{method}16", device="cpu", seed=3)),
+                            f"{method} bfloat16")
+        b16.close()
+
+
+def test_dare_norm_from_prefix_sums_is_the_engines_or_declined():
+    """``_prefix_l1`` gives l1_norm's float32 bits when its error bound allows, and −1 otherwise."""
+    import numpy as np
+
+    from evomerge.search import flat_kernel as fk
+
+    gen = torch.Generator().manual_seed(0)
+    n = 10_000
+    delta = torch.randn(n, generator=gen) * 1e-2
+    field = torch.rand(n, generator=gen)
+    order = torch.argsort(field, stable=True)
+    sorted_field = field[order].numpy()
+    prefix = np.cumsum(delta[order].abs().double().numpy())
+    answered = 0
+    for density in (0.0, 1e-4, 0.1, 0.37, 0.5, 0.9, 0.999, 1.0):
+        thr = np.float32(density)
+        got = fk._prefix_l1(sorted_field, prefix, thr)
+        expected = l1_norm(delta * (field < thr)).item()
+        if got >= 0:
+            answered += 1
+            assert np.float32(got) == np.float32(expected), density
+    assert answered >= 6
+    # an exact sum on a float32 rounding midpoint (1 + 2^-24) cannot be pinned down: declined
+    tie = fk._prefix_l1(np.array([0.1, 0.2], dtype=np.float32), np.array([1.0, 1.0 + 2.0 ** -24]),
+                        np.float32(0.5))
+    assert tie == -1

@@ -9,7 +9,10 @@ Precomputed once per tensor and model, lazily, because they never change between
   comparison per element, so no candidate sorts or selects over a tensor);
 - DELLA's per-row ranks of |δᵢ|;
 - the DARE/DELLA random fields (``random_field(seed, tensor, model)``), so a candidate's mask depends
-  only on its density (common random numbers).
+  only on its density (common random numbers);
+- on the host path also: each tensor's magnitudes in ascending order (a TIES bound becomes a
+  comparison of |δ| with one value), DELLA's rank term q per element, and for DARE the fields in
+  ascending order with running sums of |δ|, from which the rescale norm of any density is read off.
 
 A candidate is planned with the engine's own planner and each tensor is computed by the same
 float32 operations as ``evomerge merge``: the result equals, bit for bit, what the engine writes
@@ -175,7 +178,7 @@ class CandidateBuilder:
         self.blocks = np.array(blocks, dtype=np.int64).reshape(-1, 3)
         first = np.searchsorted(self.blocks[:, 0], np.arange(len(self.names)))
         self.seg_blocks = np.stack([first, np.append(first[1:], len(self.blocks))], axis=1).astype(np.int64)
-        self.runner = fk.SegmentRunner(self.numel, torch.get_num_threads())
+        self.cuts = fk.segment_cuts(self.numel, torch.get_num_threads())  # one run of segments per thread
         self.flat_out = torch.empty(total, dtype=torch.float32, device=self.device)
         params = [self.params[n] for n in self.names]
         self.aliased = (self.model_dtype == torch.float32 and len({id(p) for p in params}) == len(params)
@@ -185,15 +188,28 @@ class CandidateBuilder:
             self.flat_out[a:e].copy_(p.detach().reshape(-1))
             if self.aliased:
                 p.data = self.flat_out[a:e].view(p.shape)
+        self.offsets_array = [self.offsets[n] for n in self.names]
         self.flat_ranks: torch.Tensor | None = None
         self.flat_fields: torch.Tensor | None = None
+        empty32 = np.empty((0, 0), dtype=np.float32)
+        self.flat_q = self.flat_sorted = self.prefix_field = empty32  # filled by ``_ensure_flat_stats``
+        self.prefix_sum = np.empty((0, 0), dtype=np.float64)
+        self.keep_rule = {"magnitude": fk.keep_magnitude, "magnitude_outliers": fk.keep_magnitude,
+                          "random": fk.keep_field, "della_magprune": fk.keep_della}.get(self.variant.sparsification,
+                                                                                        fk.keep_field)
         self._before: np.ndarray | None = None  # float32 ‖δ‖₁ per segment and model
         self._templates: dict[str, PlanTemplate] = {}
         self._tables: dict[int, dict] = {}
         self._weight_totals: dict[tuple, tuple[bool, np.float32]] = {}
 
     def _ensure_flat_stats(self, slots: int) -> None:
-        """Fill the flat rank buffer and the random fields of input slots < ``slots``, once."""
+        """Fill the flat statistics of the method's mask rule, and the random fields of input slots < ``slots``, once.
+
+        Magnitude rules: stable ranks and, per segment, the ascending magnitudes (the fused pass
+        compares |δ| with the magnitudes ranked at a window's bounds). DELLA: row ranks and
+        q = (r/(n−1))·2 per element. DARE: per segment the fields in ascending order and the
+        running float64 sums of |δ| in that order (slot i with model i), for ``_prefix_l1``.
+        """
         sp = self.variant.sparsification
         if sp in ("magnitude", "magnitude_outliers", "della_magprune") and self.flat_ranks is None:
             ranks = torch.empty_like(self.flat_inputs, dtype=torch.int32)
@@ -203,6 +219,12 @@ class CandidateBuilder:
                 for i, p in enumerate(self.model_paths.values()):
                     ranks[i, a:e] = rank_fn(self.inputs[p][n]).reshape(-1)
             self.flat_ranks = ranks
+            if sp == "della_magprune":
+                self.flat_q = fk.della_q(ranks.numpy(), self.offsets_array, self.row)
+            else:
+                self.flat_sorted = np.empty_like(self.flat_inputs.numpy())
+                for a, e in self.offsets_array:
+                    self.flat_sorted[:, a:e] = np.sort(np.abs(self.flat_inputs.numpy()[:, a:e]), axis=1)
         have = 0 if self.flat_fields is None else self.flat_fields.shape[0]
         if sp in ("random", "della_magprune") and have < slots:
             fields = torch.empty((slots, self.flat_base.numel()), dtype=torch.float32, device=self.device)
@@ -214,6 +236,16 @@ class CandidateBuilder:
                     fields[i, a:e] = random_field(self.base[n].shape, seed=self.seed, tensor_name=n,
                                                   model_index=i).reshape(-1)
             self.flat_fields = fields
+            if sp == "random":
+                pairs = min(slots, len(self.model_paths))
+                F, D = fields.numpy(), self.flat_inputs.numpy()
+                self.prefix_field = np.empty((pairs, F.shape[1]), dtype=np.float32)
+                self.prefix_sum = np.empty((pairs, F.shape[1]), dtype=np.float64)
+                for i in range(pairs):
+                    for a, e in self.offsets_array:
+                        order = np.argsort(F[i, a:e], kind="stable")
+                        self.prefix_field[i, a:e] = F[i, a:e][order]
+                        np.cumsum(np.abs(D[i, a:e][order]).astype(np.float64), out=self.prefix_sum[i, a:e])
 
     def _before_norms(self) -> np.ndarray:
         """‖δ‖₁ of every segment and model (float32, the engine's ``l1_norm``), computed once."""
@@ -291,7 +323,6 @@ class CandidateBuilder:
         tabs = _mask_tables(self.variant.sparsification, d, model_vals, rows, slots, self.numel, self.row)
         mode, lo, hi, thr, dme, eps = tabs
         lo, hi = lo.astype(np.int32), hi.astype(np.int32)  # ranks are int32: 32-bit compares
-        rowm1 = (self.row - 1).astype(np.float32)
         weight = np.where(slot_ok, w, 0.0).astype(np.float32)
         normalize = glob_vals["normalize"][rows] != 0
         rescale = glob_vals["rescale"][rows] != 0
@@ -303,12 +334,22 @@ class CandidateBuilder:
             for si in np.flatnonzero(active & normalize):
                 use_total[si], total[si] = self._weight_total(tuple(float(x) for x in w[si, : seg_k[si]]))
         D = self.flat_inputs.numpy()
-        R = self.flat_ranks.numpy() if self.flat_ranks is not None else np.empty((0, 0), dtype=np.int32)
+        if self.flat_q.shape[0]:  # DELLA: both the block path and the fused pass read q
+            R = Q = self.flat_q
+        else:
+            R = self.flat_ranks.numpy() if self.flat_ranks is not None else np.empty((0, 0), dtype=np.int32)
+            Q = D
         F = self.flat_fields.numpy() if self.flat_fields is not None else np.empty((0, 0), dtype=np.float32)
         before = self._before_norms() if (rescale & active).any() else np.zeros((1, 1), dtype=np.float32)
-        self.runner(fk.merge_segments, D, R, F, self.flat_base.numpy(), self.flat_out.numpy(), self.blocks,
-                    self.seg_blocks, st["slot_model"], mode, lo, hi, thr, dme, eps, rowm1, seg_k, weight, rescale,
-                    before, self.variant.consensus, normalize, use_total, total, use_lambda, lam)
+        args = (self.keep_rule, D, R, Q, F, self.flat_sorted, self.prefix_field, self.prefix_sum,
+                self.flat_base.numpy(), self.flat_out.numpy(), self.blocks, self.seg_blocks, st["slot_model"], mode,
+                lo, hi, thr, dme, eps, seg_k, weight, rescale, before, self.variant.consensus, normalize, use_total,
+                total, use_lambda, lam)
+        if len(self.cuts) > 2:
+            blocked = fk.merge_parallel(*args, self.cuts)
+        else:
+            blocked = fk.merge_segments(*args, 0, len(self.names))
+        stats.extra["block_segments"] = int(blocked)  # merged by blocks, not in one fused pass
         for si, dtype in st["rounding"]:  # the engine casts to the recipe's dtype; the model holds float32
             a, e = self.offsets[self.names[si]]
             self.flat_out[a:e] = self.flat_out[a:e].to(dtype).to(torch.float32)
@@ -407,10 +448,14 @@ class CandidateBuilder:
         the candidates' threads (or ``threads`` threads).
         """
         if self.flat:
-            runner = self.runner if threads is None else fk.SegmentRunner(self.numel, threads)
+            cuts = self.cuts if threads is None else fk.segment_cuts(self.numel, threads)
+            args = (self.flat_inputs.numpy(), self.flat_base.numpy(), self.flat_out.numpy(), self.blocks,
+                    self.seg_blocks)
             t0 = time.perf_counter()
-            runner(fk.floor_segments, self.flat_inputs.numpy(), self.flat_base.numpy(), self.flat_out.numpy(),
-                   self.blocks, self.seg_blocks)
+            if len(cuts) > 2:
+                fk.floor_parallel(*args, cuts)
+            else:
+                fk.floor_segments(*args, 0, len(self.names))
             return time.perf_counter() - t0
         t0 = time.perf_counter()
         for name, b in self.base.items():
@@ -443,11 +488,9 @@ class CandidateBuilder:
                 p.copy_(reader.get_tensor(reader.resolve_tied(name)).to(p.device, p.dtype))
 
     def close(self) -> None:
-        """Close the model files and stop the kernel's worker threads."""
+        """Close the model files."""
         for r in self.readers.values():
             r.close()
-        if self.flat and self.runner.pool is not None:
-            self.runner.pool.shutdown(wait=False)
 
 
 def _mask_tables(sparsification: str | None, d: np.ndarray, model_vals: dict, rows: np.ndarray, slots: int,

@@ -89,7 +89,16 @@ class PlanTemplate:
             else:
                 self.model_index[name][task, slot] = seen[key]
 
-        # the distinct rows of value indices (one per kind of tensor): the method's checks run once per row
+        # lookups grouped by setting: each setting is fetched from the recipe once
+        groups: dict[tuple, list[tuple[int, str, float]]] = {}
+        for i, lk in enumerate(self.lookups):
+            groups.setdefault((lk.path, lk.name), []).append((i, lk.tensor, lk.t))
+        self.groups = [(path, name, self.specs[name], entries) for (path, name), entries in groups.items()]
+        # per lookup: the parameter's range, for the vectorized check (bool parameters: any value)
+        self.low = np.array([_bound(self.specs[lk.name], "minimum", -np.inf) for lk in self.lookups] + [-np.inf])
+        self.high = np.array([_bound(self.specs[lk.name], "maximum", np.inf) for lk in self.lookups] + [np.inf])
+
+        # the distinct rows of value indices (one per kind of tensor): cross-parameter rules run once per row
         rows: dict[tuple, int] = {}
         for i, task in enumerate(self.plan.tasks):
             if task.method == self.method.name:
@@ -106,10 +115,16 @@ class PlanTemplate:
         is invalid.
         """
         vector = np.empty(len(self.lookups) + 1)
-        for i, lk in enumerate(self.lookups):
-            spec = self.specs[lk.name]
-            value = evaluate_setting(scope_at(recipe, lk.path)[lk.name], lk.tensor, lk.t)
-            vector[i] = coerce(spec, spec.default if value is None else value)
+        vector[-1] = 0.0
+        for path, name, spec, entries in self.groups:
+            setting = scope_at(recipe, path)[name]
+            if type(setting) in (float, int):  # a plain number: the same value for every tensor
+                vector[[i for i, _, _ in entries]] = coerce(spec, setting)
+                continue
+            for i, tensor, t in entries:
+                value = evaluate_setting(setting, tensor, t)
+                vector[i] = coerce(spec, spec.default if value is None else value)
+        self._check(recipe, vector)
         model = {}
         for name, index in self.model_index.items():
             vector[-1] = _default(self.specs[name])
@@ -118,11 +133,19 @@ class PlanTemplate:
         for name, index in self.global_index.items():
             vector[-1] = _default(self.specs[name])
             glob[name] = vector[index]
-        self._check(recipe, vector)
         return model, glob
 
     def _check(self, recipe: Recipe, vector: np.ndarray) -> None:
-        """The method's own checks, once per distinct row of values; plan in full to raise on a problem."""
+        """The method's checks on ``recipe``'s values; on a problem, plan in full to raise the engine's message.
+
+        Names, types and which values are missing belong to the structure (the first, full plan
+        checked them), so a value can only be out of range or not finite: checked for all values
+        at once. The method's cross-parameter rules (``cross_check``) run once per distinct row.
+        """
+        if not (np.isfinite(vector[:-1]).all() and (vector >= self.low).all() and (vector <= self.high).all()):
+            self._raise(recipe)
+        if self.method.cross_check is None:
+            return
         per_model = len(self.model_params)
         for key, k in self.check_rows:
             def value(position: int, name: str):
@@ -131,8 +154,16 @@ class PlanTemplate:
             mps = [{n: value(j * per_model + p, n) for p, n in enumerate(self.model_params)} for j in range(k)]
             params = {n: value(k * per_model + p, n) for p, n in enumerate(self.global_params)}
             if self.method.check_params(mps, params):
-                plan_merge(recipe, readers=self.plan.readers)  # raises the engine's message
-                raise AssertionError("check_params failed but the full plan did not")  # pragma: no cover
+                self._raise(recipe)
+
+    def _raise(self, recipe: Recipe) -> None:
+        plan_merge(recipe, readers=self.plan.readers)  # raises the engine's message
+        raise AssertionError("a value failed the checks but the full plan did not")  # pragma: no cover
+
+
+def _bound(spec, attribute: str, missing: float) -> float:
+    value = getattr(spec, attribute) if spec.type is not bool else None
+    return missing if value is None else float(value)
 
 
 def _filter_outcome(setting: Any, tensor: str) -> tuple:

@@ -1,23 +1,30 @@
 """One compiled host pass that merges a whole candidate of the task-arithmetic family.
 
 The candidate builder keeps every tensor of a model in one flat float32 buffer (task vectors
-``D[model]``, their precomputed ranks ``R[model]``, the random fields ``F[slot]``, the base, and
-the live model's parameters ``out``), one *segment* per tensor. A candidate is then a table of
-per-segment, per-input values (weight, mask rule) and one compiled loop over the segments
-(``merge_segments``; several threads take contiguous runs of segments on large models). Per
-segment, in cache-sized blocks:
+``D[model]``, per-model statistics, the random fields ``F[slot]``, the base, and the live model's
+parameters ``out``), one *segment* per tensor. A candidate is then a table of per-segment,
+per-input values (weight, mask rule) and one compiled loop over the segments (``merge_segments``;
+on larger models ``merge_parallel`` gives each of numba's threads a contiguous run of segments).
+Per segment:
 
-1. ‖m⊙δ‖₁ of every masked input of a rescaled segment, summed with
-   ``lane_sum``, exactly as ``evomerge.methods.l1.l1_norm`` sums a tensor;
-2. per element, the same float32 operations, in the same order, as the engine's ``sparsify`` →
-   ``apply_mask`` → ``_mix_chunk`` (weight, sign election, disjoint merge or sum, normalize,
-   lambda, + base), so the result is bit-identical to ``evomerge merge``; the segment's blocks
-   are read a second time while they are still in cache.
+1. the rescale factor ‖δ‖₁/‖m⊙δ‖₁ of every masked input of a rescaled segment, its norm summed
+   exactly as ``evomerge.methods.l1.l1_norm`` sums a tensor. For DARE the norm is usually read
+   off precomputed prefix sums in field order (``_prefix_l1``: exact to the float32 bit, or
+   declined), otherwise one pass over the segment;
+2. a segment with one to four inputs whose masks are each one comparison per element (always for
+   DARE and DELLA; for TIES/breadcrumbs unless equal magnitudes straddle a window bound) is merged
+   in one vectorized pass (``_fused_segment``); any other block by block with the stable ranks
+   (``_merge_block``).
+
+Both paths run, per element, the same float32 operations in the same order as the engine's
+``sparsify`` → ``apply_mask`` → ``_mix_chunk`` (mask, rescale, weight, sum in input order, sign
+election, disjoint merge or sum, normalize, lambda, + base), so the result is bit-identical to
+``evomerge merge`` (tests compare them).
 
 Mask rules (``MODE_*``) per segment and input: keep all (density ≥ 1, no sparsifier), keep none,
 keep a window [lo, hi) of stable magnitude ranks (TIES, breadcrumbs), keep where the random field
 is below a threshold (DARE; DELLA on one-element rows), keep where the field is below DELLA's
-rank-dependent probability p = (density − ε) + (r/(n−1))·2·ε.
+rank-dependent probability p = (density − ε) + q·ε with q = (r/(n−1))·2 precomputed (``della_q``).
 
 The floor of a candidate (``floor_segments``) is the same block loop reading every task vector once
 and writing base + Σδ: the least a candidate build can do with these buffers.
@@ -25,19 +32,25 @@ and writing base + Σδ: the least a candidate build can do with these buffers.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import warnings
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
+from numba.core.errors import NumbaExperimentalFeatureWarning
 
 from evomerge.methods.l1_host import lane_sum
 
 from evomerge.methods.sparsify import L1_EPS
 
+# the parallel drivers pass the mask rule (a jitted function) on to their threads; numba calls that
+# "first-class function type, experimental" at compile time, and compiles it to a direct call
+warnings.filterwarnings("ignore", message=".*First-class function type", category=NumbaExperimentalFeatureWarning)
+
 MODE_ALL, MODE_NONE, MODE_RANKS, MODE_FIELD, MODE_DELLA = 0, 1, 2, 3, 4
 ONE = np.float32(1.0)
 L1_EPS32 = np.float32(L1_EPS)
 ZERO = np.float32(0.0)
+NEG_ZERO = np.float32(-0.0)
 TWO = np.float32(2.0)
 
 
@@ -50,14 +63,15 @@ def _store(dst, S, j, v, acc, first):
 
 
 @njit(cache=True, nogil=True)
-def _masked(dst, delta, md, lo, hi, thr, dme, eps, rowm1, ranks, field, sc, w, S, acc, first):
+def _masked(dst, delta, md, lo, hi, thr, dme, eps, ranks, field, sc, w, S, acc, first):
     """dst = ((δ·keep)·sc)·w for one block, each a float32 multiplication as in the engine.
 
     keep is 1 or 0 (so a dropped element keeps its sign of zero); sc is the rescale factor, or 1
     when the input is not rescaled, and w its weight: multiplying by 1 changes no bit. With
     ``acc``, also adds dst into the inputs' running sum S (in input order; ``first`` starts it).
-    ``ranks`` / ``field`` are the block's slices of the input's rank buffer and random field;
-    only the rule's own buffer is read (the other may be empty).
+    ``ranks`` / ``field`` are the block's slices of the input's statistic (stable ranks for the
+    magnitude rules, DELLA's q for ``MODE_DELLA``) and random field; only the rule's own buffer is
+    read (the other may be empty).
     """
     m = delta.shape[0]
     if md == MODE_ALL:
@@ -73,9 +87,9 @@ def _masked(dst, delta, md, lo, hi, thr, dme, eps, rowm1, ranks, field, sc, w, S
     elif md == MODE_FIELD:
         for j in range(m):
             _store(dst, S, j, ((delta[j] * (ONE if field[j] < thr else ZERO)) * sc) * w, acc, first)
-    else:  # DELLA, with torch's float32 ops: (density − ε) + ((r/(n−1))·2)·ε
+    else:  # DELLA, with torch's float32 ops: (density − ε) + q·ε, q = (r/(n−1))·2 precomputed (``della_q``)
         for j in range(m):
-            p = dme + ((np.float32(ranks[j]) / rowm1) * TWO) * eps
+            p = dme + ranks[j] * eps
             _store(dst, S, j, ((delta[j] * (ONE if field[j] < p else ZERO)) * sc) * w, acc, first)
 
 
@@ -88,7 +102,7 @@ def _views(D, R, F, mi, i, start, end):
 
 
 @njit(cache=True, nogil=True)
-def _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo, hi, thr, dme, eps, rowm1, before, scratch):
+def _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo, hi, thr, dme, eps, before, scratch):
     """‖δ‖₁/‖m⊙δ‖₁ of one input over its segment's blocks [b0, b1), or 1 when either norm is < 1e-7.
 
     ‖m⊙δ‖₁ is summed exactly as ``l1_norm`` sums a tensor (``lane_sum`` per block, blocks added in
@@ -100,7 +114,7 @@ def _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo, hi, thr, dme, eps, r
         start, end = blocks[b, 1], blocks[b, 2]
         masked = scratch[: end - start]
         delta, ranks, field = _views(D, R, F, mi, i, start, end)
-        _masked(masked, delta, md, lo, hi, thr, dme, eps, rowm1, ranks, field, ONE, ONE, masked, False, True)
+        _masked(masked, delta, md, lo, hi, thr, dme, eps, ranks, field, ONE, ONE, masked, False, True)
         total += lane_sum(masked, end - start)  # |δ| where kept, ±0 where dropped
     after = np.float32(total)
     if before < L1_EPS32 or after < L1_EPS32:
@@ -109,41 +123,247 @@ def _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo, hi, thr, dme, eps, r
 
 
 @njit(cache=True, nogil=True)
-def merge_segments(D, R, F, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme, eps, rowm1, seg_k,
-                   weight, rescale, before, consensus, normalize, use_total, total, use_lambda, lam, s0, s1):
+def merge_segments(keep, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme, eps,
+                   seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda, lam, s0, s1):
     """out = base + λ·mix(wᵢ·sparsify(δᵢ)) for merged segments [s0, s1) (seg_k ≥ 0), one segment at a time.
 
-    A rescaled segment's L1 norms are summed first and its blocks merged right after, while its
-    buffers are still in cache. Per element and input: v = δ·keep (float32 × 1 or 0), v·scale
-    when rescaled, v·w; then the sum over inputs in order, the elected sign s, Σ max(s·vᵢ, 0)·s
-    divided by the agreeing weights (consensus), or the plain sum divided by Σw (normalize); ×λ;
-    + base.
+    Per segment: the rescale factors first (``_rescale_factors``), then the merge. A segment with
+    one to four inputs whose masks are all a comparison per element (``_keep_bounds``) is merged by
+    ``_fused_segment`` in one vectorized pass; any other by blocks (``_merge_block``). Returns
+    how many segments took the block path.
+    ``keep`` is the builder's mask family (``keep_magnitude``, ``keep_field`` or ``keep_della``);
+    ``R`` the per-model statistic of the block path (ranks; DELLA's q), ``Q`` DELLA's q for the
+    fused pass (any float32 [models, n] stand-in, e.g. ``D``, for the other families), ``SM``
+    the sorted magnitudes (magnitude family), ``PU``/``PS`` DARE's sorted fields and prefix sums
+    (``_prefix_l1``); absent ones are empty.
     """
     k_max = slot_model.shape[1]
     sc = np.empty(k_max, dtype=np.float32)
+    A = np.empty(4, dtype=np.float32)
+    B = np.empty(4, dtype=np.float32)
     block = 0
     for b in range(blocks.shape[0]):
         block = max(block, blocks[b, 2] - blocks[b, 1])
     W = np.empty((k_max, block), dtype=np.float32)  # scratch, reused by every block
     scratch = np.empty((4, block), dtype=np.float32)
+    blocked = 0
     for s in range(s0, s1):
         k = seg_k[s]
         if k < 0:
             continue
         b0, b1 = seg_blocks[s, 0], seg_blocks[s, 1]
-        for i in range(k):
-            sc[i] = ONE
-            if rescale[s] and mode[s, i] >= MODE_RANKS:
-                sc[i] = _rescale_factor(D, R, F, blocks, b0, b1, slot_model[s, i], i, mode[s, i], lo[s, i],
-                                        hi[s, i], thr[s, i], dme[s, i], eps[s, i], rowm1[s], before[s, slot_model[s, i]],
-                                        scratch[0])
+        start, end = blocks[b0, 1], blocks[b1 - 1, 2]
+        fused = 0 < k <= 4 and _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, A, B)
+        _rescale_factors(keep, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k, slot_model, mode, lo, hi, thr,
+                         dme, eps, rescale, before, sc, scratch[0])
+        if fused:
+            _fused_segment(keep, D, Q, F, base, out, start, end, s, k, slot_model, A, B, sc, weight[s], consensus,
+                           normalize[s], use_total[s], total[s], use_lambda[s], lam[s])
+            continue
+        blocked += 1
         for b in range(b0, b1):
             _merge_block(D, R, F, base, out, blocks[b, 1], blocks[b, 2], s, k, slot_model, mode, lo, hi, thr, dme,
-                         eps, rowm1, weight, sc, consensus, normalize, use_total, total, use_lambda, lam, W, scratch)
+                         eps, weight, sc, consensus, normalize, use_total, total, use_lambda, lam, W, scratch)
+    return blocked
 
 
 @njit(cache=True, nogil=True)
-def _merge_block(D, R, F, base, out, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, rowm1,
+def _rescale_factors(keep, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k, slot_model, mode, lo, hi, thr, dme,
+                     eps, rescale, before, sc, scratch):
+    """sc[i] = ‖δᵢ‖₁/‖mᵢ⊙δᵢ‖₁ for the inputs of segment s (1 where not rescaled), as ``apply_mask`` computes it.
+
+    A DARE mask's norm comes from the prefix sums (``_prefix_l1``) when they pin its float32 value
+    down; otherwise from a pass over the segment: with the fused pass's comparisons when
+    ``fused`` (``_masked_l1``), else rule by rule (``_rescale_factor``).
+    """
+    start, end = blocks[b0, 1], blocks[b1 - 1, 2]
+    for i in range(k):
+        sc[i] = ONE
+        md = mode[s, i]
+        if not rescale[s] or md < MODE_RANKS:
+            continue
+        mi = slot_model[s, i]
+        after = np.float32(-1.0)
+        if md == MODE_FIELD and mi == i and PU.shape[0] > i:
+            after = _prefix_l1(PU[i, start:end], PS[i, start:end], thr[s, i])
+        if after < ZERO and fused:
+            field = F[i] if F.shape[0] else D[mi]
+            after = _masked_l1(keep, D[mi], field, Q[mi], A[i], B[i], blocks, b0, b1, scratch)
+        if after < ZERO:
+            sc[i] = _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo[s, i], hi[s, i], thr[s, i], dme[s, i],
+                                    eps[s, i], before[s, mi], scratch)
+        elif not (before[s, mi] < L1_EPS32 or after < L1_EPS32):
+            sc[i] = before[s, mi] / after
+
+
+@njit(cache=True, nogil=True)
+def _masked_l1(keep, delta, field, q, a, b, blocks, b0, b1, scratch):
+    """float32 ‖m⊙δ‖₁ over blocks [b0, b1) with m = keep(δ, field, q, a, b): ``l1_norm``'s order, one vectorized loop per block."""
+    total = 0.0
+    for blk in range(b0, b1):
+        start, end = blocks[blk, 1], blocks[blk, 2]
+        d, u, qq = delta[start:end], field[start:end], q[start:end]
+        for j in range(end - start):
+            x = d[j]
+            scratch[j] = x * (ONE if keep(x, u[j], qq[j], a, b) else ZERO)
+        total += lane_sum(scratch, end - start)
+    return np.float32(total)
+
+
+@njit(cache=True, nogil=True)
+def _prefix_l1(sorted_field, prefix, thr):
+    """float32 ‖m⊙δ‖₁ of a DARE mask (keep where field < thr), or −1 when it cannot be pinned down.
+
+    ``sorted_field`` is the segment's field in ascending order and ``prefix`` the running float64
+    sums of |δ| in that order, so the c kept elements sum to prefix[c − 1]. That sum and the
+    engine's (another order) both lie within 2·γ_c of the exact one (γ_c ≤ c·2⁻⁵³, recursive
+    summation of non-negative terms); if both ends of a 4·c·2⁻⁵³ interval round to the same float32,
+    so does the engine's sum, bit for bit. Otherwise the caller sums the segment in the engine's order.
+    """
+    c = np.searchsorted(sorted_field, thr)  # elements with field < thr
+    if c == 0:
+        return ZERO
+    approx = prefix[c - 1]
+    err = 4.0 * c * 2.0 ** -53 * approx
+    low, high = np.float32(approx - err), np.float32(approx + err)
+    return low if low == high else np.float32(-1.0)
+
+
+@njit(cache=True, nogil=True)
+def _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, A, B):
+    """Each input's mask of segment s as a comparison per element (``keep_*``'s bounds A, B); False if impossible.
+
+    Magnitude windows [lo, hi) of stable ranks become |δ| ≥ A and not |δ| ≥ B with A, B the
+    magnitudes ranked lo and hi (``SM``: the segment's |δ| in ascending order); exact unless equal
+    magnitudes straddle a bound (then the ranks decide, and the caller merges by blocks). The
+    field rule is field < A; DELLA's is field < A + q·B. NaN bounds make a comparison false.
+    """
+    n = end - start
+    for i in range(k):
+        md = mode[s, i]
+        if md == MODE_ALL:  # every rule keeps: |δ| ≥ −inf and not |δ| ≥ NaN; field < inf; field < inf + q·0
+            A[i], B[i] = np.float32(np.inf), ZERO
+            if SM.shape[0]:
+                A[i], B[i] = np.float32(-np.inf), np.float32(np.nan)
+        elif md == MODE_NONE:  # none keeps: |δ| ≥ NaN; field < −inf
+            A[i], B[i] = np.float32(-np.inf), ZERO
+            if SM.shape[0]:
+                A[i], B[i] = np.float32(np.nan), np.float32(np.nan)
+        elif md == MODE_RANKS:
+            if not SM.shape[0]:
+                return False
+            mags = SM[slot_model[s, i], start:end]
+            low, high = lo[s, i], hi[s, i]
+            A[i] = np.float32(-np.inf) if low <= 0 else mags[low]
+            B[i] = np.float32(np.nan) if high >= n else mags[high]
+            if (low > 0 and mags[low - 1] == mags[low]) or (high < n and mags[high - 1] == mags[high]):
+                return False
+        elif md == MODE_FIELD:  # DARE, and DELLA on one-element rows (q = 0 there)
+            A[i], B[i] = thr[s, i], ZERO
+        else:
+            A[i], B[i] = dme[s, i], eps[s, i]
+    return True
+
+
+@njit(inline="always")
+def keep_magnitude(x, u, q, a, b):
+    """TIES / breadcrumbs: |δ| in [a, b) (``_keep_bounds``)."""
+    m = abs(x)
+    return (m >= a) & ~(m >= b)
+
+
+@njit(inline="always")
+def keep_field(x, u, q, a, b):
+    """DARE: field < a."""
+    return u < a
+
+
+@njit(inline="always")
+def keep_della(x, u, q, a, b):
+    """DELLA: field < (density − ε) + q·ε, torch's float32 operations."""
+    return u < a + q * b
+
+
+@njit(cache=True, nogil=True)
+def _fused_segment(keep, D, Q, F, base, out, start, end, s, k, slot_model, A, B, sc, w, consensus, normalize,
+                   use_total, total, use_lambda, lam):
+    """Segment s with 1-4 inputs in one pass per element: the same float32 operations as ``_merge_block``.
+
+    vᵢ = ((δᵢ·keepᵢ)·scᵢ)·wᵢ; missing inputs are −0, which adds nothing (x + −0 = x, bit for bit)
+    and agrees with no sign. Then the sum in input order, and either the elected sign's disjoint
+    merge (÷ agreeing weights when normalizing) or the sum (÷ Σw when normalizing); ×λ; + base.
+    Steps a candidate skips are done as ÷1 or ×1, which change no bit, so the loops have no
+    branches and vectorize.
+    """
+    r1, r2, r3 = min(1, k - 1), min(2, k - 1), min(3, k - 1)  # missing inputs read input 0's buffers
+    m0, m1, m2, m3 = slot_model[s, 0], slot_model[s, r1], slot_model[s, r2], slot_model[s, r3]
+    d = (D[m0, start:end], D[m1, start:end], D[m2, start:end], D[m3, start:end])
+    q = (Q[m0, start:end], Q[m1, start:end], Q[m2, start:end], Q[m3, start:end])
+    u = d  # stand-ins where the rule reads no field
+    if F.shape[0]:
+        u = (F[0, start:end], F[r1, start:end], F[r2, start:end], F[r3, start:end])
+    c = (sc[0], sc[r1], sc[r2], sc[r3])
+    ws = (w[0], w[r1], w[r2], w[r3])
+    present = (True, k > 1, k > 2, k > 3)
+    lm = lam if use_lambda else ONE
+    if consensus:
+        _consensus_loop(keep, d, u, q, A, B, c, ws, present, not normalize, lm, base[start:end], out[start:end])
+    else:
+        tot = total if (normalize and use_total) else ONE
+        _sum_loop(keep, d, u, q, A, B, c, ws, present, tot, lm, base[start:end], out[start:end])
+
+
+@njit(inline="always")
+def _inputs(keep, j, d, u, q, A, B, c, w, present):
+    """v₀..v₃ of element j: ((δ·keep)·sc)·w, −0 for a missing input."""
+    x = d[0][j]
+    v0 = ((x * (ONE if keep(x, u[0][j], q[0][j], A[0], B[0]) else ZERO)) * c[0]) * w[0]
+    x = d[1][j]
+    v1 = ((x * (ONE if keep(x, u[1][j], q[1][j], A[1], B[1]) else ZERO)) * c[1]) * w[1]
+    x = d[2][j]
+    v2 = ((x * (ONE if keep(x, u[2][j], q[2][j], A[2], B[2]) else ZERO)) * c[2]) * w[2]
+    x = d[3][j]
+    v3 = ((x * (ONE if keep(x, u[3][j], q[3][j], A[3], B[3]) else ZERO)) * c[3]) * w[3]
+    return (v0, v1 if present[1] else NEG_ZERO, v2 if present[2] else NEG_ZERO, v3 if present[3] else NEG_ZERO)
+
+
+@njit(cache=True, nogil=True)
+def _consensus_loop(keep, d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst):
+    """TIES disjoint merge per element: s = sign(Σvᵢ), s·Σ max(s·vᵢ, 0) ÷ Σ agreeing wᵢ (÷1 when ``keep_sum``), ×λ, + base."""
+    A0, A1, A2, A3 = A[0], A[1], A[2], A[3]
+    B0, B1, B2, B3 = B[0], B[1], B[2], B[3]
+    a, b = (A0, A1, A2, A3), (B0, B1, B2, B3)
+    w0, w1, w2, w3 = w
+    for j in range(dst.shape[0]):
+        v0, v1, v2, v3 = _inputs(keep, j, d, u, q, a, b, c, w, present)
+        S = ((v0 + v1) + v2) + v3
+        sgn = ONE if S >= ZERO else -ONE
+        g0 = v0 * sgn
+        g0 = g0 if g0 > ZERO else ZERO
+        g1 = v1 * sgn
+        g1 = g1 if g1 > ZERO else ZERO
+        g2 = v2 * sgn
+        g2 = g2 if g2 > ZERO else ZERO
+        g3 = v3 * sgn
+        g3 = g3 if g3 > ZERO else ZERO
+        mixed = ((((ZERO + g0) + g1) + g2) + g3) * sgn
+        dd = (((ZERO + (w0 if g0 > ZERO else ZERO)) + (w1 if g1 > ZERO else ZERO))
+              + (w2 if g2 > ZERO else ZERO)) + (w3 if g3 > ZERO else ZERO)
+        mixed = mixed / (ONE if keep_sum or dd == ZERO else dd)
+        dst[j] = bas[j] + mixed * lm
+
+
+@njit(cache=True, nogil=True)
+def _sum_loop(keep, d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    """Weighted sum per element: Σvᵢ in input order ÷ Σw (÷1 unless normalizing), ×λ, + base."""
+    a, b = (A[0], A[1], A[2], A[3]), (B[0], B[1], B[2], B[3])
+    for j in range(dst.shape[0]):
+        v0, v1, v2, v3 = _inputs(keep, j, d, u, q, a, b, c, w, present)
+        dst[j] = bas[j] + ((((v0 + v1) + v2) + v3) / tot) * lm
+
+
+@njit(cache=True, nogil=True)
+def _merge_block(D, R, F, base, out, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps,
                  weight, sc, consensus, normalize, use_total, total, use_lambda, lam, W, scratch):
     """One block of segment s with k inputs (``merge_segments``); W and scratch are reusable buffers."""
     m = end - start
@@ -157,7 +377,7 @@ def _merge_block(D, R, F, base, out, start, end, s, k, slot_model, mode, lo, hi,
     for i in range(k):  # W[i] = wᵢ·sparsify(δᵢ); S = Σᵢ W[i] in input order
         row = W[i, :m] if consensus else scratch[1, :m]
         delta, ranks, field = _views(D, R, F, slot_model[s, i], i, start, end)
-        _masked(row, delta, mode[s, i], lo[s, i], hi[s, i], thr[s, i], dme[s, i], eps[s, i], rowm1[s],
+        _masked(row, delta, mode[s, i], lo[s, i], hi[s, i], thr[s, i], dme[s, i], eps[s, i],
                 ranks, field, sc[i], weight[s, i], S, True, i == 0)
     if consensus and k <= 4:  # the same, for up to four inputs in one pass (padding rows add +0)
         _consensus4(W, m, k, weight[s], S, normalize[s])
@@ -245,27 +465,49 @@ def floor_segments(D, base, out, blocks, seg_blocks, s0, s1):
                 dst[j] = dst[j] + delta[j]
 
 
-class SegmentRunner:
-    """Runs a ``*_segments`` kernel over all segments, split by element count over ``threads`` threads.
+def della_q(ranks: np.ndarray, offsets: list[tuple[int, int]], row: np.ndarray) -> np.ndarray:
+    """q = (r/(n−1))·2 per element, in float32 as ``della_probability_table`` computes it; 0 in one-element rows.
 
-    The kernels release the GIL; each thread takes a contiguous run of whole segments, so results
-    do not depend on the split. Small models run on the calling thread (the hand-off costs more
-    than it saves).
+    ``ranks`` are flat DELLA row ranks [models, total], ``offsets`` each segment's [start, end) and
+    ``row`` its row length n. DELLA keeps an element where its field is below (density − ε) + q·ε.
     """
+    q = np.zeros(ranks.shape, dtype=np.float32)
+    for (a, e), n in zip(offsets, row):
+        if n >= 2:
+            q[:, a:e] = (ranks[:, a:e].astype(np.float32) / np.float32(n - 1)) * np.float32(2.0)
+    return q
 
-    MIN_ELEMENTS_PER_THREAD = 1 << 17
 
-    def __init__(self, numel: np.ndarray, threads: int):
-        total = int(numel.sum())
-        threads = max(1, min(threads, total // self.MIN_ELEMENTS_PER_THREAD, len(numel)))
-        cumulative = np.cumsum(numel)
-        cuts = sorted({int(np.searchsorted(cumulative, total * t / threads)) + 1 for t in range(1, threads)})
-        self.bounds = [0, *[c for c in cuts if 0 < c < len(numel)], len(numel)]
-        self.pool = ThreadPoolExecutor(len(self.bounds) - 2) if len(self.bounds) > 2 else None
+def segment_cuts(numel: np.ndarray, threads: int) -> np.ndarray:
+    """Boundaries of contiguous runs of whole segments with about equal element counts, one per thread.
 
-    def __call__(self, kernel, *args) -> None:
-        b = self.bounds
-        futures = [self.pool.submit(kernel, *args, b[t], b[t + 1]) for t in range(1, len(b) - 1)]
-        kernel(*args, b[0], b[1])
-        for f in futures:
-            f.result()
+    Each run is merged by one thread, so results do not depend on the split. Models of at most
+    ``MIN_ELEMENTS_PER_THREAD`` elements per thread get fewer runs (one: no threads at all).
+    """
+    total = int(numel.sum())
+    threads = max(1, min(threads, total // MIN_ELEMENTS_PER_THREAD, len(numel)))
+    cumulative = np.cumsum(numel)
+    cuts = sorted({int(np.searchsorted(cumulative, total * t / threads)) + 1 for t in range(1, threads)})
+    return np.array([0, *[c for c in cuts if 0 < c < len(numel)], len(numel)], dtype=np.int64)
+
+
+MIN_ELEMENTS_PER_THREAD = 1 << 17
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def merge_parallel(keep, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme,
+                   eps, seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda, lam, cuts):
+    """``merge_segments`` on numba's threads, one contiguous run of segments [cuts[t], cuts[t + 1]) each."""
+    blocked = 0
+    for t in prange(cuts.shape[0] - 1):
+        blocked += merge_segments(keep, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr,
+                       dme, eps, seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda,
+                       lam, cuts[t], cuts[t + 1])
+    return blocked
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def floor_parallel(D, base, out, blocks, seg_blocks, cuts):
+    """``floor_segments`` on numba's threads, split like ``merge_parallel``."""
+    for t in prange(cuts.shape[0] - 1):
+        floor_segments(D, base, out, blocks, seg_blocks, cuts[t], cuts[t + 1])
