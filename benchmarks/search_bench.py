@@ -34,6 +34,20 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _interleaved_medians(fns, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns``, timed in turn (a, b, c, a, b, c, ...) so that the
+    machine's drift (this shared VM varies by tens of percent from minute to minute) hits all alike."""
+    for fn in fns:
+        fn()  # warm-up (lazy statistics, allocator, numba threads)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
 def _median_time(fn, repeats: int) -> float:
     fn()  # warm-up (lazy order statistics, allocator)
     times = []
@@ -54,7 +68,7 @@ def _per_tensor_floor(builder) -> None:
         builder.params[name].copy_(acc)
 
 
-def build_speed(base, models: dict[str, str], repeats: int) -> list[tuple]:
+def build_speed(base, models: dict[str, str], repeats: int, mergekit_repeats: int) -> list[tuple]:
     """(method, build ms, floor ms, mergekit ms) for ties, dare_ties, della."""
     from mergekit.merge_methods.api import merge_state_dicts
 
@@ -69,11 +83,13 @@ def build_speed(base, models: dict[str, str], repeats: int) -> list[tuple]:
         builder.precompute()
         recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(base),
                                  models=models, num_layers=builder.num_layers, dtype="float32")
-        build = _median_time(lambda: builder.build(recipe), repeats)
-        stats = [builder.build(recipe) for _ in range(repeats)]
-        plan = statistics.median(s.plan for s in stats)
-        # the faster of the floor on the candidates' threads and on one thread (thread hand-off can cost more)
-        floor = min(_median_time(builder.floor, repeats), _median_time(lambda: builder.floor(threads=1), repeats))
+        plans = []
+        # the floor: the faster of the candidates' threads and one thread (thread hand-off can cost more)
+        build, floor_threads, floor_one = _interleaved_medians(
+            [lambda: plans.append(builder.build(recipe).plan), builder.floor, lambda: builder.floor(threads=1)],
+            repeats)
+        plan = statistics.median(plans)
+        floor = min(floor_threads, floor_one)
         eager_floor = _median_time(lambda: _per_tensor_floor(builder), repeats)
         # mergekit on the same resident float32 tensors (inputs = base + task vectors, as loaded)
         base_sd = dict(builder.base)
@@ -85,7 +101,7 @@ def build_speed(base, models: dict[str, str], repeats: int) -> list[tuple]:
         if method == "della":
             p["epsilon"] = {n: 0.1 for n in models}
         with torch.no_grad():
-            mk = _median_time(lambda: merge_state_dicts(sds, method, parameters=p, base="base"), max(1, repeats // 3))
+            mk = _median_time(lambda: merge_state_dicts(sds, method, parameters=p, base="base"), mergekit_repeats)
         rows.append((method, build * 1e3, plan * 1e3, floor * 1e3, eager_floor * 1e3, mk * 1e3))
         print(f"{method:10s} build {build * 1e3:8.2f} ms (plan {plan * 1e3:.2f})  floor {floor * 1e3:8.2f} ms "
               f"({build / floor:4.2f}x)  per-tensor floor {eager_floor * 1e3:8.2f} ms ({build / eager_floor:4.2f}x)  "
@@ -137,7 +153,8 @@ def main() -> None:
     ap.add_argument("--size", default="small")
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--space", default=str(ROOT / "search_spaces" / "task_arithmetic_per_layer.yaml"))
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=301, help="timed builds per method on the zoo (the ~170M "
+                    "models get 9)")
     ap.add_argument("--work", default="/tmp/evomerge-search-bench")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-build-speed", action="store_true", help="only the search-quality part")
@@ -157,11 +174,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     speed = {} if args.skip_build_speed else {
         f"`{args.size}` zoo (4 experts)": build_speed(zoo.base, {k: str(v) for k, v in zoo.experts.items()},
-                                                      args.repeats)}
+                                                      args.repeats, 15)}
     if args.large and not args.skip_build_speed:
         large = Path(args.large)
         speed["~170M Llama, bf16 files, float32 resident (2 fine-tunes)"] = build_speed(
-            large / "base", {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}, 3)
+            large / "base", {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}, 9, 1)
     cpu = "unknown CPU"
     try:
         cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
@@ -171,7 +188,8 @@ def main() -> None:
              f"Machine: {os.cpu_count()} CPU cores ({cpu}), no GPU; device cpu, float32. Date: {datetime.date.today()}.",
              f"Zoo: `{args.size}` (seed 0). Command: `python benchmarks/search_bench.py --size {args.size} "
              f"--trials {args.trials}" + (f" --large {args.large}" if args.large else "")
-             + (" --skip-build-speed" if args.skip_build_speed else "") + "`."]
+             + (" --skip-build-speed" if args.skip_build_speed else "")
+             + (" --skip-quality" if args.skip_quality else "") + "`."]
     if speed:
         lines += ["", "## Per-candidate build time (median)", "",
                   "| models | method | evomerge build ms | of which planning ms | floor ms (compiled pass) "

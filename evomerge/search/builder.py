@@ -194,9 +194,9 @@ class CandidateBuilder:
         empty32 = np.empty((0, 0), dtype=np.float32)
         self.flat_q = self.flat_sorted = self.prefix_field = empty32  # filled by ``_ensure_flat_stats``
         self.prefix_sum = np.empty((0, 0), dtype=np.float64)
-        self.keep_rule = {"magnitude": fk.keep_magnitude, "magnitude_outliers": fk.keep_magnitude,
-                          "random": fk.keep_field, "della_magprune": fk.keep_della}.get(self.variant.sparsification,
-                                                                                        fk.keep_field)
+        self.keep_rule = {"magnitude": fk.RULE_MAGNITUDE, "magnitude_outliers": fk.RULE_MAGNITUDE,
+                          "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
+                                                                                        fk.RULE_FIELD)
         self._before: np.ndarray | None = None  # float32 ‖δ‖₁ per segment and model
         self._templates: dict[str, PlanTemplate] = {}
         self._tables: dict[int, dict] = {}

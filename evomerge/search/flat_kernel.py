@@ -32,21 +32,15 @@ and writing base + Σδ: the least a candidate build can do with these buffers.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from numba import njit, prange
-from numba.core.errors import NumbaExperimentalFeatureWarning
 
 from evomerge.methods.l1_host import lane_sum
 
 from evomerge.methods.sparsify import L1_EPS
 
-# the parallel drivers pass the mask rule (a jitted function) on to their threads; numba calls that
-# "first-class function type, experimental" at compile time, and compiles it to a direct call
-warnings.filterwarnings("ignore", message=".*First-class function type", category=NumbaExperimentalFeatureWarning)
-
 MODE_ALL, MODE_NONE, MODE_RANKS, MODE_FIELD, MODE_DELLA = 0, 1, 2, 3, 4
+RULE_MAGNITUDE, RULE_FIELD, RULE_DELLA = 0, 1, 2  # a builder's mask family (``keep_*``)
 ONE = np.float32(1.0)
 L1_EPS32 = np.float32(L1_EPS)
 ZERO = np.float32(0.0)
@@ -123,7 +117,7 @@ def _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo, hi, thr, dme, eps, b
 
 
 @njit(cache=True, nogil=True)
-def merge_segments(keep, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme, eps,
+def merge_segments(rule, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme, eps,
                    seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda, lam, s0, s1):
     """out = base + λ·mix(wᵢ·sparsify(δᵢ)) for merged segments [s0, s1) (seg_k ≥ 0), one segment at a time.
 
@@ -131,7 +125,7 @@ def merge_segments(keep, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, 
     one to four inputs whose masks are all a comparison per element (``_keep_bounds``) is merged by
     ``_fused_segment`` in one vectorized pass; any other by blocks (``_merge_block``). Returns
     how many segments took the block path.
-    ``keep`` is the builder's mask family (``keep_magnitude``, ``keep_field`` or ``keep_della``);
+    ``rule`` is the builder's mask family (``RULE_MAGNITUDE``, ``RULE_FIELD`` or ``RULE_DELLA``);
     ``R`` the per-model statistic of the block path (ranks; DELLA's q), ``Q`` DELLA's q for the
     fused pass (any float32 [models, n] stand-in, e.g. ``D``, for the other families), ``SM``
     the sorted magnitudes (magnitude family), ``PU``/``PS`` DARE's sorted fields and prefix sums
@@ -154,10 +148,10 @@ def merge_segments(keep, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, 
         b0, b1 = seg_blocks[s, 0], seg_blocks[s, 1]
         start, end = blocks[b0, 1], blocks[b1 - 1, 2]
         fused = 0 < k <= 4 and _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, A, B)
-        _rescale_factors(keep, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k, slot_model, mode, lo, hi, thr,
+        _rescale_factors(rule, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k, slot_model, mode, lo, hi, thr,
                          dme, eps, rescale, before, sc, scratch[0])
         if fused:
-            _fused_segment(keep, D, Q, F, base, out, start, end, s, k, slot_model, A, B, sc, weight[s], consensus,
+            _fused_segment(rule, D, Q, F, base, out, start, end, s, k, slot_model, A, B, sc, weight[s], consensus,
                            normalize[s], use_total[s], total[s], use_lambda[s], lam[s])
             continue
         blocked += 1
@@ -168,7 +162,7 @@ def merge_segments(keep, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, 
 
 
 @njit(cache=True, nogil=True)
-def _rescale_factors(keep, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k, slot_model, mode, lo, hi, thr, dme,
+def _rescale_factors(rule, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k, slot_model, mode, lo, hi, thr, dme,
                      eps, rescale, before, sc, scratch):
     """sc[i] = ‖δᵢ‖₁/‖mᵢ⊙δᵢ‖₁ for the inputs of segment s (1 where not rescaled), as ``apply_mask`` computes it.
 
@@ -188,7 +182,12 @@ def _rescale_factors(keep, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k
             after = _prefix_l1(PU[i, start:end], PS[i, start:end], thr[s, i])
         if after < ZERO and fused:
             field = F[i] if F.shape[0] else D[mi]
-            after = _masked_l1(keep, D[mi], field, Q[mi], A[i], B[i], blocks, b0, b1, scratch)
+            if rule == RULE_MAGNITUDE:
+                after = _masked_l1_magnitude(D[mi], field, Q[mi], A[i], B[i], blocks, b0, b1, scratch)
+            elif rule == RULE_FIELD:
+                after = _masked_l1_field(D[mi], field, Q[mi], A[i], B[i], blocks, b0, b1, scratch)
+            else:
+                after = _masked_l1_della(D[mi], field, Q[mi], A[i], B[i], blocks, b0, b1, scratch)
         if after < ZERO:
             sc[i] = _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo[s, i], hi[s, i], thr[s, i], dme[s, i],
                                     eps[s, i], before[s, mi], scratch)
@@ -196,7 +195,7 @@ def _rescale_factors(keep, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k
             sc[i] = before[s, mi] / after
 
 
-@njit(cache=True, nogil=True)
+@njit(inline="always")
 def _masked_l1(keep, delta, field, q, a, b, blocks, b0, b1, scratch):
     """float32 ‖m⊙δ‖₁ over blocks [b0, b1) with m = keep(δ, field, q, a, b): ``l1_norm``'s order, one vectorized loop per block."""
     total = 0.0
@@ -285,7 +284,7 @@ def keep_della(x, u, q, a, b):
 
 
 @njit(cache=True, nogil=True)
-def _fused_segment(keep, D, Q, F, base, out, start, end, s, k, slot_model, A, B, sc, w, consensus, normalize,
+def _fused_segment(rule, D, Q, F, base, out, start, end, s, k, slot_model, A, B, sc, w, consensus, normalize,
                    use_total, total, use_lambda, lam):
     """Segment s with 1-4 inputs in one pass per element: the same float32 operations as ``_merge_block``.
 
@@ -306,11 +305,20 @@ def _fused_segment(keep, D, Q, F, base, out, start, end, s, k, slot_model, A, B,
     ws = (w[0], w[r1], w[r2], w[r3])
     present = (True, k > 1, k > 2, k > 3)
     lm = lam if use_lambda else ONE
-    if consensus:
-        _consensus_loop(keep, d, u, q, A, B, c, ws, present, not normalize, lm, base[start:end], out[start:end])
+    bas, dst = base[start:end], out[start:end]
+    tot = total if (normalize and use_total) else ONE
+    if consensus and rule == RULE_MAGNITUDE:
+        _consensus_magnitude(d, u, q, A, B, c, ws, present, not normalize, lm, bas, dst)
+    elif consensus and rule == RULE_FIELD:
+        _consensus_field(d, u, q, A, B, c, ws, present, not normalize, lm, bas, dst)
+    elif consensus:
+        _consensus_della(d, u, q, A, B, c, ws, present, not normalize, lm, bas, dst)
+    elif rule == RULE_MAGNITUDE:
+        _sum_magnitude(d, u, q, A, B, c, ws, present, tot, lm, bas, dst)
+    elif rule == RULE_FIELD:
+        _sum_field(d, u, q, A, B, c, ws, present, tot, lm, bas, dst)
     else:
-        tot = total if (normalize and use_total) else ONE
-        _sum_loop(keep, d, u, q, A, B, c, ws, present, tot, lm, base[start:end], out[start:end])
+        _sum_della(d, u, q, A, B, c, ws, present, tot, lm, bas, dst)
 
 
 @njit(inline="always")
@@ -327,7 +335,7 @@ def _inputs(keep, j, d, u, q, A, B, c, w, present):
     return (v0, v1 if present[1] else NEG_ZERO, v2 if present[2] else NEG_ZERO, v3 if present[3] else NEG_ZERO)
 
 
-@njit(cache=True, nogil=True)
+@njit(inline="always")
 def _consensus_loop(keep, d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst):
     """TIES disjoint merge per element: s = sign(Σvᵢ), s·Σ max(s·vᵢ, 0) ÷ Σ agreeing wᵢ (÷1 when ``keep_sum``), ×λ, + base."""
     A0, A1, A2, A3 = A[0], A[1], A[2], A[3]
@@ -353,13 +361,60 @@ def _consensus_loop(keep, d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst):
         dst[j] = bas[j] + mixed * lm
 
 
-@njit(cache=True, nogil=True)
+@njit(inline="always")
 def _sum_loop(keep, d, u, q, A, B, c, w, present, tot, lm, bas, dst):
     """Weighted sum per element: Σvᵢ in input order ÷ Σw (÷1 unless normalizing), ×λ, + base."""
     a, b = (A[0], A[1], A[2], A[3]), (B[0], B[1], B[2], B[3])
     for j in range(dst.shape[0]):
         v0, v1, v2, v3 = _inputs(keep, j, d, u, q, a, b, c, w, present)
         dst[j] = bas[j] + ((((v0 + v1) + v2) + v3) / tot) * lm
+
+
+# One compiled copy of each loop per mask rule (the rule inlined, so the loop vectorizes); plain
+# functions, not a rule passed as an argument, so that numba's on-disk cache can hold them.
+@njit(cache=True, nogil=True)
+def _consensus_magnitude(d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst):
+    _consensus_loop(keep_magnitude, d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst)
+
+
+@njit(cache=True, nogil=True)
+def _consensus_field(d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst):
+    _consensus_loop(keep_field, d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst)
+
+
+@njit(cache=True, nogil=True)
+def _consensus_della(d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst):
+    _consensus_loop(keep_della, d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst)
+
+
+@njit(cache=True, nogil=True)
+def _sum_magnitude(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    _sum_loop(keep_magnitude, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
+
+
+@njit(cache=True, nogil=True)
+def _sum_field(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    _sum_loop(keep_field, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
+
+
+@njit(cache=True, nogil=True)
+def _sum_della(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    _sum_loop(keep_della, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
+
+
+@njit(cache=True, nogil=True)
+def _masked_l1_magnitude(delta, field, q, a, b, blocks, b0, b1, scratch):
+    return _masked_l1(keep_magnitude, delta, field, q, a, b, blocks, b0, b1, scratch)
+
+
+@njit(cache=True, nogil=True)
+def _masked_l1_field(delta, field, q, a, b, blocks, b0, b1, scratch):
+    return _masked_l1(keep_field, delta, field, q, a, b, blocks, b0, b1, scratch)
+
+
+@njit(cache=True, nogil=True)
+def _masked_l1_della(delta, field, q, a, b, blocks, b0, b1, scratch):
+    return _masked_l1(keep_della, delta, field, q, a, b, blocks, b0, b1, scratch)
 
 
 @njit(cache=True, nogil=True)
@@ -495,12 +550,12 @@ MIN_ELEMENTS_PER_THREAD = 1 << 17
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def merge_parallel(keep, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme,
+def merge_parallel(rule, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme,
                    eps, seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda, lam, cuts):
     """``merge_segments`` on numba's threads, one contiguous run of segments [cuts[t], cuts[t + 1]) each."""
     blocked = 0
     for t in prange(cuts.shape[0] - 1):
-        blocked += merge_segments(keep, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr,
+        blocked += merge_segments(rule, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr,
                        dme, eps, seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda,
                        lam, cuts[t], cuts[t + 1])
     return blocked
