@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from evomerge.methods import METHODS, MergeMethod, get_method
 from evomerge.yamlfile import parse_yaml_mapping, read_yaml_mapping
@@ -142,6 +142,7 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     chat_template: str | None = None
     name: str | None = None
+    _structure: tuple | None = PrivateAttr(default=None)
 
     @field_validator("dtype", "out_dtype", mode="before")
     @classmethod
@@ -152,6 +153,22 @@ class Recipe(_Strict):
     @property
     def method(self) -> MergeMethod:
         return get_method(self.merge_method)
+
+    def stamp_structure(self, signature: str) -> "Recipe":
+        """Record the structure signature (``search.fast_plan.structure_signature``) its producer knows it has.
+
+        The stamp lapses when ``models``, ``slices`` or ``parameters`` is replaced (``model_copy``
+        with an update); it is for producers whose outputs share one structure by construction.
+        """
+        self._structure = (signature, id(self.models), id(self.slices), id(self.parameters))
+        return self
+
+    def stamped_structure(self) -> str | None:
+        """The signature given to ``stamp_structure``, if still valid."""
+        stamp = self.__pydantic_private__["_structure"]  # (pydantic's attribute route costs microseconds)
+        if stamp is None or stamp[1:] != (id(self.models), id(self.slices), id(self.parameters)):
+            return None
+        return stamp[0]
 
     def referenced_models(self) -> list[str]:
         """Every model path the recipe names, base first, without duplicates, in order."""

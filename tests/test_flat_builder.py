@@ -298,3 +298,21 @@ def test_dare_norm_from_prefix_sums_is_the_engines_or_declined():
     tie = fk._prefix_l1(np.array([0.1, 0.2], dtype=np.float32), np.array([1.0, 1.0 + 2.0 ** -24]),
                         np.float32(0.5))
     assert tie == -1
+
+
+def test_inputs_with_nan_are_refused_at_load(llama_family, tmp_path):
+    """Like ``evomerge merge``, the builder refuses a model holding NaN, naming the model and the tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.engine import MergeError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_family["ft1"], bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.1.self_attn.q_proj.weight"][2, 3] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergeError, match=r"bad.*model\.layers\.1\.self_attn\.q_proj\.weight.*NaN"):
+        CandidateBuilder(llama_family["base"], {"a": str(llama_family["ft0"]), "b": str(bad)}, method="ties",
+                         device="cpu")

@@ -37,7 +37,7 @@ import torch
 import numpy as np
 
 from evomerge.checkpoint import ModelReader
-from evomerge.engine import MergePlan, TensorTask, plan_merge, resolve_device
+from evomerge.engine import MergeError, MergePlan, TensorTask, all_finite, plan_merge, resolve_device
 from evomerge.methods import della_ranks, flat_ranks, random_field
 from evomerge.methods.l1 import L1_BLOCK, l1_norm
 from evomerge.methods.task_arithmetic import VARIANTS, merge_task_vectors
@@ -106,13 +106,18 @@ class CandidateBuilder:
             b = self.flat_base[a:e].view(shapes[name])
             # inputs are read as the engine reads them for recipes of this dtype (cast to it), then held in float32
             b.copy_(base_reader.get_tensor(name, dtype=self.model_dtype))
+            _check_finite_input(b, self.base_dir, name)
             self.base[name] = b
             for i, p in enumerate(self.model_paths.values()):
                 reader = self.readers[p]
                 view = self.flat_inputs[i, a:e].view(shapes[name])
                 view.copy_(reader.get_tensor(reader.resolve_tied(name), dtype=self.model_dtype))
+                _check_finite_input(view, p, name)  # as ``evomerge merge`` refuses them; the kernels assume it
                 if self.variant:
                     view.sub_(b)  # the task vector δ = x − base
+                    if not all_finite(view):
+                        raise MergeError(f"model '{p}': tensor {name}: its difference from the base model "
+                                         f"overflows float32")
                 self.inputs[p][name] = view
         self.load_seconds = time.perf_counter() - t0
         self._flat_ranks: dict[tuple[str, str], torch.Tensor] = {}
@@ -197,6 +202,8 @@ class CandidateBuilder:
         self.keep_rule = {"magnitude": fk.RULE_MAGNITUDE, "magnitude_outliers": fk.RULE_MAGNITUDE,
                           "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
                                                                                         fk.RULE_FIELD)
+        self.sparsification = fk.SPARSIFICATION[self.variant.sparsification]
+        self._refresh_buffers()
         self._before: np.ndarray | None = None  # float32 ‖δ‖₁ per segment and model
         self._templates: dict[str, PlanTemplate] = {}
         self._tables: dict[int, dict] = {}
@@ -246,6 +253,19 @@ class CandidateBuilder:
                         order = np.argsort(F[i, a:e], kind="stable")
                         self.prefix_field[i, a:e] = F[i, a:e][order]
                         np.cumsum(np.abs(D[i, a:e][order]).astype(np.float64), out=self.prefix_sum[i, a:e])
+        self._refresh_buffers()
+
+    def _refresh_buffers(self) -> None:
+        """The kernel's buffers as numpy arrays (D, R, Q, F, SM, PU, PS, base, out; absent ones empty)."""
+        D = self.flat_inputs.numpy()
+        if self.flat_q.shape[0]:  # DELLA: both the block path and the fused pass read q
+            R = Q = self.flat_q
+        else:
+            R = self.flat_ranks.numpy() if self.flat_ranks is not None else np.empty((0, 0), dtype=np.int32)
+            Q = D  # a stand-in: only DELLA's rule reads q
+        F = self.flat_fields.numpy() if self.flat_fields is not None else np.empty((0, 0), dtype=np.float32)
+        self._buffers = (D, R, Q, F, self.flat_sorted, self.prefix_field, self.prefix_sum, self.flat_base.numpy(),
+                         self.flat_out.numpy())
 
     def _before_norms(self) -> np.ndarray:
         """‖δ‖₁ of every segment and model (float32, the engine's ``l1_norm``), computed once."""
@@ -292,8 +312,25 @@ class CandidateBuilder:
             dtype = tmpl.plan._out_dtype_of(task)
             if dtype != torch.float32:
                 rounding.append((si, dtype))
+        # per segment and slot, where each parameter's value sits in the template's value vector
+        rows = np.where(seg_task >= 0, seg_task, 0)
+        def index(name: str) -> np.ndarray:
+            if name in tmpl.model_index:
+                return np.ascontiguousarray(tmpl.model_index[name][rows][:, :slots])
+            if name in tmpl.global_index:
+                return tmpl.global_index[name][rows]
+            return np.full(n_seg, tmpl.zero_slot, dtype=np.int64)  # not a parameter of this method
+        model = {n: index(n) if n in tmpl.model_index else np.full((n_seg, slots), tmpl.zero_slot, dtype=np.int64)
+                 for n in ("weight", "density", "gamma", "epsilon")}
+        indices = (*model.values(), *(index(n) for n in ("normalize", "rescale", "lambda")))
+        self._ensure_flat_stats(slots)
+        shape = (n_seg, slots)  # the candidate's tables, filled by ``segment_tables`` for each candidate
+        tables = (np.zeros(shape, dtype=np.int8), np.zeros(shape, dtype=np.int32), np.zeros(shape, dtype=np.int32),
+                  *(np.zeros(shape, dtype=np.float32) for _ in range(4)),
+                  *(np.zeros(n_seg, dtype=np.bool_) for _ in range(3)), np.zeros(n_seg, dtype=np.float32))
         table = dict(template=tmpl, seg_task=seg_task, seg_k=seg_k, slot_model=slot_model, slots=slots,
-                     leftover=leftover, rounding=rounding, active=seg_task >= 0)
+                     leftover=leftover, rounding=rounding, active=seg_task >= 0, indices=indices, tables=tables,
+                     use_total=np.zeros(n_seg, dtype=np.bool_), total=np.ones(n_seg, dtype=np.float32))
         self._tables[key] = table
         return table
 
@@ -310,39 +347,20 @@ class CandidateBuilder:
         tmpl = self._template(recipe)
         if tmpl.method.name != self.method:
             raise ValueError(f"builder was set up for '{self.method}', recipe uses '{tmpl.method.name}'")
-        model_vals, glob_vals = tmpl.values(recipe)
+        vector = tmpl.vector(recipe)
         st = self._structure(tmpl)
-        stats.plan = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        seg_task, seg_k, slots, active = st["seg_task"], st["seg_k"], st["slots"], st["active"]
-        rows = np.where(active, seg_task, 0)
-        slot_ok = np.arange(slots)[None, :] < np.maximum(seg_k, 0)[:, None]
-        d = model_vals["density"][rows][:, :slots]
-        w = model_vals["weight"][rows][:, :slots]
-        self._ensure_flat_stats(slots)
-        tabs = _mask_tables(self.variant.sparsification, d, model_vals, rows, slots, self.numel, self.row)
-        mode, lo, hi, thr, dme, eps = tabs
-        lo, hi = lo.astype(np.int32), hi.astype(np.int32)  # ranks are int32: 32-bit compares
-        weight = np.where(slot_ok, w, 0.0).astype(np.float32)
-        normalize = glob_vals["normalize"][rows] != 0
-        rescale = glob_vals["rescale"][rows] != 0
-        lam64 = glob_vals["lambda"][rows]
-        use_lambda, lam = lam64 != 1, lam64.astype(np.float32)
-        use_total = np.zeros(len(self.names), dtype=np.bool_)
-        total = np.ones(len(self.names), dtype=np.float32)
+        seg_k, active = st["seg_k"], st["active"]
+        tables = st["tables"]
+        fk.segment_tables(self.sparsification, vector, *st["indices"], seg_k, self.numel, self.row, *tables)
+        mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda, lam = tables
+        use_total, total = st["use_total"], st["total"]
         if not self.variant.consensus and normalize.any():
             for si in np.flatnonzero(active & normalize):
-                use_total[si], total[si] = self._weight_total(tuple(float(x) for x in w[si, : seg_k[si]]))
-        D = self.flat_inputs.numpy()
-        if self.flat_q.shape[0]:  # DELLA: both the block path and the fused pass read q
-            R = Q = self.flat_q
-        else:
-            R = self.flat_ranks.numpy() if self.flat_ranks is not None else np.empty((0, 0), dtype=np.int32)
-            Q = D
-        F = self.flat_fields.numpy() if self.flat_fields is not None else np.empty((0, 0), dtype=np.float32)
-        before = self._before_norms() if (rescale & active).any() else np.zeros((1, 1), dtype=np.float32)
-        args = (self.keep_rule, D, R, Q, F, self.flat_sorted, self.prefix_field, self.prefix_sum,
-                self.flat_base.numpy(), self.flat_out.numpy(), self.blocks, self.seg_blocks, st["slot_model"], mode,
+                use_total[si], total[si] = self._weight_total(tuple(float(x) for x in weight[si, : seg_k[si]]))
+        before = self._before_norms() if rescale.any() else np.zeros((1, 1), dtype=np.float32)
+        stats.plan = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        args = (self.keep_rule, *self._buffers, self.blocks, self.seg_blocks, st["slot_model"], mode,
                 lo, hi, thr, dme, eps, seg_k, weight, rescale, before, self.variant.consensus, normalize, use_total,
                 total, use_lambda, lam)
         if len(self.cuts) > 2:
@@ -350,6 +368,16 @@ class CandidateBuilder:
         else:
             blocked = fk.merge_segments(*args, 0, len(self.names))
         stats.extra["block_segments"] = int(blocked)  # merged by blocks, not in one fused pass
+        if st["rounding"] or not self.aliased or st["leftover"]:
+            with torch.inference_mode():
+                self._finish_flat(recipe, st)
+        stats.tensors = int(active.sum()) + len(st["leftover"])
+        stats.merge = time.perf_counter() - t1
+
+    def _finish_flat(self, recipe: Recipe, st: dict) -> None:
+        """What the flat pass leaves to torch: casts to the recipe's dtype, copies into unaliased
+        parameters, and tensors it cannot take (merged one by one)."""
+        active = st["active"]
         for si, dtype in st["rounding"]:  # the engine casts to the recipe's dtype; the model holds float32
             a, e = self.offsets[self.names[si]]
             self.flat_out[a:e] = self.flat_out[a:e].to(dtype).to(torch.float32)
@@ -363,21 +391,24 @@ class CandidateBuilder:
             for task in plan.tasks:
                 if task.name not in self.seg_index or not active[self.seg_index[task.name]]:
                     self.params[task.name].copy_(self.merge_tensor(plan, task))
-        stats.tensors = int(active.sum()) + len(st["leftover"])
-        stats.merge = time.perf_counter() - t1
 
     # -- building ---------------------------------------------------------------------------------
     def plan(self, recipe: Recipe) -> MergePlan:
         """The engine's plan of ``recipe`` against the resident models' headers."""
         return plan_merge(recipe, readers=self.readers)
 
-    @torch.inference_mode()
     def build(self, recipe: Recipe) -> BuildStats:
         """Write the merge of ``recipe`` into the live model's parameters, in place."""
         stats = BuildStats()
-        if self.flat:
+        if self.flat:  # numpy and compiled code on the flat buffers; torch (inference mode) only for leftovers
             self._build_flat(recipe, stats)
             return stats
+        with torch.inference_mode():
+            self._build_tensors(recipe, stats)
+        return stats
+
+    def _build_tensors(self, recipe: Recipe, stats: BuildStats) -> None:
+        """Tensor by tensor through ``merge_tensor``."""
         t0 = time.perf_counter()
         plan = self.plan(recipe)
         if plan.method.name != self.method:
@@ -391,7 +422,6 @@ class CandidateBuilder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stats.merge = time.perf_counter() - t1
-        return stats
 
     def _same_tensor(self, task: TensorTask) -> bool:
         """Whether every input of ``task`` is the output tensor itself in its model (no layer shift)."""
@@ -493,53 +523,7 @@ class CandidateBuilder:
             r.close()
 
 
-def _mask_tables(sparsification: str | None, d: np.ndarray, model_vals: dict, rows: np.ndarray, slots: int,
-                 numel: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per segment and input: the mask rule (``flat_kernel.MODE_*``) and its constants.
-
-    The same integer arithmetic as ``magnitude_keep_count`` / ``breadcrumbs_window`` and the same
-    float32 casts as ``dare_mask`` / ``della_probability_table``, vectorized.
-    """
-    shape = d.shape
-    mode = np.full(shape, fk.MODE_ALL, dtype=np.int8)
-    lo = np.zeros(shape, dtype=np.int64)
-    hi = np.zeros(shape, dtype=np.int64)
-    thr = np.zeros(shape, dtype=np.float32)
-    dme = np.zeros(shape, dtype=np.float32)
-    eps = np.zeros(shape, dtype=np.float32)
-    n = numel[:, None].astype(np.int64)
-    sparse = d < 1
-    if sparsification is None:
-        return mode, lo, hi, thr, dme, eps
-    if sparsification in ("magnitude", "magnitude_outliers"):
-        if sparsification == "magnitude":  # keep the top k = max(1, int(density·n))
-            k = np.maximum(1, np.trunc(d * n)).astype(np.int64)
-            low, high = n - k, np.broadcast_to(n, shape)
-            none = (d <= 0) | (n == 0)
-        else:  # breadcrumbs: [n_bot, n_bot + int(density·n)) after dropping int(gamma·n) outliers
-            gamma = model_vals["gamma"][rows][:, :slots]
-            target = np.trunc(d * n).astype(np.int64)
-            n_top = np.trunc(gamma * n).astype(np.int64)
-            low = np.maximum(0, n - target - n_top)
-            high = low + target
-            none = low >= high
-        everything = (low <= 0) & (high >= n)
-        mode[sparse] = fk.MODE_RANKS
-        mode[sparse & everything] = fk.MODE_ALL
-        mode[sparse & none] = fk.MODE_NONE
-        lo[:], hi[:] = low, high
-    elif sparsification == "random":
-        mode[sparse] = fk.MODE_FIELD
-        thr[:] = d.astype(np.float32)
-    elif sparsification == "della_magprune":
-        epsilon = model_vals["epsilon"][rows][:, :slots]
-        single = np.broadcast_to((row < 2)[:, None], shape)
-        mode[sparse] = fk.MODE_DELLA
-        mode[sparse & single] = fk.MODE_FIELD  # one-element rows keep with p = density
-        mode[sparse & (d <= 0)] = fk.MODE_NONE
-        thr[:] = d.astype(np.float32)
-        dme[:] = (d - epsilon).astype(np.float32)
-        eps[:] = epsilon.astype(np.float32)
-    else:
-        raise ValueError(f"unknown sparsification {sparsification!r}")
-    return mode, lo, hi, thr, dme, eps
+def _check_finite_input(x: torch.Tensor, model: str, name: str) -> None:
+    """``evomerge merge``'s refusal of inputs with NaN or infinite values, at load time."""
+    if not all_finite(x):
+        raise MergeError(f"model '{model}': tensor {name} contains NaN or infinite values")

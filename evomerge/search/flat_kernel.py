@@ -41,11 +41,60 @@ from evomerge.methods.sparsify import L1_EPS
 
 MODE_ALL, MODE_NONE, MODE_RANKS, MODE_FIELD, MODE_DELLA = 0, 1, 2, 3, 4
 RULE_MAGNITUDE, RULE_FIELD, RULE_DELLA = 0, 1, 2  # a builder's mask family (``keep_*``)
+# a method's sparsification, for ``segment_tables``
+SPARSIFICATION = {None: 0, "magnitude": 1, "magnitude_outliers": 2, "random": 3, "della_magprune": 4}
 ONE = np.float32(1.0)
 L1_EPS32 = np.float32(L1_EPS)
 ZERO = np.float32(0.0)
 NEG_ZERO = np.float32(-0.0)
 TWO = np.float32(2.0)
+
+
+@njit(cache=True, nogil=True)
+def segment_tables(sparsification, vector, i_weight, i_density, i_gamma, i_epsilon, i_normalize, i_rescale,
+                   i_lambda, seg_k, numel, row, mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda,
+                   lam):
+    """Fill one candidate's per-segment tables from its value vector (``PlanTemplate.vector``).
+
+    ``i_*`` index the vector per segment and input slot ([segments, slots]) or per segment
+    (normalize, rescale, lambda). Written: each input's mask rule ``mode`` (``MODE_*``) and its
+    constants (``lo``, ``hi``, ``thr``, ``dme``, ``eps``), with the same integer arithmetic as
+    ``magnitude_keep_count`` / ``breadcrumbs_window`` and the same float32 casts as ``dare_mask``
+    / ``della_probability_table``; ``weight`` (0 beyond a segment's inputs); the flags; λ.
+    """
+    n_seg, slots = i_weight.shape
+    for s in range(n_seg):
+        normalize[s] = vector[i_normalize[s]] != 0
+        rescale[s] = vector[i_rescale[s]] != 0
+        lam64 = vector[i_lambda[s]]
+        use_lambda[s], lam[s] = lam64 != 1, np.float32(lam64)
+        n = numel[s]
+        for i in range(slots):
+            weight[s, i] = np.float32(vector[i_weight[s, i]]) if i < seg_k[s] else ZERO
+            d = vector[i_density[s, i]]
+            md, low, high, t, a, e32 = MODE_ALL, 0, 0, ZERO, ZERO, ZERO
+            if sparsification == 0 or not d < 1:
+                pass
+            elif sparsification == 1 or sparsification == 2:
+                if sparsification == 1:  # TIES: keep the top k = max(1, int(density·n))
+                    low, high = n - max(1, int(d * n)), n
+                    none = d <= 0 or n == 0
+                else:  # breadcrumbs: [n_bot, n_bot + int(density·n)) after dropping int(gamma·n) outliers
+                    target = int(d * n)
+                    low = max(0, n - target - int(vector[i_gamma[s, i]] * n))
+                    high = low + target
+                    none = low >= high
+                if none:
+                    md = MODE_NONE
+                elif not (low <= 0 and high >= n):
+                    md = MODE_RANKS
+            elif sparsification == 3:  # DARE
+                md, t = MODE_FIELD, np.float32(d)
+            else:  # DELLA; one-element rows keep with p = density
+                e = vector[i_epsilon[s, i]]
+                md = MODE_NONE if d <= 0 else (MODE_FIELD if row[s] < 2 else MODE_DELLA)
+                t, a, e32 = np.float32(d), np.float32(d - e), np.float32(e)
+            mode[s, i], lo[s, i], hi[s, i], thr[s, i], dme[s, i], eps[s, i] = md, low, high, t, a, e32
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -307,12 +356,15 @@ def _fused_segment(rule, D, Q, F, base, out, start, end, s, k, slot_model, A, B,
     lm = lam if use_lambda else ONE
     bas, dst = base[start:end], out[start:end]
     tot = total if (normalize and use_total) else ONE
+    if consensus:  # missing inputs weigh 0 (so agree with no sign); the divisor sums 0s when not normalizing
+        ws = (w[0], w[1] if k > 1 else ZERO, w[2] if k > 2 else ZERO, w[3] if k > 3 else ZERO)
+        wd = ws if normalize else (ZERO, ZERO, ZERO, ZERO)
     if consensus and rule == RULE_MAGNITUDE:
-        _consensus_magnitude(d, u, q, A, B, c, ws, present, not normalize, lm, bas, dst)
+        _consensus_magnitude(d, u, q, A, B, c, ws, wd, lm, bas, dst)
     elif consensus and rule == RULE_FIELD:
-        _consensus_field(d, u, q, A, B, c, ws, present, not normalize, lm, bas, dst)
+        _consensus_field(d, u, q, A, B, c, ws, wd, lm, bas, dst)
     elif consensus:
-        _consensus_della(d, u, q, A, B, c, ws, present, not normalize, lm, bas, dst)
+        _consensus_della(d, u, q, A, B, c, ws, wd, lm, bas, dst)
     elif rule == RULE_MAGNITUDE:
         _sum_magnitude(d, u, q, A, B, c, ws, present, tot, lm, bas, dst)
     elif rule == RULE_FIELD:
@@ -336,29 +388,54 @@ def _inputs(keep, j, d, u, q, A, B, c, w, present):
 
 
 @njit(inline="always")
-def _consensus_loop(keep, d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst):
-    """TIES disjoint merge per element: s = sign(Σvᵢ), s·Σ max(s·vᵢ, 0) ÷ Σ agreeing wᵢ (÷1 when ``keep_sum``), ×λ, + base."""
-    A0, A1, A2, A3 = A[0], A[1], A[2], A[3]
-    B0, B1, B2, B3 = B[0], B[1], B[2], B[3]
-    a, b = (A0, A1, A2, A3), (B0, B1, B2, B3)
+def _consensus_loop(keep, d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """TIES disjoint merge per element, bit for bit what ``_merge_block`` computes, in fewer operations.
+
+    vᵢ = (δᵢ·scᵢ)·wᵢ where kept, else 0; σ = sign(Σvᵢ) (+1 for ±0); m = the vᵢ with vᵢ·σ > 0 added
+    in input order to σ·0; dd = their wdᵢ added to 0 (wd = w when normalizing, else 0s);
+    out = base + (m ÷ (dd, or 1 when dd = 0))·λ.
+
+    Why it equals ``_merge_block``'s σ·Σᵢ max(σ·((δᵢ·keepᵢ)·scᵢ)·wᵢ, 0) ÷ Σ agreeing wᵢ: a dropped
+    input's value there is ±0, which can change neither σ (both zeros are ≥ 0) nor agree
+    (σ·±0 > 0 is false), so 0 serves; the agreeing terms all have σ's sign and negation commutes
+    with rounding, so summing them signed from σ·0 gives σ·(the sum of magnitudes from +0)
+    exactly, zero included; the skipped +0 terms change neither sum (neither is ever −0 there).
+    Missing inputs come with weight 0 (agree never). δ and sc are finite (the builder checks δ).
+    """
+    a0, a1, a2, a3 = A[0], A[1], A[2], A[3]
+    b0, b1, b2, b3 = B[0], B[1], B[2], B[3]
+    c0, c1, c2, c3 = c
     w0, w1, w2, w3 = w
+    e0, e1, e2, e3 = wd
+    d0, d1, d2, d3 = d
+    u0, u1, u2, u3 = u
+    q0, q1, q2, q3 = q
     for j in range(dst.shape[0]):
-        v0, v1, v2, v3 = _inputs(keep, j, d, u, q, a, b, c, w, present)
+        x = d0[j]
+        v0 = (x * c0) * w0 if keep(x, u0[j], q0[j], a0, b0) else ZERO
+        x = d1[j]
+        v1 = (x * c1) * w1 if keep(x, u1[j], q1[j], a1, b1) else ZERO
+        x = d2[j]
+        v2 = (x * c2) * w2 if keep(x, u2[j], q2[j], a2, b2) else ZERO
+        x = d3[j]
+        v3 = (x * c3) * w3 if keep(x, u3[j], q3[j], a3, b3) else ZERO
         S = ((v0 + v1) + v2) + v3
-        sgn = ONE if S >= ZERO else -ONE
-        g0 = v0 * sgn
-        g0 = g0 if g0 > ZERO else ZERO
-        g1 = v1 * sgn
-        g1 = g1 if g1 > ZERO else ZERO
-        g2 = v2 * sgn
-        g2 = g2 if g2 > ZERO else ZERO
-        g3 = v3 * sgn
-        g3 = g3 if g3 > ZERO else ZERO
-        mixed = ((((ZERO + g0) + g1) + g2) + g3) * sgn
-        dd = (((ZERO + (w0 if g0 > ZERO else ZERO)) + (w1 if g1 > ZERO else ZERO))
-              + (w2 if g2 > ZERO else ZERO)) + (w3 if g3 > ZERO else ZERO)
-        mixed = mixed / (ONE if keep_sum or dd == ZERO else dd)
-        dst[j] = bas[j] + mixed * lm
+        sg = ONE if S >= ZERO else -ONE
+        m = ZERO * sg
+        dd = ZERO
+        t = v0 * sg > ZERO
+        m = m + v0 if t else m
+        dd = dd + e0 if t else dd
+        t = v1 * sg > ZERO
+        m = m + v1 if t else m
+        dd = dd + e1 if t else dd
+        t = v2 * sg > ZERO
+        m = m + v2 if t else m
+        dd = dd + e2 if t else dd
+        t = v3 * sg > ZERO
+        m = m + v3 if t else m
+        dd = dd + e3 if t else dd
+        dst[j] = bas[j] + (m / (ONE if dd == ZERO else dd)) * lm
 
 
 @njit(inline="always")
@@ -373,18 +450,18 @@ def _sum_loop(keep, d, u, q, A, B, c, w, present, tot, lm, bas, dst):
 # One compiled copy of each loop per mask rule (the rule inlined, so the loop vectorizes); plain
 # functions, not a rule passed as an argument, so that numba's on-disk cache can hold them.
 @njit(cache=True, nogil=True)
-def _consensus_magnitude(d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst):
-    _consensus_loop(keep_magnitude, d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst)
+def _consensus_magnitude(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    _consensus_loop(keep_magnitude, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
-def _consensus_field(d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst):
-    _consensus_loop(keep_field, d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst)
+def _consensus_field(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    _consensus_loop(keep_field, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
-def _consensus_della(d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst):
-    _consensus_loop(keep_della, d, u, q, A, B, c, w, present, keep_sum, lm, bas, dst)
+def _consensus_della(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    _consensus_loop(keep_della, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)

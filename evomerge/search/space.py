@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from evomerge.methods import METHODS, get_method
 from evomerge.recipe import Recipe, _pydantic_message, _suggest, _validate_scalar
@@ -73,6 +73,7 @@ class SearchSpace(BaseModel):
     search: dict[str, Range] = Field(min_length=1)
     fixed: dict[str, float | bool] = Field(default_factory=dict)
     description: str = ""
+    _signatures: dict = PrivateAttr(default_factory=dict)  # structure signature per decoding context
 
     def off_center(self) -> list[str]:
         """Searched parameters whose default is not the middle of their range (CMA-ES starts there)."""
@@ -155,7 +156,14 @@ class SearchSpace(BaseModel):
             data["dtype"] = dtype
         if name:
             data["name"] = name
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
+        # every point decodes to the same structure (only numbers differ): computed once, then stamped
+        key = (base_model, tuple(models.items()), num_layers, dtype)
+        if key not in self._signatures:
+            from evomerge.search.fast_plan import structure_signature
+
+            self._signatures[key] = structure_signature(recipe)
+        return recipe.stamp_structure(self._signatures[key])
 
     def _setting(self, point: dict[str, float], pname: str, owner: str | None, num_layers: int):
         """One parameter's recipe value for one model: scalar, gradient list or mlp/attn conditional."""
