@@ -66,6 +66,7 @@ class Display:
 
 def run_search_command(config: Path, *, overrides: dict[str, Any], finalize: bool, console: Console,
                        out: Console, fail: Callable[[str], None]) -> None:
+    from evomerge.engine import MergeError
     from evomerge.evaluate import TaskError
     from evomerge.recipe import RecipeError
     from evomerge.search.config import ConfigError, load_config, parse_duration
@@ -77,7 +78,7 @@ def run_search_command(config: Path, *, overrides: dict[str, Any], finalize: boo
         cfg = load_config(config, overrides)
         console.print(f"[bold]evomerge search[/] {cfg.name}: output in {cfg.output_dir}")
         run = SearchRun(cfg)
-    except (ConfigError, SpaceError, RecipeError, TaskError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, SpaceError, RecipeError, TaskError, MergeError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     if cfg.sampler.name == "cmaes" and run.space.off_center():
         console.print("[yellow]note:[/] CMA-ES starts at the middle of each range, not at the default of "
