@@ -316,3 +316,48 @@ def test_inputs_with_nan_are_refused_at_load(llama_family, tmp_path):
     with pytest.raises(MergeError, match=r"bad.*model\.layers\.1\.self_attn\.q_proj\.weight.*NaN"):
         CandidateBuilder(llama_family["base"], {"a": str(llama_family["ft0"]), "b": str(bad)}, method="ties",
                          device="cpu")
+
+
+def test_vectorized_della_window_check_is_the_scalar_rule():
+    """``della_window_broken`` flags exactly the pairs ``della_window_error`` reports (edges included)."""
+    import numpy as np
+
+    from evomerge.methods.sparsify import della_window_broken, della_window_error
+
+    rng = np.random.default_rng(0)
+    d = np.concatenate([rng.uniform(-0.2, 1.2, 400), [0.0, 1.0, 0.5, 0.5, 0.25, 0.75, 0.9]])
+    e = np.concatenate([rng.uniform(0.0, 0.6, 400), [0.1, 0.1, 0.5, 0.49, 0.25, 0.25, 0.1]])
+    scalar = [della_window_error(float(a), float(b)) is not None for a, b in zip(d, e)]
+    assert any(scalar) and not all(scalar)
+    for i in range(len(d)):
+        assert della_window_broken(d[i : i + 1], e[i : i + 1]) == scalar[i], (d[i], e[i])
+    assert della_window_broken(d, e) == any(scalar)
+
+
+def test_della_norm_from_the_band_is_the_engines_or_declined():
+    """``_band_l1`` gives l1_norm's float32 bits of a DELLA-masked δ when its error bound allows, −1 otherwise."""
+    import numpy as np
+
+    from evomerge.methods.sparsify import della_ranks
+    from evomerge.search import flat_kernel as fk
+
+    gen = torch.Generator().manual_seed(1)
+    delta = torch.randn(64, 96, generator=gen) * 1e-2
+    field = torch.rand(64, 96, generator=gen)
+    q = fk.della_q(della_ranks(delta).reshape(1, -1).numpy(), [(0, delta.numel())], np.array([96]))[0]
+    order = np.argsort(field.reshape(-1).numpy(), kind="stable")
+    mags = delta.reshape(-1).abs().numpy()[order]
+    sorted_field, q_sorted = field.reshape(-1).numpy()[order], q[order]
+    prefix = np.cumsum(mags.astype(np.float64))
+    answered = 0
+    for density, eps in ((0.5, 0.1), (0.3, 0.02), (0.7, 0.18), (0.05, 0.04), (0.9, 0.09), (0.5, 0.0)):
+        a, b = np.float32(density - eps), np.float32(eps)
+        keep = torch.from_numpy(field.reshape(-1).numpy() < a + q * b)  # keep_della, float32
+        expected = l1_norm(delta.reshape(-1) * keep).item()
+        got = fk._band_l1(sorted_field, q_sorted, mags, prefix, a, b, np.empty(1000, dtype=np.float32))
+        if got >= 0:
+            answered += 1
+            assert np.float32(got) == np.float32(expected), (density, eps)
+    assert answered >= 5
+    assert fk._band_l1(sorted_field, q_sorted, mags, prefix, np.float32(0.4), np.float32(-0.1),
+                       np.empty(8, dtype=np.float32)) == -1

@@ -79,6 +79,9 @@ class MergeMethod:
     max_models: int | None
     kernel: Kernel = field(repr=False, compare=False, default=None)
     cross_check: CrossCheck | None = field(repr=False, compare=False, default=None)
+    # the same rules over many parameter sets at once: (per-model value arrays, global value arrays
+    # aligned with them) -> whether any set breaks them; for planners that check many rows per call
+    cross_check_arrays: Callable[[dict, dict], bool] | None = field(repr=False, compare=False, default=None)
     needs_fields: bool = False
     min_others: int = 0
     max_others: int | None = None
@@ -262,6 +265,10 @@ def _della_cross_check(model_params: list[dict], params: dict) -> list[str]:
     return errors
 
 
+def _della_cross_check_arrays(model: dict, params: dict) -> bool:
+    return sp.della_window_broken(model["density"], model["epsilon"])
+
+
 def _linear_cross_check(model_params: list[dict], params: dict) -> list[str]:
     weights = [m["weight"] for m in model_params]
     if params["normalize"] and weights and sum(weights) == 0:
@@ -314,6 +321,7 @@ def _task_arithmetic_method(variant: TaskArithmeticVariant) -> MergeMethod:
         min_models=1, max_models=None,
         kernel=_task_arithmetic_kernel(variant),
         cross_check=_della_cross_check if variant.sparsification == "della_magprune" else None,
+        cross_check_arrays=_della_cross_check_arrays if variant.sparsification == "della_magprune" else None,
         needs_fields=variant.sparsification in ("random", "della_magprune"),
     )
 

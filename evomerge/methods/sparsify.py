@@ -387,6 +387,12 @@ def della_window_error(density: float, epsilon: float) -> str | None:
     return None
 
 
+def della_window_broken(density: np.ndarray, epsilon: np.ndarray) -> bool:
+    """Whether any (density, ε) pair is one ``della_window_error`` reports (the same float64 comparisons)."""
+    inside = (0 < density) & (density < 1)
+    return bool((inside & ((density - epsilon <= 0) | (density + epsilon >= 1))).any())
+
+
 def check_della_window(density: float, epsilon: float) -> None:
     """Raise ValueError when ``della_window_error`` reports a problem."""
     error = della_window_error(density, epsilon)

@@ -197,7 +197,8 @@ class CandidateBuilder:
         self.flat_ranks: torch.Tensor | None = None
         self.flat_fields: torch.Tensor | None = None
         empty32 = np.empty((0, 0), dtype=np.float32)
-        self.flat_q = self.flat_sorted = self.prefix_field = empty32  # filled by ``_ensure_flat_stats``
+        self.flat_q = self.flat_sorted = empty32  # filled by ``_ensure_flat_stats``
+        self.prefix_field = np.empty((0, 0, 0), dtype=np.float32)
         self.prefix_sum = np.empty((0, 0), dtype=np.float64)
         self.keep_rule = {"magnitude": fk.RULE_MAGNITUDE, "magnitude_outliers": fk.RULE_MAGNITUDE,
                           "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
@@ -243,16 +244,22 @@ class CandidateBuilder:
                     fields[i, a:e] = random_field(self.base[n].shape, seed=self.seed, tensor_name=n,
                                                   model_index=i).reshape(-1)
             self.flat_fields = fields
-            if sp == "random":
-                pairs = min(slots, len(self.model_paths))
-                F, D = fields.numpy(), self.flat_inputs.numpy()
-                self.prefix_field = np.empty((pairs, F.shape[1]), dtype=np.float32)
-                self.prefix_sum = np.empty((pairs, F.shape[1]), dtype=np.float64)
-                for i in range(pairs):
-                    for a, e in self.offsets_array:
-                        order = np.argsort(F[i, a:e], kind="stable")
-                        self.prefix_field[i, a:e] = F[i, a:e][order]
-                        np.cumsum(np.abs(D[i, a:e][order]).astype(np.float64), out=self.prefix_sum[i, a:e])
+            # per segment, slot i with model i: the field in ascending order (DELLA: with q and |δ| in
+            # that order) and the running float64 sums of |δ| in that order (``_prefix_l1``, ``_band_l1``)
+            pairs = min(slots, len(self.model_paths))
+            F, D = fields.numpy(), self.flat_inputs.numpy()
+            planes = 3 if sp == "della_magprune" else 1
+            self.prefix_field = np.empty((planes, pairs, F.shape[1]), dtype=np.float32)
+            self.prefix_sum = np.empty((pairs, F.shape[1]), dtype=np.float64)
+            for i in range(pairs):
+                for a, e in self.offsets_array:
+                    order = np.argsort(F[i, a:e], kind="stable")
+                    mags = np.abs(D[i, a:e][order])
+                    self.prefix_field[0, i, a:e] = F[i, a:e][order]
+                    if planes == 3:
+                        self.prefix_field[1, i, a:e] = self.flat_q[i, a:e][order]
+                        self.prefix_field[2, i, a:e] = mags
+                    np.cumsum(mags.astype(np.float64), out=self.prefix_sum[i, a:e])
         self._refresh_buffers()
 
     def _refresh_buffers(self) -> None:

@@ -126,6 +126,13 @@ class PlanTemplate:
                     tuple(int(self.global_index[n][i]) for n in self.global_params)
                 rows.setdefault(key, k)
         self.check_rows = list(rows.items())
+        # the same rows as (row, input) pairs: per parameter, where its value sits in the vector
+        per_model = len(self.model_params)
+        pairs = [(key, k, j) for key, k in self.check_rows for j in range(k)]
+        self.pair_model = {n: np.array([key[j * per_model + p] for key, k, j in pairs], dtype=np.int64)
+                           for p, n in enumerate(self.model_params)}
+        self.pair_global = {n: np.array([key[k * per_model + p] for key, k, j in pairs], dtype=np.int64)
+                            for p, n in enumerate(self.global_params)}
 
     def vector(self, recipe: Recipe) -> np.ndarray:
         """``recipe``'s checked value vector (float64, booleans as 0/1), laid out for the index tables.
@@ -217,6 +224,12 @@ class PlanTemplate:
         (``_interpolate_and_check``).
         """
         if self.method.cross_check is None:
+            return
+        if self.method.cross_check_arrays is not None:  # every row at once
+            model = {n: vector[index] for n, index in self.pair_model.items()}
+            glob = {n: vector[index] for n, index in self.pair_global.items()}
+            if self.method.cross_check_arrays(model, glob):
+                self._raise(recipe)
             return
         per_model = len(self.model_params)
         for key, k in self.check_rows:

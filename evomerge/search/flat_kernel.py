@@ -166,7 +166,7 @@ def _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo, hi, thr, dme, eps, b
 
 
 @njit(cache=True, nogil=True)
-def merge_segments(rule, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme, eps,
+def merge_segments(rule, D, R, Q, F, SM, PF, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme, eps,
                    seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda, lam, s0, s1):
     """out = base + λ·mix(wᵢ·sparsify(δᵢ)) for merged segments [s0, s1) (seg_k ≥ 0), one segment at a time.
 
@@ -177,8 +177,9 @@ def merge_segments(rule, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, 
     ``rule`` is the builder's mask family (``RULE_MAGNITUDE``, ``RULE_FIELD`` or ``RULE_DELLA``);
     ``R`` the per-model statistic of the block path (ranks; DELLA's q), ``Q`` DELLA's q for the
     fused pass (any float32 [models, n] stand-in, e.g. ``D``, for the other families), ``SM``
-    the sorted magnitudes (magnitude family), ``PU``/``PS`` DARE's sorted fields and prefix sums
-    (``_prefix_l1``); absent ones are empty.
+    the sorted magnitudes (magnitude family), ``PF``/``PS`` the fields in ascending order (with,
+    for DELLA, q and |δ| in that order) and prefix sums of |δ| (``_prefix_l1``, ``_band_l1``);
+    absent ones are empty.
     """
     k_max = slot_model.shape[1]
     sc = np.empty(k_max, dtype=np.float32)
@@ -197,7 +198,7 @@ def merge_segments(rule, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, 
         b0, b1 = seg_blocks[s, 0], seg_blocks[s, 1]
         start, end = blocks[b0, 1], blocks[b1 - 1, 2]
         fused = 0 < k <= 4 and _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, A, B)
-        _rescale_factors(rule, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k, slot_model, mode, lo, hi, thr,
+        _rescale_factors(rule, fused, A, B, D, R, Q, F, PF, PS, blocks, b0, b1, s, k, slot_model, mode, lo, hi, thr,
                          dme, eps, rescale, before, sc, scratch[0])
         if fused:
             _fused_segment(rule, D, Q, F, base, out, start, end, s, k, slot_model, A, B, sc, weight[s], consensus,
@@ -211,13 +212,14 @@ def merge_segments(rule, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, 
 
 
 @njit(cache=True, nogil=True)
-def _rescale_factors(rule, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k, slot_model, mode, lo, hi, thr, dme,
+def _rescale_factors(rule, fused, A, B, D, R, Q, F, PF, PS, blocks, b0, b1, s, k, slot_model, mode, lo, hi, thr, dme,
                      eps, rescale, before, sc, scratch):
     """sc[i] = ‖δᵢ‖₁/‖mᵢ⊙δᵢ‖₁ for the inputs of segment s (1 where not rescaled), as ``apply_mask`` computes it.
 
-    A DARE mask's norm comes from the prefix sums (``_prefix_l1``) when they pin its float32 value
-    down; otherwise from a pass over the segment: with the fused pass's comparisons when
-    ``fused`` (``_masked_l1``), else rule by rule (``_rescale_factor``).
+    A DARE or DELLA mask's norm comes from the fields in ascending order and the prefix sums
+    (``_prefix_l1``, ``_band_l1``) when they pin its float32 value down; otherwise from a pass
+    over the segment: with the fused pass's comparisons when ``fused`` (``_masked_l1``), else
+    rule by rule (``_rescale_factor``).
     """
     start, end = blocks[b0, 1], blocks[b1 - 1, 2]
     for i in range(k):
@@ -227,8 +229,11 @@ def _rescale_factors(rule, fused, A, B, D, R, Q, F, PU, PS, blocks, b0, b1, s, k
             continue
         mi = slot_model[s, i]
         after = np.float32(-1.0)
-        if md == MODE_FIELD and mi == i and PU.shape[0] > i:
-            after = _prefix_l1(PU[i, start:end], PS[i, start:end], thr[s, i])
+        if mi == i and PF.shape[1] > i and md == MODE_FIELD:
+            after = _prefix_l1(PF[0, i, start:end], PS[i, start:end], thr[s, i])
+        elif mi == i and PF.shape[1] > i and md == MODE_DELLA and PF.shape[0] == 3:
+            after = _band_l1(PF[0, i, start:end], PF[1, i, start:end], PF[2, i, start:end], PS[i, start:end],
+                             dme[s, i], eps[s, i], scratch)
         if after < ZERO and fused:
             field = F[i] if F.shape[0] else D[mi]
             if rule == RULE_MAGNITUDE:
@@ -274,6 +279,37 @@ def _prefix_l1(sorted_field, prefix, thr):
     approx = prefix[c - 1]
     err = 4.0 * c * 2.0 ** -53 * approx
     low, high = np.float32(approx - err), np.float32(approx + err)
+    return low if low == high else np.float32(-1.0)
+
+
+@njit(cache=True, nogil=True)
+def _band_l1(sorted_field, q, mags, prefix, a, b, scratch):
+    """float32 ‖m⊙δ‖₁ of a DELLA mask (keep where field < a + q·b), or −1 when it cannot be pinned down.
+
+    ``sorted_field`` is the segment's field in ascending order, ``q`` and ``mags`` (|δ|) in the
+    same order, ``prefix`` the running float64 sums of ``mags``. With b ≥ 0 and 0 ≤ q ≤ 2 the
+    float32 p = a + q·b lies in [a, a + 2b], so elements with field < a are all kept (a prefix
+    sum) and those with field ≥ a + 2b all dropped; only the band between is tested, a
+    ``scratch``-sized chunk at a time (kept |δ| or 0, summed by ``lane_sum``). The result is a
+    summation tree over at most c = (elements with field < a + 2b) non-negative terms, within γ_c
+    of the exact sum like the engine's, so ``_prefix_l1``'s error bound decides whether the
+    float32 result is the engine's.
+    """
+    if not (b >= ZERO and a == a):
+        return np.float32(-1.0)
+    low_end = np.searchsorted(sorted_field, a)  # field < a: kept
+    high_end = np.searchsorted(sorted_field, a + TWO * b)  # field ≥ a + 2b: dropped
+    if high_end == 0:
+        return ZERO
+    total = prefix[low_end - 1] if low_end > 0 else 0.0
+    for start in range(low_end, high_end, scratch.shape[0]):
+        m = min(scratch.shape[0], high_end - start)
+        u, qq, mg = sorted_field[start:start + m], q[start:start + m], mags[start:start + m]
+        for j in range(m):
+            scratch[j] = mg[j] if u[j] < a + qq[j] * b else ZERO
+        total += lane_sum(scratch, m)
+    err = 4.0 * high_end * 2.0 ** -53 * total
+    low, high = np.float32(total - err), np.float32(total + err)
     return low if low == high else np.float32(-1.0)
 
 
@@ -627,12 +663,12 @@ MIN_ELEMENTS_PER_THREAD = 1 << 17
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def merge_parallel(rule, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme,
+def merge_parallel(rule, D, R, Q, F, SM, PF, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr, dme,
                    eps, seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda, lam, cuts):
     """``merge_segments`` on numba's threads, one contiguous run of segments [cuts[t], cuts[t + 1]) each."""
     blocked = 0
     for t in prange(cuts.shape[0] - 1):
-        blocked += merge_segments(rule, D, R, Q, F, SM, PU, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr,
+        blocked += merge_segments(rule, D, R, Q, F, SM, PF, PS, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr,
                        dme, eps, seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda,
                        lam, cuts[t], cuts[t + 1])
     return blocked
