@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import shutil
 import statistics
@@ -107,6 +108,8 @@ def build_speed(base, models: dict[str, str], repeats: int, mergekit_repeats: in
               f"({build / floor:4.2f}x)  per-tensor floor {eager_floor * 1e3:8.2f} ms ({build / eager_floor:4.2f}x)  "
               f"mergekit {mk * 1e3:9.1f} ms  ({mk / build:5.1f}x faster)", flush=True)
         builder.close()
+        del builder, sds, base_sd  # free this method's resident buffers before the next builder loads
+        gc.collect()
     return rows
 
 

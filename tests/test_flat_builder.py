@@ -361,3 +361,28 @@ def test_della_norm_from_the_band_is_the_engines_or_declined():
     assert answered >= 5
     assert fk._band_l1(sorted_field, q_sorted, mags, prefix, np.float32(0.4), np.float32(-0.1),
                        np.empty(8, dtype=np.float32)) == -1
+
+
+def test_search_recipes_carry_their_structure_and_share_one_plan(builders, llama_family):
+    """Decoded recipes carry the real structure signature (names do not count); a copy with new
+    models loses it; differently named trials of one space re-use one plan template."""
+    from evomerge.recipe import Recipe
+    from evomerge.search.fast_plan import structure_signature
+    from evomerge.search.space import load_space
+
+    space = load_space({"method": "ties", "granularity": "layer",
+                        "search": {"weight": {"low": 0.0, "high": 2.0, "default": 1.0},
+                                   "density": {"low": 0.1, "high": 0.9, "default": 0.5}}})
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    b = builders["ties"]
+    names = space.param_names(list(models), b.num_layers)
+    decode = dict(base_model=str(llama_family["base"]), models=models, num_layers=b.num_layers, dtype="float32")
+    r1 = space.to_recipe({n: 0.7 for n in names}, **decode, name="trial-1")
+    r2 = space.to_recipe({n: 0.3 for n in names}, **decode, name="trial-2")
+    assert r1.stamped_structure() == structure_signature(Recipe.model_validate(r1.to_dict()))
+    assert r2.stamped_structure() == r1.stamped_structure()
+    assert r2.model_copy(update={"models": list(r2.models)}).stamped_structure() is None
+    b.build(r1)
+    templates = dict(b._templates)
+    b.build(r2)
+    assert b._templates == templates

@@ -11,8 +11,9 @@ Precomputed once per tensor and model, lazily, because they never change between
 - the DARE/DELLA random fields (``random_field(seed, tensor, model)``), so a candidate's mask depends
   only on its density (common random numbers);
 - on the host path also: each tensor's magnitudes in ascending order (a TIES bound becomes a
-  comparison of |δ| with one value), DELLA's rank term q per element, and for DARE the fields in
-  ascending order with running sums of |δ|, from which the rescale norm of any density is read off.
+  comparison of |δ| with one value), DELLA's rank term q per element, and for DARE and DELLA the
+  fields in ascending order with running sums of |δ| (DELLA: also q and |δ| in that order), from
+  which the rescale norm of a candidate is read off.
 
 A candidate is planned with the engine's own planner and each tensor is computed by the same
 float32 operations as ``evomerge merge``: the result equals, bit for bit, what the engine writes
@@ -200,7 +201,7 @@ class CandidateBuilder:
         self.flat_q = self.flat_sorted = empty32  # filled by ``_ensure_flat_stats``
         self.prefix_field = np.empty((0, 0, 0), dtype=np.float32)
         self.prefix_sum = np.empty((0, 0), dtype=np.float64)
-        self.keep_rule = {"magnitude": fk.RULE_MAGNITUDE, "magnitude_outliers": fk.RULE_MAGNITUDE,
+        self.keep_rule = {"magnitude": fk.RULE_TOP, "magnitude_outliers": fk.RULE_MAGNITUDE,
                           "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
                                                                                         fk.RULE_FIELD)
         self.sparsification = fk.SPARSIFICATION[self.variant.sparsification]

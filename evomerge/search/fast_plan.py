@@ -172,8 +172,9 @@ class PlanTemplate:
         matches the tensor, is gathered into one array with every other such leaf; each lookup
         is then ``(1 − f)·x[i₀] + f·x[i₁]``, ``evaluate_setting``'s interpolation with its
         structural i₀, i₁ and f (a number is a one-entry gradient: x·1 + x·0 = x). Lookups with
-        no matching entry take the default. Anything else (booleans, other values) is evaluated
-        per lookup with ``evaluate_setting``.
+        no matching entry take the default. Booleans belong to the structure (the signature keeps
+        them), so they are evaluated once, here. Anything else is evaluated per lookup with
+        ``evaluate_setting``.
         """
         self.gathered, self.evaluated = [], []
         target, src0, src1, frac, fixed_target, fixed_values = [], [], [], [], [], []
@@ -181,9 +182,17 @@ class PlanTemplate:
         for (path, name), entries in groups.items():
             spec = self.specs[name]
             setting = scope_at(recipe, path)[name]
-            routes = {} if spec.type is bool else {i: _route(setting, tensor) for i, tensor, _ in entries}
+            if spec.type is bool:
+                values = [evaluate_setting(setting, tensor, t) for _, tensor, t in entries]
+                if all(isinstance(v, bool) or v is None for v in values):  # kept by the signature: fixed
+                    fixed_target += [i for i, _, _ in entries]
+                    fixed_values += [coerce(spec, spec.default if v is None else v) for v in values]
+                else:  # numbers where booleans belong: evaluated per recipe (the engine refuses them)
+                    self.evaluated.append((path, name, spec, entries))
+                continue
+            routes = {i: _route(setting, tensor) for i, tensor, _ in entries}
             leaves = {r: _leaf(setting, r) for r in set(routes.values()) if r is not None}
-            if spec.type is bool or not all(_numeric_leaf(v) for v in leaves.values()) or (
+            if not all(_numeric_leaf(v) for v in leaves.values()) or (
                     None in routes.values() and spec.default is None):
                 self.evaluated.append((path, name, spec, entries))
                 continue

@@ -8,9 +8,9 @@ on larger models ``merge_parallel`` gives each of numba's threads a contiguous r
 Per segment:
 
 1. the rescale factor ‖δ‖₁/‖m⊙δ‖₁ of every masked input of a rescaled segment, its norm summed
-   exactly as ``evomerge.methods.l1.l1_norm`` sums a tensor. For DARE the norm is usually read
-   off precomputed prefix sums in field order (``_prefix_l1``: exact to the float32 bit, or
-   declined), otherwise one pass over the segment;
+   exactly as ``evomerge.methods.l1.l1_norm`` sums a tensor. For DARE and DELLA the norm is
+   usually read off precomputed prefix sums in field order (``_prefix_l1``, ``_band_l1``: exact
+   to the float32 bit, or declined), otherwise one pass over the segment;
 2. a segment with one to four inputs whose masks are each one comparison per element (always for
    DARE and DELLA; for TIES/breadcrumbs unless equal magnitudes straddle a window bound) is merged
    in one vectorized pass (``_fused_segment``); any other block by block with the stable ranks
@@ -26,6 +26,9 @@ keep a window [lo, hi) of stable magnitude ranks (TIES, breadcrumbs), keep where
 is below a threshold (DARE; DELLA on one-element rows), keep where the field is below DELLA's
 rank-dependent probability p = (density − ε) + q·ε with q = (r/(n−1))·2 precomputed (``della_q``).
 
+A candidate's per-segment tables (mask rules and their constants, weights, flags) come from its
+value vector in one call (``segment_tables``).
+
 The floor of a candidate (``floor_segments``) is the same block loop reading every task vector once
 and writing base + Σδ: the least a candidate build can do with these buffers.
 """
@@ -40,7 +43,9 @@ from evomerge.methods.l1_host import lane_sum
 from evomerge.methods.sparsify import L1_EPS
 
 MODE_ALL, MODE_NONE, MODE_RANKS, MODE_FIELD, MODE_DELLA = 0, 1, 2, 3, 4
-RULE_MAGNITUDE, RULE_FIELD, RULE_DELLA = 0, 1, 2  # a builder's mask family (``keep_*``)
+# a builder's mask family (``keep_*``): TIES's top-k (no upper bound), any magnitude window
+# (breadcrumbs), DARE's field threshold, DELLA's rank-dependent threshold
+RULE_MAGNITUDE, RULE_FIELD, RULE_DELLA, RULE_TOP = 0, 1, 2, 3
 # a method's sparsification, for ``segment_tables``
 SPARSIFICATION = {None: 0, "magnitude": 1, "magnitude_outliers": 2, "random": 3, "della_magprune": 4}
 ONE = np.float32(1.0)
@@ -174,7 +179,7 @@ def merge_segments(rule, D, R, Q, F, SM, PF, PS, base, out, blocks, seg_blocks, 
     one to four inputs whose masks are all a comparison per element (``_keep_bounds``) is merged by
     ``_fused_segment`` in one vectorized pass; any other by blocks (``_merge_block``). Returns
     how many segments took the block path.
-    ``rule`` is the builder's mask family (``RULE_MAGNITUDE``, ``RULE_FIELD`` or ``RULE_DELLA``);
+    ``rule`` is the builder's mask family (``RULE_TOP``, ``RULE_MAGNITUDE``, ``RULE_FIELD`` or ``RULE_DELLA``);
     ``R`` the per-model statistic of the block path (ranks; DELLA's q), ``Q`` DELLA's q for the
     fused pass (any float32 [models, n] stand-in, e.g. ``D``, for the other families), ``SM``
     the sorted magnitudes (magnitude family), ``PF``/``PS`` the fields in ascending order (with,
@@ -236,7 +241,7 @@ def _rescale_factors(rule, fused, A, B, D, R, Q, F, PF, PS, blocks, b0, b1, s, k
                              dme[s, i], eps[s, i], scratch)
         if after < ZERO and fused:
             field = F[i] if F.shape[0] else D[mi]
-            if rule == RULE_MAGNITUDE:
+            if rule == RULE_MAGNITUDE or rule == RULE_TOP:
                 after = _masked_l1_magnitude(D[mi], field, Q[mi], A[i], B[i], blocks, b0, b1, scratch)
             elif rule == RULE_FIELD:
                 after = _masked_l1_field(D[mi], field, Q[mi], A[i], B[i], blocks, b0, b1, scratch)
@@ -357,6 +362,12 @@ def keep_magnitude(x, u, q, a, b):
 
 
 @njit(inline="always")
+def keep_top(x, u, q, a, b):
+    """TIES: |δ| ≥ a (its window has no upper bound: b is NaN)."""
+    return abs(x) >= a
+
+
+@njit(inline="always")
 def keep_field(x, u, q, a, b):
     """DARE: field < a."""
     return u < a
@@ -395,13 +406,15 @@ def _fused_segment(rule, D, Q, F, base, out, start, end, s, k, slot_model, A, B,
     if consensus:  # missing inputs weigh 0 (so agree with no sign); the divisor sums 0s when not normalizing
         ws = (w[0], w[1] if k > 1 else ZERO, w[2] if k > 2 else ZERO, w[3] if k > 3 else ZERO)
         wd = ws if normalize else (ZERO, ZERO, ZERO, ZERO)
-    if consensus and rule == RULE_MAGNITUDE:
+    if consensus and rule == RULE_TOP:
+        _consensus_top(d, u, q, A, B, c, ws, wd, lm, bas, dst)
+    elif consensus and rule == RULE_MAGNITUDE:
         _consensus_magnitude(d, u, q, A, B, c, ws, wd, lm, bas, dst)
     elif consensus and rule == RULE_FIELD:
         _consensus_field(d, u, q, A, B, c, ws, wd, lm, bas, dst)
     elif consensus:
         _consensus_della(d, u, q, A, B, c, ws, wd, lm, bas, dst)
-    elif rule == RULE_MAGNITUDE:
+    elif rule == RULE_MAGNITUDE or rule == RULE_TOP:  # (no variant sums top-k masks: the window loop serves)
         _sum_magnitude(d, u, q, A, B, c, ws, present, tot, lm, bas, dst)
     elif rule == RULE_FIELD:
         _sum_field(d, u, q, A, B, c, ws, present, tot, lm, bas, dst)
@@ -485,6 +498,11 @@ def _sum_loop(keep, d, u, q, A, B, c, w, present, tot, lm, bas, dst):
 
 # One compiled copy of each loop per mask rule (the rule inlined, so the loop vectorizes); plain
 # functions, not a rule passed as an argument, so that numba's on-disk cache can hold them.
+@njit(cache=True, nogil=True)
+def _consensus_top(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    _consensus_loop(keep_top, d, u, q, A, B, c, w, wd, lm, bas, dst)
+
+
 @njit(cache=True, nogil=True)
 def _consensus_magnitude(d, u, q, A, B, c, w, wd, lm, bas, dst):
     _consensus_loop(keep_magnitude, d, u, q, A, B, c, w, wd, lm, bas, dst)
@@ -655,8 +673,13 @@ def segment_cuts(numel: np.ndarray, threads: int) -> np.ndarray:
     total = int(numel.sum())
     threads = max(1, min(threads, total // MIN_ELEMENTS_PER_THREAD, len(numel)))
     cumulative = np.cumsum(numel)
-    cuts = sorted({int(np.searchsorted(cumulative, total * t / threads)) + 1 for t in range(1, threads)})
-    return np.array([0, *[c for c in cuts if 0 < c < len(numel)], len(numel)], dtype=np.int64)
+    cuts = set()
+    for t in range(1, threads):  # the segment boundary nearest to each t/threads of the elements
+        target = total * t / threads
+        i = int(np.searchsorted(cumulative, target))  # the segment holding the target
+        before = int(cumulative[i - 1]) if i > 0 else 0
+        cuts.add(i + 1 if cumulative[i] - target < target - before else i)
+    return np.array([0, *sorted(c for c in cuts if 0 < c < len(numel)), len(numel)], dtype=np.int64)
 
 
 MIN_ELEMENTS_PER_THREAD = 1 << 17
