@@ -59,6 +59,11 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def _per_tensor_floor(builder) -> None:
     """The floor as eager torch ops, tensor by tensor: base + Σδ written into each parameter."""
@@ -67,10 +72,12 @@ def _per_tensor_floor(builder) -> None:
         for inputs in builder.inputs.values():
             acc.add_(inputs[name])
         builder.params[name].copy_(acc)
+    _sync(builder.device)
 
 
-def build_speed(base, models: dict[str, str], repeats: int, mergekit_repeats: int) -> list[tuple]:
-    """(method, build ms, floor ms, mergekit ms) for ties, dare_ties, della."""
+def build_speed(base, models: dict[str, str], repeats: int, mergekit_repeats: int,
+                device: str = "cpu") -> list[tuple]:
+    """(method, build ms, plan ms, floor ms, per-tensor floor ms, mergekit ms) for ties, dare_ties, della."""
     from mergekit.merge_methods.api import merge_state_dicts
 
     from evomerge.search.builder import CandidateBuilder
@@ -80,7 +87,7 @@ def build_speed(base, models: dict[str, str], repeats: int, mergekit_repeats: in
     for method, space_file in (("ties", "ties_per_model.yaml"), ("dare_ties", "dare_ties_per_layer.yaml"),
                                ("della", "della_per_block.yaml")):
         space = load_space(ROOT / "search_spaces" / space_file)
-        builder = CandidateBuilder(base, models, method=method, device="cpu", seed=0)
+        builder = CandidateBuilder(base, models, method=method, device=device, seed=0)
         builder.precompute()
         recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(base),
                                  models=models, num_layers=builder.num_layers, dtype="float32")
@@ -97,12 +104,14 @@ def build_speed(base, models: dict[str, str], repeats: int, mergekit_repeats: in
         sds = {"base": base_sd}
         for name, path in models.items():
             reader = builder.readers[path]
-            sds[name] = {k: reader.get_tensor(reader.resolve_tied(k), dtype=torch.float32) for k in base_sd}
+            sds[name] = {k: reader.get_tensor(reader.resolve_tied(k), dtype=torch.float32).to(builder.device)
+                         for k in base_sd}
         p = {"weight": {n: 1.0 for n in models}, "density": {n: 0.5 for n in models}}
         if method == "della":
             p["epsilon"] = {n: 0.1 for n in models}
         with torch.no_grad():
-            mk = _median_time(lambda: merge_state_dicts(sds, method, parameters=p, base="base"), mergekit_repeats)
+            mk = _median_time(lambda: (merge_state_dicts(sds, method, parameters=p, base="base"),
+                                       _sync(builder.device)), mergekit_repeats)
         rows.append((method, build * 1e3, plan * 1e3, floor * 1e3, eager_floor * 1e3, mk * 1e3))
         print(f"{method:10s} build {build * 1e3:8.2f} ms (plan {plan * 1e3:.2f})  floor {floor * 1e3:8.2f} ms "
               f"({build / floor:4.2f}x)  per-tensor floor {eager_floor * 1e3:8.2f} ms ({build / eager_floor:4.2f}x)  "

@@ -6,9 +6,9 @@ the *weighted* deltas Dᵢ = wᵢ·δᵢ, and zeros never agree with the elected
 
 Every step is elementwise across the models, so callers may run these functions
 on any slice of the elements (``task_arithmetic`` runs them on cache-sized
-chunks). Sums run over the models in order, ((D₀ + D₁) + D₂) + ..., exactly as
-``Tensor.sum(dim=0)`` over the stacked deltas in mergekit, so float32 results
-are bit-identical.
+chunks). Sums run over the models in order, ((D₀ + D₁) + D₂) + ... (``input_sum``).
+mergekit's ``Tensor.sum(dim=0)`` adds in that order for up to four models on the
+CPU (so float32 results are bit-identical there) and may regroup beyond.
 """
 
 from __future__ import annotations
@@ -18,9 +18,22 @@ from collections.abc import Sequence
 import torch
 
 
+def input_sum(weighted: torch.Tensor) -> torch.Tensor:
+    """ΣᵢDᵢ over dim 0 of stacked Dᵢ, added in input order starting from D₀: ((D₀ + D₁) + D₂) + ….
+
+    One fixed order on every device and for every tensor size. (``torch.sum(dim=0)`` regroups the
+    additions for five or more inputs on the CPU, depending on the tensor's size, and differs
+    between devices; the search's batched and compiled paths add in this order too.)
+    """
+    total = weighted[0].clone()
+    for row in weighted[1:]:
+        total += row
+    return total
+
+
 def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
     """Elected sign per element, True for +1: ΣᵢDᵢ ≥ 0 (a zero sum elects +1), over dim 0 of stacked Dᵢ."""
-    return weighted.sum(dim=0) >= 0
+    return input_sum(weighted) >= 0
 
 
 def signed_unit(positive: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -58,7 +71,7 @@ def disjoint_merge(
 
 def weighted_sum(weighted: torch.Tensor, weights: Sequence[float], normalize: bool) -> torch.Tensor:
     """Σᵢ Dᵢ, divided by Σᵢ wᵢ when ``normalize`` (|Σ| < 1e-8 → 1): task arithmetic without consensus."""
-    mixed = weighted.sum(dim=0)
+    mixed = input_sum(weighted)
     if normalize:
         total = torch.tensor([float(w) for w in weights], dtype=weighted.dtype).sum()
         if total.abs() >= 1e-8:

@@ -23,9 +23,13 @@ CHUNK = L1_BLOCK * 256  # float64 scratch per step
 def l1_norm(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """‖m⊙x‖₁ (‖x‖₁ without ``mask``) as a 0-d tensor of x's dtype, in the fixed order above.
 
-    Each lane's sequential sum is the last entry of a float64 ``cumsum`` (a scan never regroups,
-    unlike ``sum``), over scratch of at most ``CHUNK`` elements.
+    Each lane's sequential sum is the last entry of a float64 ``cumsum`` on the host (the CPU's scan
+    never regroups, unlike ``sum``), over scratch of at most ``CHUNK`` elements. Tensors on other
+    devices are summed on the host (a GPU scan regroups); the search's device path reproduces the
+    order with elementwise additions (``search.device_path.lane_block_sums``).
     """
+    if x.device.type != "cpu":  # the fixed order is sequential: torch's GPU scans regroup, so sum on the host
+        return l1_norm(x.detach().cpu(), mask.cpu() if mask is not None else None).to(x.device)
     flat = x.detach().reshape(-1)
     keep = mask.reshape(-1) if mask is not None else None
     total = torch.zeros(1, dtype=torch.float64, device=x.device)

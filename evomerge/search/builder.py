@@ -28,6 +28,8 @@ same structure (``fast_plan``), and one compiled pass merges all tensors at once
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ from evomerge.methods import della_ranks, flat_ranks, random_field
 from evomerge.methods.l1 import L1_BLOCK, l1_norm
 from evomerge.methods.task_arithmetic import VARIANTS, merge_task_vectors
 from evomerge.recipe import Recipe
+from evomerge.search import device_path as dp
 from evomerge.search import flat_kernel as fk
 from evomerge.search.fast_plan import PlanTemplate, structure_signature
 
@@ -68,13 +71,24 @@ class CandidateBuilder:
     """Merges candidates of one method into a resident model (see the module docstring)."""
 
     def __init__(self, base_dir: str | Path, models: dict[str, str | Path], *, method: str,
-                 device: str | torch.device = "auto", dtype: str = "float32", seed: int = 0):
+                 device: str | torch.device = "auto", dtype: str = "float32", seed: int = 0, path: str = "auto"):
+        """``path``: how task-arithmetic candidates are merged. "host": the compiled flat pass
+        (``flat_kernel``, CPU only); "device": batched torch operations over the flat buffers
+        (``device_path``, any device); "tensors": tensor by tensor. "auto": host on the CPU, device
+        elsewhere. Other methods always go tensor by tensor."""
         from transformers import AutoModelForCausalLM
 
         self.device = resolve_device(device)
         self.seed = seed
         self.method = method
         self.variant = VARIANTS.get(method)
+        if path not in ("auto", "host", "device", "tensors"):
+            raise ValueError(f"path must be auto, host, device or tensors, got {path!r}")
+        if path == "auto":
+            path = "host" if self.device.type == "cpu" else "device"
+        if path == "host" and self.device.type != "cpu":
+            raise ValueError("the host path merges on the CPU only")
+        self.path = path if self.variant is not None else "tensors"
         self.base_dir = str(base_dir)
         self.model_paths = {name: str(p) for name, p in models.items()}
         self.readers = {self.base_dir: ModelReader(base_dir)}
@@ -93,13 +107,19 @@ class CandidateBuilder:
         shapes = {n: tuple(base_reader.shape(n)) for n in self.names}
         self.offsets: dict[str, tuple[int, int]] = {}
         total = 0
+        aligned = self.path == "device"  # each tensor from a multiple of L1_BLOCK: its L1 blocks are whole rows
         for n in self.names:
             size = int(np.prod(shapes[n], dtype=np.int64))
+            if aligned:
+                total = -(-total // L1_BLOCK) * L1_BLOCK
             self.offsets[n] = (total, total + size)
             total += size
+        if aligned:
+            total = -(-total // L1_BLOCK) * L1_BLOCK
         # one flat float32 buffer per input, a segment per tensor; the dicts hold views into them
-        self.flat_base = torch.empty(total, dtype=torch.float32, device=self.device)
-        self.flat_inputs = torch.empty((len(self.model_paths), total), dtype=torch.float32, device=self.device)
+        alloc = torch.zeros if aligned else torch.empty  # the gaps between aligned segments hold zeros
+        self.flat_base = alloc(total, dtype=torch.float32, device=self.device)
+        self.flat_inputs = alloc((len(self.model_paths), total), dtype=torch.float32, device=self.device)
         self.base: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, dict[str, torch.Tensor]] = {p: {} for p in self.model_paths.values()}
         for name in self.names:
@@ -124,9 +144,13 @@ class CandidateBuilder:
         self._flat_ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._fields: dict[tuple[str, int], torch.Tensor] = {}
-        self.flat = self.device.type == "cpu" and self.variant is not None
+        self.flat = self.path == "host"
+        if self.path in ("host", "device"):
+            self._setup_segments(total)
         if self.flat:
-            self._setup_flat(total)
+            self._setup_flat()
+        elif self.path == "device":
+            self._setup_device()
 
     # -- precomputed statistics -------------------------------------------------------------------
     def precompute(self) -> float:
@@ -136,6 +160,9 @@ class CandidateBuilder:
             return 0.0
         if self.flat:
             self._ensure_flat_stats(len(self.model_paths))
+            return time.perf_counter() - t0
+        if self.path == "device":
+            self._ensure_device_stats(len(self.model_paths))
             return time.perf_counter() - t0
         for name in self.base:
             for i, p in enumerate(self.model_paths.values()):
@@ -169,23 +196,16 @@ class CandidateBuilder:
         return out
 
     # -- the flat host path -----------------------------------------------------------------------
-    def _setup_flat(self, total: int) -> None:
-        """Segment tables, cache-sized blocks, and the live parameters as views of one flat buffer."""
+    def _setup_segments(self, total: int) -> None:
+        """What the host and device paths share: segment tables, and the live parameters as views of one flat buffer."""
         self.model_index = {p: i for i, p in enumerate(self.model_paths.values())}
         self.seg_index = {n: i for i, n in enumerate(self.names)}
         self.numel = np.array([e - a for a, e in (self.offsets[n] for n in self.names)], dtype=np.int64)
         # DELLA ranks run along dim 1 (the whole tensor for 1-D): the row length of each segment
         self.row = np.array([self.base[n].shape[1] if self.base[n].dim() >= 2 else self.base[n].numel()
                              for n in self.names], dtype=np.int64)
-        blocks = []
-        for si, n in enumerate(self.names):
-            a, e = self.offsets[n]
-            blocks += [(si, x, min(e, x + L1_BLOCK)) for x in range(a, e, L1_BLOCK)]
-        self.blocks = np.array(blocks, dtype=np.int64).reshape(-1, 3)
-        first = np.searchsorted(self.blocks[:, 0], np.arange(len(self.names)))
-        self.seg_blocks = np.stack([first, np.append(first[1:], len(self.blocks))], axis=1).astype(np.int64)
-        self.cuts = fk.segment_cuts(self.numel, torch.get_num_threads())  # one run of segments per thread
-        self.flat_out = torch.empty(total, dtype=torch.float32, device=self.device)
+        self.flat_out = (torch.zeros if self.path == "device" else torch.empty)(total, dtype=torch.float32,
+                                                                                device=self.device)
         params = [self.params[n] for n in self.names]
         self.aliased = (self.model_dtype == torch.float32 and len({id(p) for p in params}) == len(params)
                         and all(p.device == self.device for p in params))
@@ -195,21 +215,32 @@ class CandidateBuilder:
             if self.aliased:
                 p.data = self.flat_out[a:e].view(p.shape)
         self.offsets_array = [self.offsets[n] for n in self.names]
+        self.keep_rule = {"magnitude": fk.RULE_TOP, "magnitude_outliers": fk.RULE_MAGNITUDE,
+                          "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
+                                                                                        fk.RULE_FIELD)
+        self.sparsification = fk.SPARSIFICATION[self.variant.sparsification]
+        self._before: np.ndarray | None = None  # float32 ‖δ‖₁ per segment and model
+        self._templates: dict[str, PlanTemplate] = {}
+        self._tables: dict[int, dict] = {}
+        self._weight_totals: dict[tuple, tuple[bool, np.float32]] = {}
+
+    def _setup_flat(self) -> None:
+        """The host path: cache-sized blocks, thread cuts, and numpy views of the buffers."""
+        blocks = []
+        for si, n in enumerate(self.names):
+            a, e = self.offsets[n]
+            blocks += [(si, x, min(e, x + L1_BLOCK)) for x in range(a, e, L1_BLOCK)]
+        self.blocks = np.array(blocks, dtype=np.int64).reshape(-1, 3)
+        first = np.searchsorted(self.blocks[:, 0], np.arange(len(self.names)))
+        self.seg_blocks = np.stack([first, np.append(first[1:], len(self.blocks))], axis=1).astype(np.int64)
+        self.cuts = fk.segment_cuts(self.numel, torch.get_num_threads())  # one run of segments per thread
         self.flat_ranks: torch.Tensor | None = None
         self.flat_fields: torch.Tensor | None = None
         empty32 = np.empty((0, 0), dtype=np.float32)
         self.flat_q = self.flat_sorted = empty32  # filled by ``_ensure_flat_stats``
         self.prefix_field = np.empty((0, 0, 0), dtype=np.float32)
         self.prefix_sum = np.empty((0, 0), dtype=np.float64)
-        self.keep_rule = {"magnitude": fk.RULE_TOP, "magnitude_outliers": fk.RULE_MAGNITUDE,
-                          "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
-                                                                                        fk.RULE_FIELD)
-        self.sparsification = fk.SPARSIFICATION[self.variant.sparsification]
         self._refresh_buffers()
-        self._before: np.ndarray | None = None  # float32 ‖δ‖₁ per segment and model
-        self._templates: dict[str, PlanTemplate] = {}
-        self._tables: dict[int, dict] = {}
-        self._weight_totals: dict[tuple, tuple[bool, np.float32]] = {}
 
     def _ensure_flat_stats(self, slots: int) -> None:
         """Fill the flat statistics of the method's mask rule, and the random fields of input slots < ``slots``, once.
@@ -275,6 +306,166 @@ class CandidateBuilder:
         self._buffers = (D, R, Q, F, self.flat_sorted, self.prefix_field, self.prefix_sum, self.flat_base.numpy(),
                          self.flat_out.numpy())
 
+    # -- the device path --------------------------------------------------------------------------
+    def _setup_device(self) -> None:
+        """The device path: element → segment index, each segment's L1 blocks, and element chunks."""
+        total = self.flat_base.numel()
+        seg_of = np.empty(total, dtype=np.int32)
+        self.first_block = np.empty(len(self.names), dtype=np.int64)
+        self.n_blocks = np.empty(len(self.names), dtype=np.int64)
+        for si, (a, e) in enumerate(self.offsets_array):
+            end = (self.offsets_array[si + 1][0] if si + 1 < len(self.names) else total)
+            seg_of[a:end] = si  # the gap after a segment belongs to it (δ = 0 there)
+            self.first_block[si], self.n_blocks[si] = a // L1_BLOCK, -(-(e - a) // L1_BLOCK)
+        self.seg_of = torch.from_numpy(seg_of).to(self.device)
+        self.block_seg = torch.from_numpy(seg_of[::L1_BLOCK].copy()).to(self.device)  # the segment of each L1 block
+        # fused Triton kernels on CUDA (EVOMERGE_DEVICE_KERNELS=torch: the batched torch operations)
+        self.fused = self.device.type == "cuda" and os.environ.get("EVOMERGE_DEVICE_KERNELS", "auto") != "torch" \
+            and importlib.util.find_spec("triton") is not None
+        # chunks of whole L1 blocks whose scratch ([inputs, chunk] float64 and float32) fits in a budget
+        budget = (4 << 30) if self.device.type == "cuda" else (64 << 20)
+        step = max(L1_BLOCK, budget // (16 * len(self.model_paths)) // L1_BLOCK * L1_BLOCK)
+        self.chunks = [(c, min(total, c + step)) for c in range(0, total, step)]
+        self.device_stat: torch.Tensor | None = None  # ranks (magnitude rules) or DELLA's q per model
+        self.device_fields: torch.Tensor | None = None  # random field per input slot
+
+    def _ensure_device_stats(self, slots: int) -> None:
+        """Stable ranks (TIES, breadcrumbs), DELLA's q = (r/(n−1))·2 from row ranks, and the random fields of
+        input slots < ``slots``, on the device, once."""
+        sp = self.variant.sparsification
+        if sp in ("magnitude", "magnitude_outliers", "della_magprune") and self.device_stat is None:
+            della = sp == "della_magprune"
+            stat = torch.zeros_like(self.flat_inputs, dtype=torch.float32 if della else torch.int32)
+            for si, n in enumerate(self.names):
+                a, e = self.offsets[n]
+                for i, p in enumerate(self.model_paths.values()):
+                    if not della:
+                        stat[i, a:e] = flat_ranks(self.inputs[p][n]).reshape(-1)
+                        continue
+                    row = int(self.row[si])
+                    if row < 2:
+                        continue  # one-element rows keep with p = density: q stays 0
+                    # della_probability_table's float32 ops: arange / (n − 1), then · 2 (then · ε, + (d − ε))
+                    q = torch.arange(row, dtype=torch.float32, device=self.device) / (row - 1) * 2
+                    stat[i, a:e] = q.index_select(0, della_ranks(self.inputs[p][n]).reshape(-1).long())
+            self.device_stat = stat
+        have = 0 if self.device_fields is None else self.device_fields.shape[0]
+        if sp in ("random", "della_magprune") and have < slots:
+            fields = torch.zeros((slots, self.flat_base.numel()), dtype=torch.float32, device=self.device)
+            if have:
+                fields[:have] = self.device_fields
+            for i in range(have, slots):
+                for n in self.names:
+                    a, e = self.offsets[n]
+                    fields[i, a:e] = random_field(self.base[n].shape, seed=self.seed, tensor_name=n, model_index=i,
+                                                  device=self.device).reshape(-1)
+            self.device_fields = fields
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _keep(self, i: int, m: int, c0: int, c1: int, seg: torch.Tensor, ints: torch.Tensor,
+              floats: torch.Tensor) -> torch.Tensor | None:
+        """Slot i's keep mask (model m) on elements [c0, c1); None when the method keeps everything."""
+        if self.variant.sparsification is None:
+            return None
+        stat = self.device_stat[m, c0:c1] if self.device_stat is not None else None
+        field = self.device_fields[i, c0:c1] if self.device_fields is not None else None
+        return dp.keep_mask(self.keep_rule, stat, field, ints[:, i], floats[:, i], seg)
+
+    def _device_after_norms(self, slot_models: list[int], ints: torch.Tensor, floats: torch.Tensor) -> np.ndarray:
+        """‖m⊙δ‖₁ (float32, ``l1_norm``'s order) of every input slot and segment: [slots, segments]."""
+        k = len(slot_models)
+        if self.fused:
+            from evomerge.search import device_kernels as dk
+
+            block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.device_fields,
+                                      torch.tensor(slot_models, device=self.device), self.block_seg, ints, floats)
+            return dp.segment_totals(block_sums.cpu().numpy(), self.first_block, self.n_blocks)
+        block_sums = torch.empty((k, self.flat_base.numel() // L1_BLOCK), dtype=torch.float64, device=self.device)
+        for c0, c1 in self.chunks:
+            seg = self.seg_of[c0:c1]
+            mags = torch.empty((k, c1 - c0), dtype=torch.float64, device=self.device)
+            for i, m in enumerate(slot_models):
+                mags[i] = self.flat_inputs[m, c0:c1].abs()  # as l1_norm: |x| in float64, dropped → +0
+                keep = self._keep(i, m, c0, c1, seg, ints, floats)
+                if keep is not None:
+                    mags[i].masked_fill_(~keep, 0.0)
+            block_sums[:, c0 // L1_BLOCK: c1 // L1_BLOCK] = dp.lane_block_sums(mags)
+        return dp.segment_totals(block_sums.cpu().numpy(), self.first_block, self.n_blocks)
+
+    def _build_device(self, recipe: Recipe, stats: BuildStats) -> None:
+        """The whole candidate as batched torch operations per chunk of the flat buffers (``device_path``)."""
+        t0 = time.perf_counter()
+        st = self._candidate_tables(recipe)
+        if not st["uniform"]:  # an input slot fed by different models in different tensors
+            stats.extra["path"] = "tensors"
+            self._build_tensors(recipe, stats)
+            return
+        mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda, lam = st["tables"]
+        k, slot_models, active = st["slots"], st["slot_models"], st["active"]
+        ints_np, floats_np = dp.rule_tables(self.keep_rule, mode, lo, hi, thr, dme, eps)
+        ints = torch.from_numpy(ints_np).to(self.device)
+        floats = torch.from_numpy(floats_np).to(self.device)
+        n_seg = len(self.names)
+        scale = np.ones((k, n_seg), dtype=np.float32)
+        rescaled = active & rescale
+        if (mode[rescaled] != fk.MODE_ALL).any():  # the engine rescales each input it masks by ‖δ‖₁/‖m⊙δ‖₁
+            after = self._device_after_norms(slot_models, ints, floats)
+            before = self._before_norms()[:, slot_models].T
+            use = (rescaled[None, :] & (mode.T != fk.MODE_ALL) & ~(before < fk.L1_EPS32) & ~(after < fk.L1_EPS32))
+            scale[use] = before[use] / after[use]
+        total = np.where(st["use_total"] & normalize, st["total"], np.float32(1))
+        rows = np.concatenate([weight.T, scale, lam[None, :], total[None, :]]).astype(np.float32)
+        per_seg = torch.from_numpy(rows).to(self.device)
+        norm = torch.from_numpy(normalize.copy()).to(self.device) if normalize.any() else None
+        stats.plan = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        any_scale, any_lambda = bool((scale != 1).any()), bool(use_lambda[active].any())
+        divide = not self.variant.consensus and bool((total != 1).any())
+        if self.fused:
+            from evomerge.search import device_kernels as dk
+
+            dk.merge(dk.rule_code(self.keep_rule, self.variant.sparsification), self.flat_inputs, self.device_stat,
+                     self.device_fields, torch.tensor(slot_models, device=self.device), self.seg_of, ints, floats,
+                     per_seg, torch.from_numpy(normalize.astype(np.uint8)).to(self.device),
+                     torch.from_numpy(active.astype(np.uint8)).to(self.device), self.flat_base, self.flat_out,
+                     consensus=self.variant.consensus, normalize=norm is not None, scale=any_scale,
+                     lambda_=any_lambda, divide=divide)
+        for c0, c1 in ([] if self.fused else self.chunks):
+            seg = self.seg_of[c0:c1]
+            w = per_seg[:k].index_select(1, seg)
+            sc = per_seg[k: 2 * k].index_select(1, seg) if any_scale else None
+            weighted = torch.empty((k, c1 - c0), dtype=torch.float32, device=self.device)
+            for i, m in enumerate(slot_models):
+                keep = self._keep(i, m, c0, c1, seg, ints, floats)
+                if keep is None:
+                    weighted[i] = self.flat_inputs[m, c0:c1]
+                else:
+                    torch.mul(self.flat_inputs[m, c0:c1], keep, out=weighted[i])  # δ·keep: dropped → ±0
+                if sc is not None:
+                    weighted[i].mul_(sc[i])
+                weighted[i].mul_(w[i])
+            mixed = dp.mix(weighted, w, consensus=self.variant.consensus,
+                           normalize=norm.index_select(0, seg) if norm is not None else None,
+                           total=per_seg[2 * k + 1].index_select(0, seg) if divide else None)
+            if any_lambda:
+                mixed *= per_seg[2 * k].index_select(0, seg)
+            if st["all_active"]:
+                torch.add(self.flat_base[c0:c1], mixed, out=self.flat_out[c0:c1])
+                continue
+            merged = torch.add(self.flat_base[c0:c1], mixed)
+            for si in np.flatnonzero(active):
+                a, e = self.offsets_array[si]
+                if a < c1 and e > c0:
+                    self.flat_out[max(a, c0): min(e, c1)] = merged[max(a, c0) - c0: min(e, c1) - c0]
+        if st["rounding"] or not self.aliased or st["leftover"]:
+            self._finish_flat(recipe, st)
+        self._sync()
+        stats.tensors = int(active.sum()) + len(st["leftover"])
+        stats.merge = time.perf_counter() - t1
+
     def _before_norms(self) -> np.ndarray:
         """‖δ‖₁ of every segment and model (float32, the engine's ``l1_norm``), computed once."""
         if self._before is None:
@@ -331,12 +522,22 @@ class CandidateBuilder:
         model = {n: index(n) if n in tmpl.model_index else np.full((n_seg, slots), tmpl.zero_slot, dtype=np.int64)
                  for n in ("weight", "density", "gamma", "epsilon")}
         indices = (*model.values(), *(index(n) for n in ("normalize", "rescale", "lambda")))
-        self._ensure_flat_stats(slots)
+        if self.flat:
+            self._ensure_flat_stats(slots)
+        else:
+            self._ensure_device_stats(slots)
+        # the device path reads slot i of every segment from one model: is there one per slot?
+        slot_models, uniform = [], True
+        for i in range(slots):
+            users = slot_model[(seg_task >= 0) & (seg_k > i), i]
+            uniform &= bool((users == users[0]).all()) if len(users) else True
+            slot_models.append(int(users[0]) if len(users) else 0)
         shape = (n_seg, slots)  # the candidate's tables, filled by ``segment_tables`` for each candidate
         tables = (np.zeros(shape, dtype=np.int8), np.zeros(shape, dtype=np.int32), np.zeros(shape, dtype=np.int32),
                   *(np.zeros(shape, dtype=np.float32) for _ in range(4)),
                   *(np.zeros(n_seg, dtype=np.bool_) for _ in range(3)), np.zeros(n_seg, dtype=np.float32))
         table = dict(template=tmpl, seg_task=seg_task, seg_k=seg_k, slot_model=slot_model, slots=slots,
+                     slot_models=slot_models, uniform=uniform, all_active=bool((seg_task >= 0).all()),
                      leftover=leftover, rounding=rounding, active=seg_task >= 0, indices=indices, tables=tables,
                      use_total=np.zeros(n_seg, dtype=np.bool_), total=np.ones(n_seg, dtype=np.float32))
         self._tables[key] = table
@@ -349,9 +550,8 @@ class CandidateBuilder:
             self._weight_totals[weights] = (bool(total.abs() >= 1e-8), np.float32(total.item()))
         return self._weight_totals[weights]
 
-    def _build_flat(self, recipe: Recipe, stats: BuildStats) -> None:
-        """The whole candidate in one compiled loop over the segments (``flat_kernel``); leftovers tensor by tensor."""
-        t0 = time.perf_counter()
+    def _candidate_tables(self, recipe: Recipe) -> dict:
+        """The candidate's per-segment tables (``segment_tables``, and Σw where sums are normalized), in its structure's dict."""
         tmpl = self._template(recipe)
         if tmpl.method.name != self.method:
             raise ValueError(f"builder was set up for '{self.method}', recipe uses '{tmpl.method.name}'")
@@ -360,11 +560,20 @@ class CandidateBuilder:
         seg_k, active = st["seg_k"], st["active"]
         tables = st["tables"]
         fk.segment_tables(self.sparsification, vector, *st["indices"], seg_k, self.numel, self.row, *tables)
-        mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda, lam = tables
+        weight, normalize = tables[6], tables[7]
         use_total, total = st["use_total"], st["total"]
         if not self.variant.consensus and normalize.any():
             for si in np.flatnonzero(active & normalize):
                 use_total[si], total[si] = self._weight_total(tuple(float(x) for x in weight[si, : seg_k[si]]))
+        return st
+
+    def _build_flat(self, recipe: Recipe, stats: BuildStats) -> None:
+        """The whole candidate in one compiled loop over the segments (``flat_kernel``); leftovers tensor by tensor."""
+        t0 = time.perf_counter()
+        st = self._candidate_tables(recipe)
+        seg_k, active = st["seg_k"], st["active"]
+        mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda, lam = st["tables"]
+        use_total, total = st["use_total"], st["total"]
         before = self._before_norms() if rescale.any() else np.zeros((1, 1), dtype=np.float32)
         stats.plan = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -410,6 +619,10 @@ class CandidateBuilder:
         stats = BuildStats()
         if self.flat:  # numpy and compiled code on the flat buffers; torch (inference mode) only for leftovers
             self._build_flat(recipe, stats)
+            return stats
+        if self.path == "device":
+            with torch.inference_mode():
+                self._build_device(recipe, stats)
             return stats
         with torch.inference_mode():
             self._build_tensors(recipe, stats)
@@ -483,7 +696,8 @@ class CandidateBuilder:
         """The floor of one candidate: read every resident input once, write every parameter once.
 
         On the flat host path, one compiled pass base + Σδ over the same blocks as a candidate, on
-        the candidates' threads (or ``threads`` threads).
+        the candidates' threads (or ``threads`` threads). On CUDA, Σδ and + base over the flat
+        buffers (two kernels). Elsewhere, eager torch tensor by tensor.
         """
         if self.flat:
             cuts = self.cuts if threads is None else fk.segment_cuts(self.numel, threads)
@@ -495,6 +709,15 @@ class CandidateBuilder:
             else:
                 fk.floor_segments(*args, 0, len(self.names))
             return time.perf_counter() - t0
+        if self.device.type == "cuda" or self.path == "device":  # base + Σδ over the flat buffers: two kernels
+            if getattr(self, "_floor_out", None) is None:
+                self._floor_out = torch.empty_like(self.flat_base)
+            self._sync()
+            t0 = time.perf_counter()
+            torch.sum(self.flat_inputs, dim=0, out=self._floor_out)
+            self._floor_out.add_(self.flat_base)
+            self._sync()
+            return time.perf_counter() - t0
         t0 = time.perf_counter()
         for name, b in self.base.items():
             p = self.params[name]
@@ -502,8 +725,6 @@ class CandidateBuilder:
             for inputs in self.inputs.values():
                 acc.add_(inputs[name])
             p.copy_(acc)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
     @torch.inference_mode()
@@ -511,7 +732,7 @@ class CandidateBuilder:
         """The name of a live parameter holding NaN or ±inf (None if all are finite): one check on the host path."""
         from evomerge.engine import all_finite
 
-        if self.flat and self.aliased and all_finite(self.flat_out):
+        if self.path in ("host", "device") and self.aliased and all_finite(self.flat_out):
             others = [n for n in self.params if n not in self.seg_index]
         else:
             others = list(self.params)

@@ -1,0 +1,164 @@
+"""Fused Triton kernels for the device path: a candidate in two passes over the resident buffers.
+
+``device_path`` runs a candidate as a few dozen whole-buffer torch operations; each reads and
+writes the buffers again, and the rescale norms take 511 launches. Here the same arithmetic is
+fused: ``lane_sums`` reads each input's δ, rank/q and field once and writes one float64 sum per
+4096-element block (the rescale norms' blocks), and ``merge`` reads them once more with the base
+and writes the merged parameters. Per element, the float operations are ``device_path``'s (so the
+engine's), in the same order: FMA contraction is turned off (``enable_fp_fusion=False``) and
+divisions are correctly rounded (``div_rn``), so the bits are the engine's. Tests run the kernels
+through Triton's interpreter on the CPU against the engine; ``benchmarks/gpu_check.py`` on a GPU.
+
+Imported only when a builder uses it (Triton comes with CUDA builds of torch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from evomerge.methods.l1 import L1_BLOCK
+from evomerge.search import flat_kernel as fk
+
+LANE_GROUP = 64  # blocks per lane-sum program (64·8 lanes)
+MERGE_BLOCK = 1024  # elements per merge program
+NO_RULE = -1  # task arithmetic: no sparsifier, every δ kept
+
+
+@triton.jit
+def _keep(stat_ptr, field_ptr, offs, lo, hi, thr, eps, RULE: tl.constexpr):
+    """The method's keep rule (``device_path.keep_mask``) at ``offs``; ``stat_ptr``/``field_ptr`` at the input's rows."""
+    if RULE == 0 or RULE == 3:  # magnitude window / top-k on stable ranks
+        r = tl.load(stat_ptr + offs)
+        keep = (r >= lo) & (r < hi)
+    elif RULE == 1:  # DARE: field < density
+        keep = tl.load(field_ptr + offs) < thr
+    elif RULE == 2:  # DELLA: field < q·ε + (density − ε)
+        p = tl.load(stat_ptr + offs) * eps
+        p = p + thr
+        keep = tl.load(field_ptr + offs) < p
+    else:
+        keep = offs >= 0
+    return keep
+
+
+@triton.jit
+def _lane_sums_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr, out_ptr,
+                      n, n_seg, n_blocks, k, RULE: tl.constexpr, GROUP: tl.constexpr):
+    """Per input slot and 4096-element block: Σ|m⊙δ| in ``l1_norm``'s order (eight lanes, each sequential)."""
+    i = tl.program_id(1)
+    blocks = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
+    inside = blocks < n_blocks
+    blocks = tl.where(inside, blocks, 0)
+    m = tl.load(slot_models_ptr + i).to(tl.int64)
+    seg = tl.load(block_seg_ptr + blocks)
+    lo = tl.load(ints_ptr + i * n_seg + seg)[:, None]
+    hi = tl.load(ints_ptr + (k + i) * n_seg + seg)[:, None]
+    thr = tl.load(floats_ptr + i * n_seg + seg)[:, None]
+    eps = tl.load(floats_ptr + (k + i) * n_seg + seg)[:, None]
+    base = blocks.to(tl.int64)[:, None] * 4096 + tl.arange(0, 8)[None, :]
+    acc = tl.zeros([GROUP, 8], dtype=tl.float64)
+    for j in range(0, 512):
+        offs = base + j * 8
+        delta = tl.load(d_ptr + m * n + offs)
+        keep = _keep(stat_ptr + m * n, field_ptr + i * n, offs, lo, hi, thr, eps, RULE)
+        acc += tl.where(keep, tl.abs(delta).to(tl.float64), 0.0)
+    a, b = tl.split(tl.reshape(acc, [GROUP, 4, 2]))  # lanes (0,2,4,6) and (1,3,5,7)
+    pairs = a + b  # l0+l1, l2+l3, l4+l5, l6+l7
+    c, d = tl.split(tl.reshape(pairs, [GROUP, 2, 2]))
+    quads = c + d  # (l0+l1)+(l2+l3), (l4+l5)+(l6+l7)
+    e, f = tl.split(quads)
+    tl.store(out_ptr + i * n_blocks + blocks, e + f, mask=inside)
+
+
+@triton.jit
+def _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i, n, n_seg, k,
+              RULE: tl.constexpr, SCALE: tl.constexpr):
+    """Input slot i's ((δ·keep)·scale)·w at ``offs``, and its weight w."""
+    m = tl.load(slot_models_ptr + i).to(tl.int64)
+    delta = tl.load(d_ptr + m * n + offs)
+    w = tl.load(rows_ptr + i * n_seg + seg)
+    if RULE >= 0:
+        keep = _keep(stat_ptr + m * n, field_ptr + i * n, offs, tl.load(ints_ptr + i * n_seg + seg),
+                     tl.load(ints_ptr + (k + i) * n_seg + seg), tl.load(floats_ptr + i * n_seg + seg),
+                     tl.load(floats_ptr + (k + i) * n_seg + seg), RULE)
+        delta = delta * tl.where(keep, 1.0, 0.0)  # δ·keep: a dropped element keeps its sign of zero
+    if SCALE:
+        delta = delta * tl.load(rows_ptr + (k + i) * n_seg + seg)
+    return delta * w, w
+
+
+@triton.jit
+def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg_of_ptr, ints_ptr, floats_ptr, rows_ptr, norm_ptr,
+                  active_ptr, base_ptr, out_ptr, n, n_seg, k, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
+                  NORMALIZE: tl.constexpr, SCALE: tl.constexpr, LAMBDA: tl.constexpr, DIVIDE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) with the engine's operations (``device_path.mix``)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    offs = tl.where(inside, offs, 0)
+    seg = tl.load(seg_of_ptr + offs)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, k):  # Σ in input order from the first input
+        x, w = _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i,
+                         n, n_seg, k, RULE, SCALE)
+        total = tl.where(i == 0, x, total + x)
+    if CONSENSUS:
+        unit = tl.where(total >= 0, 1.0, -1.0)
+        mixed = tl.zeros([BLOCK], dtype=tl.float32)
+        divisor = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, k):
+            x, w = _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs,
+                             i, n, n_seg, k, RULE, SCALE)
+            agreeing = tl.maximum(x * unit, 0.0)
+            mixed = mixed + agreeing
+            if NORMALIZE:
+                divisor = tl.where(agreeing > 0, divisor + w, divisor)  # + sign(agreeing)·w: +0 changes nothing
+        mixed = mixed * unit
+        if NORMALIZE:
+            normalizes = tl.load(norm_ptr + seg) != 0
+            mixed = tl.math.div_rn(mixed, tl.where((divisor == 0) | (~normalizes), 1.0, divisor))
+    else:
+        mixed = total
+        if DIVIDE:
+            mixed = tl.math.div_rn(mixed, tl.load(rows_ptr + (2 * k + 1) * n_seg + seg))
+    if LAMBDA:
+        mixed = mixed * tl.load(rows_ptr + 2 * k * n_seg + seg)
+    out = tl.load(base_ptr + offs) + mixed
+    tl.store(out_ptr + offs, out, mask=inside & (tl.load(active_ptr + seg) != 0))
+
+
+def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, fields: torch.Tensor | None,
+              slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+    """float64 [slots, blocks]: each block's Σ|m⊙δ| in ``l1_norm``'s order (``device_path.lane_block_sums``)."""
+    k, n = slot_models.numel(), flat_inputs.shape[1]
+    n_blocks = n // L1_BLOCK
+    out = torch.empty((k, n_blocks), dtype=torch.float64, device=flat_inputs.device)
+    grid = (triton.cdiv(n_blocks, LANE_GROUP), k)
+    _lane_sums_kernel[grid](flat_inputs, stat if stat is not None else flat_inputs,
+                            fields if fields is not None else flat_inputs, slot_models, block_seg, ints, floats, out,
+                            n, ints.shape[-1], n_blocks, k, RULE=rule, GROUP=LANE_GROUP, enable_fp_fusion=False)
+    return out
+
+
+def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, fields: torch.Tensor | None,
+          slot_models: torch.Tensor, seg_of: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
+          rows: torch.Tensor, norm: torch.Tensor, active: torch.Tensor, base: torch.Tensor, out: torch.Tensor, *,
+          consensus: bool, normalize: bool, scale: bool, lambda_: bool, divide: bool) -> None:
+    """Write the candidate into ``out`` (active segments only); ``rows`` as ``_build_device`` packs them."""
+    n = base.numel()
+    grid = (triton.cdiv(n, MERGE_BLOCK),)
+    _merge_kernel[grid](flat_inputs, stat if stat is not None else flat_inputs,
+                        fields if fields is not None else flat_inputs, slot_models, seg_of, ints, floats, rows, norm,
+                        active, base, out, n, ints.shape[-1], slot_models.numel(), RULE=rule, CONSENSUS=consensus,
+                        NORMALIZE=normalize, SCALE=scale, LAMBDA=lambda_, DIVIDE=divide, BLOCK=MERGE_BLOCK,
+                        enable_fp_fusion=False)
+
+
+def rule_code(keep_rule: int, sparsification: str | None) -> int:
+    """The kernels' RULE: ``flat_kernel``'s rule, or ``NO_RULE`` without a sparsifier."""
+    return NO_RULE if sparsification is None else keep_rule
+
+
+assert fk.RULE_MAGNITUDE == 0 and fk.RULE_FIELD == 1 and fk.RULE_DELLA == 2 and fk.RULE_TOP == 3

@@ -1,0 +1,123 @@
+"""The candidate builder's device path (batched torch, what a GPU runs), here on the CPU: bit for bit against the engine.
+
+The same recipes as the host path's tests (gradients, filters, a dense input, a negative weight,
+normalize/rescale both ways), plus extreme densities, a recipe with fewer inputs in some tensors,
+a bf16 recipe, and the building blocks: ``l1_norm``'s order from elementwise additions, and the
+engine's sums in input order for five inputs (where ``torch.sum`` regroups on the CPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import read_weights
+from tests.test_flat_builder import VARIANT_NAMES, _assert_live_equals, _recipe
+from evomerge.engine import run_merge
+from evomerge.methods.consensus import input_sum
+from evomerge.methods.l1 import L1_BLOCK, l1_norm
+from evomerge.recipe import load_recipe
+from evomerge.search import device_path as dp
+from evomerge.search.builder import CandidateBuilder
+
+
+@pytest.fixture(scope="module")
+def device_builders(llama_family):
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    made = {m: CandidateBuilder(llama_family["base"], models, method=m, device="cpu", seed=3, path="device")
+            for m in VARIANT_NAMES}
+    yield made
+    for b in made.values():
+        b.close()
+
+
+@pytest.mark.parametrize("method", VARIANT_NAMES)
+@pytest.mark.parametrize("flip", [False, True], ids=["defaults", "flipped"])
+def test_device_candidate_equals_engine(device_builders, llama_family, tmp_path, method, flip):
+    builder = device_builders[method]
+    assert builder.path == "device" and not builder.flat
+    recipe = load_recipe(_recipe(method, llama_family, flip=flip))
+    stats = builder.build(recipe)
+    assert "path" not in stats.extra, "fell back to tensor by tensor"
+    expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
+    _assert_live_equals(builder, expected, f"{method} flip={flip}")
+
+
+def test_device_path_extreme_densities_and_new_values(device_builders, llama_family, tmp_path):
+    """density 0 and 1 mixed in one recipe, then the same structure with other values."""
+    for method in ("ties", "dare_ties", "breadcrumbs", "della"):
+        data = _recipe(method, llama_family, flip=False)
+        data["models"][0]["parameters"]["density"] = 0.0
+        data["models"][2]["parameters"]["density"] = [1.0, 0.0] if method != "della" else [1.0, 0.3]
+        for i, d in enumerate((data, _recipe(method, llama_family, flip=True, scale=0.5, density0=0.2))):
+            recipe = load_recipe(d)
+            device_builders[method].build(recipe)
+            expected = read_weights(run_merge(recipe, tmp_path / f"{method}{i}", device="cpu", seed=3))
+            _assert_live_equals(device_builders[method], expected, f"{method} recipe {i}")
+
+
+def test_device_path_bf16_recipe_and_tied_embeddings(qwen_family, tmp_path):
+    """A bf16 recipe (outputs rounded to bf16) on Qwen2 with tied embeddings."""
+    models = {"a": str(qwen_family["ft0"]), "b": str(qwen_family["ft1"])}
+    for method in ("dare_ties", "ties"):
+        recipe = load_recipe({
+            "merge_method": method, "base_model": str(qwen_family["base"]), "dtype": "bfloat16",
+            "models": [{"model": models["a"], "parameters": {"weight": [1.0, 0.4], "density": 0.5}},
+                       {"model": models["b"], "parameters": {"weight": 0.8, "density": [0.3, 0.9]}}],
+        })
+        builder = CandidateBuilder(qwen_family["base"], models, method=method, device="cpu", seed=0,
+                                   dtype="bfloat16", path="device")
+        builder.build(recipe)
+        expected = read_weights(run_merge(recipe, tmp_path / method, device="cpu", seed=0))
+        live = builder.model.state_dict()
+        bad = [k for k, v in expected.items() if not torch.equal(v, live[k].to(v.dtype))]
+        assert not bad, f"{method}: {bad[:3]}"
+        builder.close()
+
+
+def test_lane_block_sums_follow_l1_norm_order():
+    """Block sums added in order reproduce ``l1_norm`` to the bit, masked or not, with a partial last block."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 4096, 4097, 3 * 4096 + 1000):
+        x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 4)
+        keep = torch.rand(n, generator=g) < 0.4
+        blocks = -(-n // L1_BLOCK)
+        mags = torch.zeros(2, blocks * L1_BLOCK, dtype=torch.float64)
+        mags[0, :n] = x.abs()
+        mags[1, :n] = x.abs().masked_fill(~keep, 0)
+        sums = dp.lane_block_sums(mags).numpy()
+        totals = dp.segment_totals(sums, np.array([0]), np.array([blocks]))
+        assert totals[0, 0] == l1_norm(x).item()
+        assert totals[1, 0] == l1_norm(x, keep).item()
+
+
+def test_sums_run_in_input_order_for_five_inputs():
+    """((D₀ + D₁) + D₂) + …: for five inputs torch.sum(dim=0) on the CPU groups differently."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 1000, generator=g) * torch.rand(5, 1, generator=g) * 10
+    expected = w[0].clone()
+    for row in w[1:]:
+        expected = expected + row
+    assert torch.equal(input_sum(w), expected)
+    assert not torch.equal(w.sum(dim=0), expected), "torch.sum now adds in order: simplify input_sum's docstring"
+
+
+def test_host_and_device_paths_agree_with_five_models(tmp_path):
+    """Five fine-tunes (where torch.sum would regroup): host path, device path and engine agree."""
+    from evomerge.tiny import build_tiny_family
+
+    base, fts = build_tiny_family(tmp_path / "five", family="llama", n_finetunes=5, seed=4, num_layers=2)
+    models = {f"m{i}": str(p) for i, p in enumerate(fts)}
+    for method in ("task_arithmetic", "ties"):
+        recipe = load_recipe({
+            "merge_method": method, "base_model": str(base), "dtype": "float32",
+            "models": [{"model": p, "parameters": {"weight": 0.3 + 0.2 * i, "density": 0.6}}
+                       for i, p in enumerate(models.values())],
+            "parameters": {"normalize": True}})
+        expected = read_weights(run_merge(recipe, tmp_path / method, device="cpu", seed=0))
+        for path in ("host", "device"):
+            builder = CandidateBuilder(base, models, method=method, device="cpu", seed=0, path=path)
+            builder.build(recipe)
+            _assert_live_equals(builder, expected, f"{method} {path}")
+            builder.close()
