@@ -37,6 +37,8 @@ def _recipes(fam: dict) -> list[tuple[str, str, dict]]:
 
     out = [(f"{m}{' (flipped)' if flip else ''}", m, _recipe(m, fam, flip=flip))
            for m in VARIANT_NAMES for flip in (False, True)]
+    for m in ("dare_ties", "della"):  # a bf16 recipe: the builder holds a bf16 model, outputs are rounded
+        out.append((f"{m} bf16", m, {**_recipe(m, fam, flip=False), "dtype": "bfloat16"}))
     out.append(("linear", "linear", {
         "merge_method": "linear", "dtype": "float32",
         "models": [{"model": str(fam["ft0"]), "parameters": {"weight": [0.7, 0.2]}},
@@ -66,7 +68,8 @@ def correctness(device: str, work: Path) -> list[str]:
         base_dir = data.get("base_model", str(fam["base"])) if method != "linear" else str(fam["base"])
         models = {f"m{i}": m["model"] for i, m in enumerate(data["models"]) if m["model"] != base_dir}
         try:
-            builder = CandidateBuilder(base_dir, models, method=method, device=device, seed=3)
+            builder = CandidateBuilder(base_dir, models, method=method, device=device, seed=3,
+                                       dtype=data.get("dtype", "float32"))
             builder.build(recipe)
             first = {k: v.detach().to("cpu", copy=True) for k, v in builder.model.state_dict().items()}
             t0 = time.perf_counter()
@@ -76,9 +79,11 @@ def correctness(device: str, work: Path) -> list[str]:
             builder.close()
             tag = label.replace(" ", "_").replace("(", "").replace(")", "")
             on_dev = read_weights(run_merge(recipe, work / f"{tag}-dev", device=device, seed=3, overwrite=True))
-            on_cpu = read_weights(run_merge(recipe, work / f"{tag}-cpu", device="cpu", seed=3, overwrite=True))
-            bad = [k for k, v in on_dev.items() if not torch.equal(v, live[k])]
+            on_cpu = {k: v.float() for k, v in read_weights(run_merge(recipe, work / f"{tag}-cpu", device="cpu", seed=3,
+                                                                         overwrite=True)).items()}
+            bad = [k for k, v in on_dev.items() if not torch.equal(v, live[k].to(v.dtype))]
             twice = all(torch.equal(first[k], live[k]) for k in live)
+            on_dev = {k: v.float() for k, v in on_dev.items()}
             diff = [k for k, v in on_dev.items() if not torch.equal(v, on_cpu[k])]
             worst = max(((v.double() - on_cpu[k].double()).abs().max().item() for k, v in on_dev.items()), default=0.0)
             lines.append(f"| {label} | {path} | {'yes' if not bad else f'NO: {len(bad)} tensors, e.g. {bad[:2]}'} "
@@ -95,6 +100,43 @@ def large_models(work: Path) -> Path:
 
     build_models(work)
     return work
+
+
+def kernel_sweep(large: Path, device: str, repeats: int = 9) -> list[str]:
+    """Build time of the fused kernels' launch settings on the ~170M models (ties, dare_ties)."""
+    import statistics
+
+    from evomerge.search import device_kernels as dk
+    from evomerge.search.builder import CandidateBuilder
+    from evomerge.search.space import load_space
+
+    models = {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}
+    lines = ["| method | MERGE_BLOCK | MERGE_WARPS | LANE_GROUP | build ms | of which plan ms |", "|---|---:|---:|---:|---:|---:|"]
+    defaults = (dk.MERGE_BLOCK, dk.MERGE_WARPS, dk.LANE_GROUP)
+    for method, space_file in (("ties", "ties_per_model.yaml"), ("dare_ties", "dare_ties_per_layer.yaml")):
+        space = load_space(ROOT / "search_spaces" / space_file)
+        builder = CandidateBuilder(large / "base", models, method=method, device=device, seed=0)
+        builder.precompute()
+        recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(large / "base"),
+                                 models=models, num_layers=builder.num_layers, dtype="float32")
+        settings = [(1024, 4, 64), (2048, 4, 64), (2048, 8, 64), (4096, 8, 64), (4096, 16, 64)]
+        if method == "dare_ties":
+            settings += [(1024, 4, 32), (1024, 4, 128)]
+        for block, warps, group in settings:
+            dk.MERGE_BLOCK, dk.MERGE_WARPS, dk.LANE_GROUP = block, warps, group
+            builder.build(recipe)  # compile
+            times, plans = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                plans.append(builder.build(recipe).plan)
+                times.append(time.perf_counter() - t0)
+            lines.append(f"| {method} | {block} | {warps} | {group} | {statistics.median(times) * 1e3:.2f} "
+                         f"| {statistics.median(plans) * 1e3:.2f} |")
+            print(lines[-1], flush=True)
+        builder.close()
+        del builder
+    dk.MERGE_BLOCK, dk.MERGE_WARPS, dk.LANE_GROUP = defaults
+    return lines
 
 
 def demo_search(device: str, trials: int, work: Path) -> list[str]:
@@ -123,7 +165,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=51, help="timed builds per method on the zoo (170M: 9)")
     ap.add_argument("--work", default="/tmp/evomerge-gpu-check")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: correctness,speed,large,search")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: correctness,speed,large,sweep,search")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "gpu_check.md"))
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -155,6 +197,10 @@ def main() -> None:
             large = large_models(work / "large")
             speed["~170M Llama, bf16 files, float32 resident (2 fine-tunes)"] = build_speed(
                 large / "base", {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}, 9, 3, device=args.device)
+        if "large" not in skip and "sweep" not in skip and torch.device(args.device).type == "cuda":
+            sweep = kernel_sweep(work / "large", args.device)
+        else:
+            sweep = []
         lines += ["", "## Per-candidate build time on the device (median)", "",
                   "| models | method | build ms | planning ms | floor ms (flat Σδ + base) | build / floor "
                   "| per-tensor floor ms | mergekit ms | speed-up vs mergekit |",
@@ -163,6 +209,8 @@ def main() -> None:
             for m, b, pl, f, ef, mk in rows:
                 lines.append(f"| {label} | {m} | {b:.2f} | {pl:.2f} | {f:.3f} | {b / f:.1f}x | {ef:.2f} "
                              f"| {mk:.1f} | {mk / b:.1f}x |")
+        if sweep:
+            lines += ["", "### Fused kernels' launch settings (~170M models, median of 9 builds)", "", *sweep]
         out.write_text(text())
     if "search" not in skip:
         lines += ["", "## Demo search on the device", "", *demo_search(args.device, args.trials, work)]

@@ -49,8 +49,8 @@ def test_fused_lane_sums_equal_batched_torch(llama_family):
 
     ints, floats = (torch.from_numpy(t) for t in dp.rule_tables(builder.keep_rule, *st["tables"][:6]))
     builder.fused = False
-    batched = builder._device_after_norms(st["slot_models"], ints, floats)
+    batched = builder._device_after_norms(st, ints, floats)
     builder.fused = True
-    fused = builder._device_after_norms(st["slot_models"], ints, floats)
+    fused = builder._device_after_norms(st, ints, floats)
     assert (batched == fused).all() and (batched > 0).all()
     builder.close()

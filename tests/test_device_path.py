@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import read_weights
-from tests.test_flat_builder import VARIANT_NAMES, _assert_live_equals, _recipe
+from tests.test_flat_builder import VARIANT_NAMES, _assert_live_equals, _recipe, source
 from evomerge.engine import run_merge
 from evomerge.methods.consensus import input_sum
 from evomerge.methods.l1 import L1_BLOCK, l1_norm
@@ -121,3 +121,19 @@ def test_host_and_device_paths_agree_with_five_models(tmp_path):
             builder.build(recipe)
             _assert_live_equals(builder, expected, f"{method} {path}")
             builder.close()
+
+
+def test_device_path_falls_back_when_slices_swap_models(device_builders, llama_family, tmp_path):
+    """Two slices whose second input is ft1 in layers 0-1 and ft2 in layers 2-3: tensor by tensor, still exact."""
+    ft0, ft1, ft2, base = (str(llama_family[k]) for k in ("ft0", "ft1", "ft2", "base"))
+    recipe = load_recipe({
+        "merge_method": "ties", "base_model": base, "dtype": "float32", "parameters": {"density": 0.5},
+        "slices": [
+            {"sources": [source(ft0, 0, 2, weight=[1.0, 0.2]), source(ft1, 0, 2, weight=0.6), source(base, 0, 2)]},
+            {"sources": [source(ft0, 2, 4, weight=0.4), source(ft2, 2, 4, weight=0.7), source(base, 2, 4)]},
+        ],
+    })
+    stats = device_builders["ties"].build(recipe)
+    assert stats.extra.get("path") == "tensors"
+    expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
+    _assert_live_equals(device_builders["ties"], expected, "slices")

@@ -174,13 +174,14 @@ def test_l1_norm_is_accurate_and_independent_of_layout():
     assert torch.equal(l1_norm(x), l1_norm(x, torch.ones_like(mask)))
 
 
+def source(model: str, lo: int, hi: int, **params) -> dict:
+    """One ``slices:`` source: layers [lo, hi) of ``model``, with optional parameters."""
+    return {"model": model, "layer_range": [lo, hi], **({"parameters": params} if params else {})}
+
+
 def test_slices_recipe_with_slice_and_source_parameters(builders, llama_family, tmp_path):
     """``slices:`` recipes (two slices, parameters at source, slice and global level) plan and merge exactly."""
     ft0, ft1, ft2, base = (str(llama_family[k]) for k in ("ft0", "ft1", "ft2", "base"))
-
-    def source(model, lo, hi, **params):
-        return {"model": model, "layer_range": [lo, hi], **({"parameters": params} if params else {})}
-
     recipe = load_recipe({
         "merge_method": "ties", "base_model": base, "dtype": "float32", "parameters": {"density": 0.5},
         "slices": [

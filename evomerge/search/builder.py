@@ -23,7 +23,10 @@ On the host, the task-arithmetic family takes a faster road (a candidate of a sm
 under a millisecond): every resident buffer is one flat array with a segment per tensor (the live
 model's parameters are views into one of them), the plan is re-used from the first recipe of the
 same structure (``fast_plan``), and one compiled pass merges all tensors at once
-(``flat_kernel``). Elsewhere (CUDA, other methods) tensors are merged one by one.
+(``flat_kernel``). On other devices (CUDA) the same tables drive the device path: buffers laid
+out with every tensor at a multiple of ``L1_BLOCK``, and a candidate as two fused Triton kernels
+(``device_kernels``) or, without Triton, batched torch operations (``device_path``). Other methods
+are merged tensor by tensor.
 """
 
 from __future__ import annotations
@@ -267,14 +270,7 @@ class CandidateBuilder:
                     self.flat_sorted[:, a:e] = np.sort(np.abs(self.flat_inputs.numpy()[:, a:e]), axis=1)
         have = 0 if self.flat_fields is None else self.flat_fields.shape[0]
         if sp in ("random", "della_magprune") and have < slots:
-            fields = torch.empty((slots, self.flat_base.numel()), dtype=torch.float32, device=self.device)
-            if have:
-                fields[:have] = self.flat_fields
-            for i in range(have, slots):
-                for n in self.names:
-                    a, e = self.offsets[n]
-                    fields[i, a:e] = random_field(self.base[n].shape, seed=self.seed, tensor_name=n,
-                                                  model_index=i).reshape(-1)
+            fields = self._flat_fields(slots, self.flat_fields)
             self.flat_fields = fields
             # per segment, slot i with model i: the field in ascending order (DELLA: with q and |δ| in
             # that order) and the running float64 sums of |δ| in that order (``_prefix_l1``, ``_band_l1``)
@@ -293,6 +289,19 @@ class CandidateBuilder:
                         self.prefix_field[2, i, a:e] = mags
                     np.cumsum(mags.astype(np.float64), out=self.prefix_sum[i, a:e])
         self._refresh_buffers()
+
+    def _flat_fields(self, slots: int, have: torch.Tensor | None) -> torch.Tensor:
+        """The random fields of input slots < ``slots`` in the flat layout (slot i: ``model_index=i``), keeping ``have``'s rows."""
+        fields = torch.zeros((slots, self.flat_base.numel()), dtype=torch.float32, device=self.device)
+        start = 0 if have is None else have.shape[0]
+        if start:
+            fields[:start] = have
+        for i in range(start, slots):
+            for n in self.names:
+                a, e = self.offsets[n]
+                fields[i, a:e] = random_field(self.base[n].shape, seed=self.seed, tensor_name=n, model_index=i,
+                                              device=self.device).reshape(-1)
+        return fields
 
     def _refresh_buffers(self) -> None:
         """The kernel's buffers as numpy arrays (D, R, Q, F, SM, PU, PS, base, out; absent ones empty)."""
@@ -351,15 +360,7 @@ class CandidateBuilder:
             self.device_stat = stat
         have = 0 if self.device_fields is None else self.device_fields.shape[0]
         if sp in ("random", "della_magprune") and have < slots:
-            fields = torch.zeros((slots, self.flat_base.numel()), dtype=torch.float32, device=self.device)
-            if have:
-                fields[:have] = self.device_fields
-            for i in range(have, slots):
-                for n in self.names:
-                    a, e = self.offsets[n]
-                    fields[i, a:e] = random_field(self.base[n].shape, seed=self.seed, tensor_name=n, model_index=i,
-                                                  device=self.device).reshape(-1)
-            self.device_fields = fields
+            self.device_fields = self._flat_fields(slots, self.device_fields)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -374,14 +375,26 @@ class CandidateBuilder:
         field = self.device_fields[i, c0:c1] if self.device_fields is not None else None
         return dp.keep_mask(self.keep_rule, stat, field, ints[:, i], floats[:, i], seg)
 
-    def _device_after_norms(self, slot_models: list[int], ints: torch.Tensor, floats: torch.Tensor) -> np.ndarray:
+    def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """Copy small int32 / float32 / bool host tables to the device in one transfer (bool → int32)."""
+        parts = [a.astype(np.int32) if a.dtype == np.bool_ else a.view(np.int32) for a in arrays]
+        packed = torch.from_numpy(np.concatenate([p.ravel() for p in parts])).to(self.device)
+        views, at = [], 0
+        for a in arrays:
+            v = packed[at: at + a.size].view(a.shape)
+            views.append(v.view(torch.float32) if a.dtype == np.float32 else v)
+            at += a.size
+        return views
+
+    def _device_after_norms(self, st: dict, ints: torch.Tensor, floats: torch.Tensor) -> np.ndarray:
         """‖m⊙δ‖₁ (float32, ``l1_norm``'s order) of every input slot and segment: [slots, segments]."""
+        slot_models = st["slot_models"]
         k = len(slot_models)
         if self.fused:
             from evomerge.search import device_kernels as dk
 
             block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.device_fields,
-                                      torch.tensor(slot_models, device=self.device), self.block_seg, ints, floats)
+                                      st["slot_models_t"], self.block_seg, ints, floats)
             return dp.segment_totals(block_sums.cpu().numpy(), self.first_block, self.n_blocks)
         block_sums = torch.empty((k, self.flat_base.numel() // L1_BLOCK), dtype=torch.float64, device=self.device)
         for c0, c1 in self.chunks:
@@ -406,20 +419,23 @@ class CandidateBuilder:
         mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda, lam = st["tables"]
         k, slot_models, active = st["slots"], st["slot_models"], st["active"]
         ints_np, floats_np = dp.rule_tables(self.keep_rule, mode, lo, hi, thr, dme, eps)
-        ints = torch.from_numpy(ints_np).to(self.device)
-        floats = torch.from_numpy(floats_np).to(self.device)
         n_seg = len(self.names)
         scale = np.ones((k, n_seg), dtype=np.float32)
         rescaled = active & rescale
         if (mode[rescaled] != fk.MODE_ALL).any():  # the engine rescales each input it masks by ‖δ‖₁/‖m⊙δ‖₁
-            after = self._device_after_norms(slot_models, ints, floats)
+            ints, floats = self._upload(ints_np, floats_np)
+            after = self._device_after_norms(st, ints, floats)
             before = self._before_norms()[:, slot_models].T
             use = (rescaled[None, :] & (mode.T != fk.MODE_ALL) & ~(before < fk.L1_EPS32) & ~(after < fk.L1_EPS32))
             scale[use] = before[use] / after[use]
         total = np.where(st["use_total"] & normalize, st["total"], np.float32(1))
         rows = np.concatenate([weight.T, scale, lam[None, :], total[None, :]]).astype(np.float32)
-        per_seg = torch.from_numpy(rows).to(self.device)
-        norm = torch.from_numpy(normalize.copy()).to(self.device) if normalize.any() else None
+        flags_np = np.stack([normalize, active])
+        if (scale != 1).any():
+            per_seg, flags = self._upload(rows, flags_np)
+        else:
+            ints, floats, per_seg, flags = self._upload(ints_np, floats_np, rows, flags_np)
+        norm = flags[0].bool() if normalize.any() else None
         stats.plan = time.perf_counter() - t0
         t1 = time.perf_counter()
         any_scale, any_lambda = bool((scale != 1).any()), bool(use_lambda[active].any())
@@ -428,9 +444,8 @@ class CandidateBuilder:
             from evomerge.search import device_kernels as dk
 
             dk.merge(dk.rule_code(self.keep_rule, self.variant.sparsification), self.flat_inputs, self.device_stat,
-                     self.device_fields, torch.tensor(slot_models, device=self.device), self.seg_of, ints, floats,
-                     per_seg, torch.from_numpy(normalize.astype(np.uint8)).to(self.device),
-                     torch.from_numpy(active.astype(np.uint8)).to(self.device), self.flat_base, self.flat_out,
+                     self.device_fields, st["slot_models_t"], self.block_seg, ints, floats, per_seg, flags[0],
+                     flags[1], self.flat_base, self.flat_out,
                      consensus=self.variant.consensus, normalize=norm is not None, scale=any_scale,
                      lambda_=any_lambda, divide=divide)
         for c0, c1 in ([] if self.fused else self.chunks):
@@ -538,6 +553,7 @@ class CandidateBuilder:
                   *(np.zeros(n_seg, dtype=np.bool_) for _ in range(3)), np.zeros(n_seg, dtype=np.float32))
         table = dict(template=tmpl, seg_task=seg_task, seg_k=seg_k, slot_model=slot_model, slots=slots,
                      slot_models=slot_models, uniform=uniform, all_active=bool((seg_task >= 0).all()),
+                     slot_models_t=torch.tensor(slot_models, dtype=torch.int64, device=self.device),
                      leftover=leftover, rounding=rounding, active=seg_task >= 0, indices=indices, tables=tables,
                      use_total=np.zeros(n_seg, dtype=np.bool_), total=np.ones(n_seg, dtype=np.float32))
         self._tables[key] = table

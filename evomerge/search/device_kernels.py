@@ -22,7 +22,8 @@ from evomerge.methods.l1 import L1_BLOCK
 from evomerge.search import flat_kernel as fk
 
 LANE_GROUP = 64  # blocks per lane-sum program (64·8 lanes)
-MERGE_BLOCK = 1024  # elements per merge program
+MERGE_BLOCK = 1024  # elements per merge program (divides 4096: one segment per program)
+MERGE_WARPS = 4
 NO_RULE = -1  # task arithmetic: no sparsifier, every δ kept
 
 
@@ -75,7 +76,7 @@ def _lane_sums_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr
 @triton.jit
 def _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i, n, n_seg, k,
               RULE: tl.constexpr, SCALE: tl.constexpr):
-    """Input slot i's ((δ·keep)·scale)·w at ``offs``, and its weight w."""
+    """Input slot i's ((δ·keep)·scale)·w at ``offs``, and its weight w (``seg``: the program's segment)."""
     m = tl.load(slot_models_ptr + i).to(tl.int64)
     delta = tl.load(d_ptr + m * n + offs)
     w = tl.load(rows_ptr + i * n_seg + seg)
@@ -94,11 +95,14 @@ def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg_of_ptr, ints_
                   active_ptr, base_ptr, out_ptr, n, n_seg, k, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, SCALE: tl.constexpr, LAMBDA: tl.constexpr, DIVIDE: tl.constexpr,
                   BLOCK: tl.constexpr):
-    """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) with the engine's operations (``device_path.mix``)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    offs = tl.where(inside, offs, 0)
-    seg = tl.load(seg_of_ptr + offs)
+    """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) with the engine's operations (``device_path.mix``).
+
+    Segments start at multiples of 4096 elements and BLOCK divides 4096, so a program's elements
+    lie in one segment: its settings are scalars, read once.
+    """
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    seg = tl.load(seg_of_ptr + start // 4096)  # the segment of the program's L1 block
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, k):  # Σ in input order from the first input
         x, w = _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i,
@@ -126,7 +130,8 @@ def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg_of_ptr, ints_
     if LAMBDA:
         mixed = mixed * tl.load(rows_ptr + 2 * k * n_seg + seg)
     out = tl.load(base_ptr + offs) + mixed
-    tl.store(out_ptr + offs, out, mask=inside & (tl.load(active_ptr + seg) != 0))
+    active = tl.zeros([BLOCK], dtype=tl.int32) + tl.load(active_ptr + seg)
+    tl.store(out_ptr + offs, out, mask=active != 0)
 
 
 def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, fields: torch.Tensor | None,
@@ -143,17 +148,21 @@ def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, f
 
 
 def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, fields: torch.Tensor | None,
-          slot_models: torch.Tensor, seg_of: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
+          slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
           rows: torch.Tensor, norm: torch.Tensor, active: torch.Tensor, base: torch.Tensor, out: torch.Tensor, *,
           consensus: bool, normalize: bool, scale: bool, lambda_: bool, divide: bool) -> None:
-    """Write the candidate into ``out`` (active segments only); ``rows`` as ``_build_device`` packs them."""
+    """Write the candidate into ``out`` (active segments only); ``rows`` as ``_build_device`` packs them.
+
+    ``block_seg``: the segment of each 4096-element block (the buffers' length is a multiple of 4096).
+    """
     n = base.numel()
-    grid = (triton.cdiv(n, MERGE_BLOCK),)
+    assert n % L1_BLOCK == 0 and L1_BLOCK % MERGE_BLOCK == 0
+    grid = (n // MERGE_BLOCK,)
     _merge_kernel[grid](flat_inputs, stat if stat is not None else flat_inputs,
-                        fields if fields is not None else flat_inputs, slot_models, seg_of, ints, floats, rows, norm,
-                        active, base, out, n, ints.shape[-1], slot_models.numel(), RULE=rule, CONSENSUS=consensus,
-                        NORMALIZE=normalize, SCALE=scale, LAMBDA=lambda_, DIVIDE=divide, BLOCK=MERGE_BLOCK,
-                        enable_fp_fusion=False)
+                        fields if fields is not None else flat_inputs, slot_models, block_seg, ints, floats, rows,
+                        norm, active, base, out, n, ints.shape[-1], slot_models.numel(), RULE=rule,
+                        CONSENSUS=consensus, NORMALIZE=normalize, SCALE=scale, LAMBDA=lambda_, DIVIDE=divide,
+                        BLOCK=MERGE_BLOCK, num_warps=MERGE_WARPS, enable_fp_fusion=False)
 
 
 def rule_code(keep_rule: int, sparsification: str | None) -> int:
