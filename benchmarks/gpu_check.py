@@ -62,7 +62,7 @@ def correctness(device: str, work: Path) -> list[str]:
     base, fts = build_tiny_family(work / "llama", family="llama", n_finetunes=3, seed=0, num_layers=4)
     fam = {"base": base, "ft0": fts[0], "ft1": fts[1], "ft2": fts[2]}
     lines = ["| recipe | builder path | builder = engine on device | builder twice identical | engine device vs cpu: "
-             "tensors differing | max abs diff | build ms (2nd) |", "|---|---|---|---:|---:|---:|"]
+             "tensors differing | max abs diff | build ms (2nd) |", "|---|---|---|---|---:|---:|---:|"]
     for label, method, data in _recipes(fam):
         recipe = load_recipe(data)
         base_dir = data.get("base_model", str(fam["base"])) if method != "linear" else str(fam["base"])

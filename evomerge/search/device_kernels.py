@@ -92,27 +92,32 @@ def _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats
 
 @triton.jit
 def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg_of_ptr, ints_ptr, floats_ptr, rows_ptr, norm_ptr,
-                  active_ptr, base_ptr, out_ptr, n, n_seg, k, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
+                  active_ptr, base_ptr, out_ptr, n, n_seg, k: tl.constexpr, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, SCALE: tl.constexpr, LAMBDA: tl.constexpr, DIVIDE: tl.constexpr,
                   BLOCK: tl.constexpr):
     """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) with the engine's operations (``device_path.mix``).
 
     Segments start at multiples of 4096 elements and BLOCK divides 4096, so a program's elements
-    lie in one segment: its settings are scalars, read once.
+    lie in one segment: its settings are scalars, read once. The number of inputs k is a
+    compile-time constant: both loops over the inputs unroll, and the second pass's loads of an
+    input repeat the first's (no store between them).
     """
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     seg = tl.load(seg_of_ptr + start // 4096)  # the segment of the program's L1 block
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, k):  # Σ in input order from the first input
+    for i in tl.static_range(k):  # Σ in input order from the first input
         x, w = _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i,
                          n, n_seg, k, RULE, SCALE)
-        total = tl.where(i == 0, x, total + x)
+        if i == 0:
+            total = x
+        else:
+            total = total + x
     if CONSENSUS:
         unit = tl.where(total >= 0, 1.0, -1.0)
         mixed = tl.zeros([BLOCK], dtype=tl.float32)
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(0, k):
+        for i in tl.static_range(k):
             x, w = _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs,
                              i, n, n_seg, k, RULE, SCALE)
             agreeing = tl.maximum(x * unit, 0.0)
