@@ -16,7 +16,7 @@ from tests.conftest import read_weights
 from tests.test_flat_builder import VARIANT_NAMES, _assert_live_equals, _recipe, source
 from evomerge.engine import run_merge
 from evomerge.methods.consensus import input_sum
-from evomerge.methods.l1 import L1_BLOCK, l1_norm
+from evomerge.methods.l1 import L1_BLOCK, _l1_norm_elementwise, l1_norm, lane_block_sums
 from evomerge.recipe import load_recipe
 from evomerge.search import device_path as dp
 from evomerge.search.builder import CandidateBuilder
@@ -76,8 +76,12 @@ def test_device_path_bf16_recipe_and_tied_embeddings(qwen_family, tmp_path):
         builder.close()
 
 
-def test_lane_block_sums_follow_l1_norm_order():
-    """Block sums added in order reproduce ``l1_norm`` to the bit, masked or not, with a partial last block."""
+def test_lane_block_sums_follow_l1_norm_order(monkeypatch):
+    """Block sums added in order reproduce ``l1_norm`` to the bit, masked or not, with a partial last block
+    (and across the GPU implementation's chunks)."""
+    import evomerge.methods.l1 as l1
+
+    monkeypatch.setattr(l1, "DEVICE_CHUNK", 2 * L1_BLOCK)
     g = torch.Generator().manual_seed(0)
     for n in (1, 7, 4096, 4097, 3 * 4096 + 1000):
         x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 4)
@@ -86,10 +90,13 @@ def test_lane_block_sums_follow_l1_norm_order():
         mags = torch.zeros(2, blocks * L1_BLOCK, dtype=torch.float64)
         mags[0, :n] = x.abs()
         mags[1, :n] = x.abs().masked_fill(~keep, 0)
-        sums = dp.lane_block_sums(mags).numpy()
+        sums = lane_block_sums(mags).numpy()
         totals = dp.segment_totals(sums, np.array([0]), np.array([blocks]))
         assert totals[0, 0] == l1_norm(x).item()
         assert totals[1, 0] == l1_norm(x, keep).item()
+        # the engine's implementation for GPUs (elementwise lanes, blocks on the host), here on the CPU
+        assert torch.equal(_l1_norm_elementwise(x), l1_norm(x))
+        assert torch.equal(_l1_norm_elementwise(x.reshape(1, -1), keep.reshape(1, -1)), l1_norm(x, keep))
 
 
 def test_sums_run_in_input_order_for_five_inputs():

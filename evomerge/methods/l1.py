@@ -23,13 +23,13 @@ CHUNK = L1_BLOCK * 256  # float64 scratch per step
 def l1_norm(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """‖m⊙x‖₁ (‖x‖₁ without ``mask``) as a 0-d tensor of x's dtype, in the fixed order above.
 
-    Each lane's sequential sum is the last entry of a float64 ``cumsum`` on the host (the CPU's scan
-    never regroups, unlike ``sum``), over scratch of at most ``CHUNK`` elements. Tensors on other
-    devices are summed on the host (a GPU scan regroups); the search's device path reproduces the
-    order with elementwise additions (``search.device_path.lane_block_sums``).
+    On the host each lane's sequential sum is the last entry of a float64 ``cumsum`` (the CPU's
+    scan never regroups, unlike ``sum``), over scratch of at most ``CHUNK`` elements. A GPU's scan
+    regroups, so on other devices the lanes are summed with elementwise additions
+    (``lane_block_sums``) and the block sums added in order on the host: the same bits.
     """
-    if x.device.type != "cpu":  # the fixed order is sequential: torch's GPU scans regroup, so sum on the host
-        return l1_norm(x.detach().cpu(), mask.cpu() if mask is not None else None).to(x.device)
+    if x.device.type != "cpu":
+        return _l1_norm_elementwise(x, mask)
     flat = x.detach().reshape(-1)
     keep = mask.reshape(-1) if mask is not None else None
     total = torch.zeros(1, dtype=torch.float64, device=x.device)
@@ -45,3 +45,38 @@ def l1_norm(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
             ((lanes[:, 4] + lanes[:, 5]) + (lanes[:, 6] + lanes[:, 7]))
         total = torch.cat([total, sums]).cumsum(0)[-1:]
     return total[0].to(x.dtype)
+
+
+def lane_block_sums(mags: torch.Tensor) -> torch.Tensor:
+    """Per 4096-element block of float64 magnitudes [..., blocks·4096]: its sum in ``l1_norm``'s order.
+
+    Lane l holds the elements l, l+8, l+16, …, each summed sequentially (as a float64 ``cumsum``
+    on the host does); the lanes combine as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)). Only
+    elementwise additions (511 of them): the same bits on every device, for any batch of blocks.
+    """
+    lanes = mags.view(*mags.shape[:-1], -1, L1_BLOCK // 8, 8)
+    acc = lanes[..., 0, :].clone()
+    for j in range(1, L1_BLOCK // 8):
+        acc += lanes[..., j, :]
+    a = acc.unbind(-1)
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+
+
+DEVICE_CHUNK = L1_BLOCK * (1 << 14)  # 64M elements (512 MB of float64 scratch) per step on a GPU
+
+
+def _l1_norm_elementwise(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``l1_norm`` with the lanes summed by ``lane_block_sums`` on x's device, the blocks on the host."""
+    flat = x.detach().reshape(-1)
+    keep = mask.reshape(-1) if mask is not None else None
+    block_sums = []
+    for start in range(0, flat.numel(), DEVICE_CHUNK):
+        part = flat[start : start + DEVICE_CHUNK]
+        blocks = -(-part.numel() // L1_BLOCK)
+        padded = torch.zeros(blocks * L1_BLOCK, dtype=torch.float64, device=x.device)  # +0.0 adds nothing
+        padded[: part.numel()] = part.abs()
+        if keep is not None:
+            padded[: part.numel()].masked_fill_(~keep[start : start + DEVICE_CHUNK], 0.0)
+        block_sums.append(lane_block_sums(padded).cpu())
+    sums = torch.cat([torch.zeros(1, dtype=torch.float64), *block_sums])
+    return sums.cumsum(0)[-1].to(x.dtype).to(x.device)  # in order from +0.0, on the host

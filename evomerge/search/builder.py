@@ -45,7 +45,7 @@ import numpy as np
 from evomerge.checkpoint import ModelReader
 from evomerge.engine import MergeError, MergePlan, TensorTask, all_finite, plan_merge, resolve_device
 from evomerge.methods import della_ranks, flat_ranks, random_field
-from evomerge.methods.l1 import L1_BLOCK, l1_norm
+from evomerge.methods.l1 import L1_BLOCK, l1_norm, lane_block_sums
 from evomerge.methods.task_arithmetic import VARIANTS, merge_task_vectors
 from evomerge.recipe import Recipe
 from evomerge.search import device_path as dp
@@ -405,7 +405,7 @@ class CandidateBuilder:
                 keep = self._keep(i, m, c0, c1, seg, ints, floats)
                 if keep is not None:
                     mags[i].masked_fill_(~keep, 0.0)
-            block_sums[:, c0 // L1_BLOCK: c1 // L1_BLOCK] = dp.lane_block_sums(mags)
+            block_sums[:, c0 // L1_BLOCK: c1 // L1_BLOCK] = lane_block_sums(mags)
         return dp.segment_totals(block_sums.cpu().numpy(), self.first_block, self.n_blocks)
 
     def _build_device(self, recipe: Recipe, stats: BuildStats) -> None:

@@ -13,7 +13,7 @@ float32 operation on the same operands in the same order, elementwise, so the ba
 bit. δ·keep, × the rescale factor, × w; the sign election and sums in input order
 (``consensus.input_sum``); the disjoint merge and its divisor; ÷ Σw; × λ; + base. The rescale
 norms follow ``l1.l1_norm``'s fixed order: eight lanes per 4096-element block summed with one
-elementwise float64 addition per step (``lane_block_sums``), then the blocks of each tensor added
+elementwise float64 addition per step (``l1.lane_block_sums``), then the blocks of each tensor added
 in order on the host. Multiplying by 1 and adding +0 change no bit, which lets one batched
 operation serve tensors that do not rescale, or have fewer inputs (weight 0).
 """
@@ -25,25 +25,8 @@ import torch
 from numba import njit
 
 from evomerge.methods.consensus import input_sum, signed_unit
-from evomerge.methods.l1 import L1_BLOCK
 from evomerge.search import flat_kernel as fk
 
-LANES = 8
-
-
-def lane_block_sums(mags: torch.Tensor) -> torch.Tensor:
-    """Per 4096-element block of float64 magnitudes [..., blocks·4096]: its sum in ``l1_norm``'s order.
-
-    Lane l holds the elements l, l+8, l+16, …, each summed sequentially (as a float64 ``cumsum``
-    on the host does); the lanes combine as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)). Only
-    elementwise additions: the same bits on every device, for any batch of blocks.
-    """
-    lanes = mags.view(*mags.shape[:-1], -1, L1_BLOCK // LANES, LANES)
-    acc = lanes[..., 0, :].clone()
-    for j in range(1, L1_BLOCK // LANES):
-        acc += lanes[..., j, :]
-    a = acc.unbind(-1)
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 
 
 @njit(cache=True)
