@@ -6,6 +6,7 @@
 2. Build speed on the device: ``benchmarks/search_bench.py``'s table (build vs the floor vs
    mergekit's ``merge_state_dicts`` on the same device) on the `small` zoo and on ~170M models
    built on the spot.
+   With them, ``evomerge merge`` on those models on the device and on the CPU (time, same bits).
 3. The demo search end to end on the device (``evomerge search configs/demo.yaml``, fewer trials).
 
     python benchmarks/gpu_check.py [--device cuda] [--out results/bench/gpu_check.md] [--trials 40]
@@ -25,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -102,6 +104,32 @@ def large_models(work: Path) -> Path:
     return work
 
 
+def engine_speed(large: Path, device: str, work: Path) -> list[str]:
+    """``evomerge merge`` wall time on the ~170M models (``merge_speed.py``'s recipes), on ``device`` and the CPU."""
+    from merge_speed import RECIPES
+
+    from evomerge.engine import run_merge
+    from evomerge.recipe import load_recipe
+
+    lines = ["| method | device s | cpu s | same bits |", "|---|---:|---:|---|"]
+    for method in ("ties", "dare_ties", "della"):
+        text = f"merge_method: {method}\ndtype: bfloat16\n" + RECIPES[method].format(
+            ft0=large / "ft0", ft1=large / "ft1", base=large / "base")
+        recipe = load_recipe(yaml.safe_load(text))
+        secs = {}
+        for dev in (device, "cpu"):
+            t0 = time.perf_counter()
+            run_merge(recipe, work / f"engine-{method}-{dev}", device=dev, seed=0, overwrite=True)
+            secs[dev] = time.perf_counter() - t0
+        from tests.conftest import read_weights
+
+        a, b = read_weights(work / f"engine-{method}-{device}"), read_weights(work / f"engine-{method}-cpu")
+        same = all(torch.equal(v, b[k]) for k, v in a.items())
+        lines.append(f"| {method} | {secs[device]:.1f} | {secs['cpu']:.1f} | {'yes' if same else 'NO'} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def kernel_sweep(large: Path, device: str, repeats: int = 9) -> list[str]:
     """Build time of the fused kernels' launch settings on the ~170M models (ties, dare_ties)."""
     import statistics
@@ -165,7 +193,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=51, help="timed builds per method on the zoo (170M: 9)")
     ap.add_argument("--work", default="/tmp/evomerge-gpu-check")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: correctness,speed,large,sweep,search")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: correctness,speed,large,sweep,engine,search")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "gpu_check.md"))
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -201,6 +229,7 @@ def main() -> None:
             sweep = kernel_sweep(work / "large", args.device)
         else:
             sweep = []
+        engine = [] if "large" in skip or "engine" in skip else engine_speed(work / "large", args.device, work)
         lines += ["", "## Per-candidate build time on the device (median)", "",
                   "| models | method | build ms | planning ms | floor ms (flat Σδ + base) | build / floor "
                   "| per-tensor floor ms | mergekit ms | speed-up vs mergekit |",
@@ -211,6 +240,8 @@ def main() -> None:
                              f"| {mk:.1f} | {mk / b:.1f}x |")
         if sweep:
             lines += ["", "### Fused kernels' launch settings (~170M models, median of 9 builds)", "", *sweep]
+        if engine:
+            lines += ["", "## `evomerge merge` on the ~170M models (bf16 recipe), device and CPU", "", *engine]
         out.write_text(text())
     if "search" not in skip:
         lines += ["", "## Demo search on the device", "", *demo_search(args.device, args.trials, work)]
