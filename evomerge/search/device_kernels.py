@@ -91,7 +91,7 @@ def _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats
 
 
 @triton.jit
-def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg_of_ptr, ints_ptr, floats_ptr, rows_ptr, norm_ptr,
+def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr, rows_ptr, norm_ptr,
                   active_ptr, base_ptr, out_ptr, n, n_seg, k: tl.constexpr, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, SCALE: tl.constexpr, LAMBDA: tl.constexpr, DIVIDE: tl.constexpr,
                   BLOCK: tl.constexpr):
@@ -104,7 +104,7 @@ def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg_of_ptr, ints_
     """
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
-    seg = tl.load(seg_of_ptr + start // 4096)  # the segment of the program's L1 block
+    seg = tl.load(block_seg_ptr + start // 4096)  # the segment of the program's L1 block
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(k):  # Σ in input order from the first input
         x, w = _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i,
@@ -141,7 +141,7 @@ def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg_of_ptr, ints_
 
 def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, fields: torch.Tensor | None,
               slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
-    """float64 [slots, blocks]: each block's Σ|m⊙δ| in ``l1_norm``'s order (``device_path.lane_block_sums``)."""
+    """float64 [slots, blocks]: each block's Σ|m⊙δ| in ``l1_norm``'s order (``l1.lane_block_sums``)."""
     k, n = slot_models.numel(), flat_inputs.shape[1]
     n_blocks = n // L1_BLOCK
     out = torch.empty((k, n_blocks), dtype=torch.float64, device=flat_inputs.device)
