@@ -75,7 +75,12 @@ def correctness(device: str, work: Path) -> list[str]:
             builder.build(recipe)
             first = {k: v.detach().to("cpu", copy=True) for k, v in builder.model.state_dict().items()}
             t0 = time.perf_counter()
-            path = builder.build(recipe).extra.get("path", builder.path)
+            extra = builder.build(recipe).extra
+            path = extra.get("path", builder.path)
+            if extra.get("in_order_norms"):
+                path += ", rescale norms summed in order (tree sum ambiguous)"
+            if path.startswith("device"):
+                path += ", params alias its output" if builder.aliased else ", params copied from its output"
             ms = (time.perf_counter() - t0) * 1e3
             live = {k: v.detach().cpu() for k, v in builder.model.state_dict().items()}
             builder.close()
@@ -130,40 +135,158 @@ def engine_speed(large: Path, device: str, work: Path) -> list[str]:
     return lines
 
 
-def kernel_sweep(large: Path, device: str, repeats: int = 9) -> list[str]:
-    """Build time of the fused kernels' launch settings on the ~170M models (ties, dare_ties)."""
+LANE_SETTINGS = [(16, 2), (8, 1), (16, 4), (32, 4), (64, 4), (4, 1)]  # (LANE_GROUP, LANE_WARPS)
+
+
+def lane_sweep(large: Path, device: str, repeats: int = 20) -> tuple[list[str], tuple]:
+    """The lane-sum kernel alone on the ~170M models (dare_ties, della): time per launch setting, same sums.
+
+    Returns the table and the setting with the least total time over both methods."""
     import statistics
 
     from evomerge.search import device_kernels as dk
+    from evomerge.search import device_path as dp
     from evomerge.search.builder import CandidateBuilder
     from evomerge.search.space import load_space
 
     models = {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}
-    lines = ["| method | MERGE_BLOCK | MERGE_WARPS | LANE_GROUP | build ms | of which plan ms |", "|---|---:|---:|---:|---:|---:|"]
-    defaults = (dk.MERGE_BLOCK, dk.MERGE_WARPS, dk.LANE_GROUP)
-    for method, space_file in (("ties", "ties_per_model.yaml"), ("dare_ties", "dare_ties_per_layer.yaml")):
+    lines = ["| method | LANE_GROUP | LANE_WARPS | kernel ms | GB/s | same sums |", "|---|---:|---:|---:|---:|---|"]
+    defaults = (dk.LANE_GROUP, dk.LANE_WARPS)
+    totals = {setting: 0.0 for setting in LANE_SETTINGS}
+    for method, space_file in (("dare_ties", "dare_ties_per_layer.yaml"), ("della", "della_per_block.yaml")):
         space = load_space(ROOT / "search_spaces" / space_file)
         builder = CandidateBuilder(large / "base", models, method=method, device=device, seed=0)
         builder.precompute()
         recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(large / "base"),
                                  models=models, num_layers=builder.num_layers, dtype="float32")
-        settings = [(1024, 4, 64), (2048, 4, 64), (2048, 8, 64), (4096, 8, 64), (4096, 16, 64)]
-        if method == "dare_ties":
-            settings += [(1024, 4, 32), (1024, 4, 128)]
-        for block, warps, group in settings:
-            dk.MERGE_BLOCK, dk.MERGE_WARPS, dk.LANE_GROUP = block, warps, group
-            builder.build(recipe)  # compile
-            times, plans = [], []
+        builder.build(recipe)
+        st = builder._candidate_tables(recipe)
+        ints, floats = (torch.from_numpy(t).to(builder.device)
+                        for t in dp.rule_tables(builder.keep_rule, *st["tables"][:6]))
+
+        def run():
+            return dk.lane_sums(builder.keep_rule, builder.flat_inputs, builder.device_stat, builder.device_fields,
+                                st["slot_models_t"], builder.block_seg, ints, floats)
+
+        reference = run()
+        bytes_read = builder.flat_inputs.numel() * (8 if method == "dare_ties" else 12)  # δ, field (and q) per input
+        for setting in LANE_SETTINGS:
+            group, warps = setting
+            dk.LANE_GROUP, dk.LANE_WARPS = setting
+            try:
+                same = torch.equal(run(), reference)  # compiles
+            except Exception as e:  # a setting Triton cannot compile: report it, go on
+                lines.append(f"| {method} | {group} | {warps} | ERROR {type(e).__name__} | | |")
+                totals[setting] = float("inf")
+                continue
+            times = []
             for _ in range(repeats):
-                t0 = time.perf_counter()
-                plans.append(builder.build(recipe).plan)
-                times.append(time.perf_counter() - t0)
-            lines.append(f"| {method} | {block} | {warps} | {group} | {statistics.median(times) * 1e3:.2f} "
-                         f"| {statistics.median(plans) * 1e3:.2f} |")
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                run()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            ms = statistics.median(times)
+            totals[setting] += ms if same else float("inf")
+            lines.append(f"| {method} | {group} | {warps} | {ms:.3f} | {bytes_read / ms / 1e6:.0f} "
+                         f"| {'yes' if same else 'NO'} |")
             print(lines[-1], flush=True)
         builder.close()
         del builder
-    dk.MERGE_BLOCK, dk.MERGE_WARPS, dk.LANE_GROUP = defaults
+    dk.LANE_GROUP, dk.LANE_WARPS = defaults
+    return lines, min(totals, key=totals.get)
+
+
+def launch_costs(device: str) -> list[str]:
+    """What a candidate's fixed costs are made of: a Triton launch, a sync, small copies (µs, median)."""
+    import statistics
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _nop(x_ptr, n):
+        i = tl.program_id(0)
+        tl.store(x_ptr + i, tl.load(x_ptr + i) + n, mask=i < 1)
+
+    x = torch.zeros(16, dtype=torch.float32, device=device)
+    pinned = torch.zeros(1024, dtype=torch.int32, pin_memory=True)
+    dev = torch.zeros(1024, dtype=torch.int32, device=device)
+
+    def timed(f, reps=200):
+        f()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        return statistics.median(out) * 1e6
+
+    rows = [("Triton launch (no sync)", timed(lambda: _nop[(1,)](x, 1))),
+            ("Triton launch + sync", timed(lambda: (_nop[(1,)](x, 1), torch.cuda.synchronize()))),
+            ("torch add_ on 16 floats (no sync)", timed(lambda: x.add_(1))),
+            ("synchronize, idle GPU", timed(torch.cuda.synchronize)),
+            ("4 KB pinned H2D, non_blocking", timed(lambda: dev.copy_(pinned, non_blocking=True))),
+            ("4 KB pageable H2D", timed(lambda: dev.copy_(torch.from_numpy(pinned.numpy().copy())))),
+            ("4 KB D2H (.cpu())", timed(lambda: dev.cpu()))]
+    lines = ["| operation | µs |", "|---|---:|", *(f"| {n} | {v:.1f} |" for n, v in rows)]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def profile_builds(zoo_base, zoo_models: dict, large: Path | None, device: str, reps: int = 21) -> list[str]:
+    """Back-to-back builds: wall, the builder's plan/merge split, and torch.profiler's CPU and GPU time per build."""
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from evomerge.search.builder import CandidateBuilder
+    from evomerge.search.space import load_space
+
+    sets = [("zoo", zoo_base, zoo_models)]
+    if large is not None:
+        sets.append(("170M", large / "base", {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}))
+    lines = ["| models | method | wall ms | plan ms | merge ms | GPU busy ms | top GPU kernels (ms per build) "
+             "| top CPU ops (self ms per build) | builds with in-order norms |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
+    for label, base, models in sets:
+        for method, space_file in (("ties", "ties_per_model.yaml"), ("dare_ties", "dare_ties_per_layer.yaml"),
+                                   ("della", "della_per_block.yaml")):
+            space = load_space(ROOT / "search_spaces" / space_file)
+            builder = CandidateBuilder(base, models, method=method, device=device, seed=0)
+            builder.precompute()
+            recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(base),
+                                     models=models, num_layers=builder.num_layers, dtype="float32")
+            for _ in range(3):
+                builder.build(recipe)
+            walls, plans, merges, in_order = [], [], [], 0
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                st = builder.build(recipe)
+                walls.append(time.perf_counter() - t0)
+                plans.append(st.plan)
+                merges.append(st.merge)
+                in_order += bool(st.extra.get("in_order_norms"))
+            n = 10
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(n):
+                    builder.build(recipe)
+            events = prof.key_averages()
+            dev_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+            gpu = sorted(events, key=lambda e: -getattr(e, dev_attr))
+            busy = sum(getattr(e, dev_attr) for e in events) / n / 1e3
+            top_gpu = "; ".join(f"{e.key[:40]} {getattr(e, dev_attr) / n / 1e3:.3f}" for e in gpu[:4]
+                                if getattr(e, dev_attr) > 0)
+            cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)
+            top_cpu = "; ".join(f"{e.key[:40]} {e.self_cpu_time_total / n / 1e3:.3f}" for e in cpu[:5])
+            lines.append(f"| {label} | {method} | {statistics.median(walls) * 1e3:.3f} "
+                         f"| {statistics.median(plans) * 1e3:.3f} | {statistics.median(merges) * 1e3:.3f} "
+                         f"| {busy:.3f} | {top_gpu} | {top_cpu} | {in_order} of {reps} |")
+            print(lines[-1], flush=True)
+            builder.close()
+            del builder
     return lines
 
 
@@ -187,13 +310,24 @@ def demo_search(device: str, trials: int, work: Path) -> list[str]:
     return lines
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=51, help="timed builds per method on the zoo (170M: 9)")
     ap.add_argument("--work", default="/tmp/evomerge-gpu-check")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: correctness,speed,large,sweep,engine,search")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated parts to skip: correctness,profile,speed,large,sweep,engine,search")
+    ap.add_argument("--lane-best", action="store_true",
+                    help="after the sweep, run the rest with its fastest lane-sum setting (else the defaults)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "gpu_check.md"))
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -202,9 +336,9 @@ def main() -> None:
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "no GPU"
     lines = ["# GPU checks", "",
-             f"Device: {args.device} ({name}); torch {torch.__version__}; {os.cpu_count()} CPU cores. "
-             f"Date: {datetime.date.today()}. Command: `python benchmarks/gpu_check.py --device {args.device} "
-             f"--trials {args.trials}`."]
+             f"Device: {args.device} ({name}); torch {torch.__version__}, Triton {_triton_version()}; "
+             f"{os.cpu_count()} CPU cores. Date: {datetime.date.today()}. "
+             f"Command: `python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`."]
     text = lambda: "\n".join(lines) + "\n"  # noqa: E731
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +346,26 @@ def main() -> None:
         t0 = time.perf_counter()
         lines += ["", "## Builder vs `evomerge merge` on the device", "", *correctness(args.device, work)]
         lines.append(f"\n({time.perf_counter() - t0:.0f} s)")
+        out.write_text(text())
+    sweep = []
+    if "large" not in skip and "sweep" not in skip and dev.type == "cuda":
+        from evomerge.search import device_kernels as dk
+
+        sweep, best = lane_sweep(large_models(work / "large"), args.device)
+        if args.lane_best:
+            dk.LANE_GROUP, dk.LANE_WARPS = best
+        sweep.append(f"\nFastest over both (LANE_GROUP, LANE_WARPS): {best}; the rest of this run uses "
+                     f"{(dk.LANE_GROUP, dk.LANE_WARPS)}.")
+        lines += ["", "## The lane-sum kernel's launch settings (~170M models, median of 20 launches)", "", *sweep]
+        out.write_text(text())
+    if "profile" not in skip and dev.type == "cuda":
+        from evomerge.zoo import build_zoo
+
+        zoo = build_zoo(None, size="small", seed=0)
+        large = None if "large" in skip else large_models(work / "large")
+        lines += ["", "## Where a build's time goes (back to back, median; profiler over 10 builds)", "",
+                  *launch_costs(args.device), "",
+                  *profile_builds(zoo.base, {k: str(v) for k, v in zoo.experts.items()}, large, args.device)]
         out.write_text(text())
     if "speed" not in skip:
         from search_bench import build_speed
@@ -225,10 +379,6 @@ def main() -> None:
             large = large_models(work / "large")
             speed["~170M Llama, bf16 files, float32 resident (2 fine-tunes)"] = build_speed(
                 large / "base", {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}, 9, 3, device=args.device)
-        if "large" not in skip and "sweep" not in skip and torch.device(args.device).type == "cuda":
-            sweep = kernel_sweep(work / "large", args.device)
-        else:
-            sweep = []
         engine = [] if "large" in skip or "engine" in skip else engine_speed(work / "large", args.device, work)
         lines += ["", "## Per-candidate build time on the device (median)", "",
                   "| models | method | build ms | planning ms | floor ms (flat Σδ + base) | build / floor "
@@ -238,8 +388,6 @@ def main() -> None:
             for m, b, pl, f, ef, mk in rows:
                 lines.append(f"| {label} | {m} | {b:.2f} | {pl:.2f} | {f:.3f} | {b / f:.1f}x | {ef:.2f} "
                              f"| {mk:.1f} | {mk / b:.1f}x |")
-        if sweep:
-            lines += ["", "### Fused kernels' launch settings (~170M models, median of 9 builds)", "", *sweep]
         if engine:
             lines += ["", "## `evomerge merge` on the ~170M models (bf16 recipe), device and CPU", "", *engine]
         out.write_text(text())

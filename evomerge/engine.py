@@ -467,12 +467,18 @@ def _tokenizer_dir(recipe: Recipe, readers: dict[str, Any], template, where: str
 # Execute
 # ------------------------------------------------------------------------------------------------
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None) → CUDA when available, else CPU; otherwise as given (validated)."""
+    """'auto' (or None) → CUDA when available, else CPU; otherwise as given (validated).
+
+    A CUDA device comes back with its index ("cuda" → "cuda:0"), as tensors report theirs, so
+    that ``tensor.device == resolve_device(...)`` means what it says.
+    """
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

@@ -54,3 +54,77 @@ def test_fused_lane_sums_equal_batched_torch(llama_family):
     fused = builder._device_after_norms(st, ints, floats)
     assert (batched == fused).all() and (batched > 0).all()
     builder.close()
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_rescale_factors_fall_back_to_in_order_sums(llama_family, tmp_path, method):
+    """The device's tree-summed norms decide the factor or say they cannot; then the in-order sums are used.
+
+    With the usual interval no factor is ambiguous on these tensors; with a huge one every factor
+    is, the builder redoes the candidate with the in-order block sums, and the bits are the engine's.
+    """
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3, path="device")
+    builder.fused = True
+    recipe = load_recipe(_recipe(method, llama_family, flip=False))
+    expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
+    assert "in_order_norms" not in builder.build(recipe).extra
+    _assert_live_equals(builder, expected, f"{method} (tree-summed factors)")
+    builder.rescale_slack = 1e12
+    assert builder.build(recipe).extra.get("in_order_norms") is True
+    _assert_live_equals(builder, expected, f"{method} (in-order fallback)")
+    builder.close()
+
+
+@pytest.mark.parametrize("group", [16, 4])
+def test_lane_sums_kernel_keeps_the_order_of_each_lane(monkeypatch, group):
+    """On magnitudes spread over 2⁻⁴⁰…2⁴⁰ float64 sums round, so any change of order shows: the kernel's
+    block sums equal ``l1.lane_block_sums`` bit for bit (a last program half full, or full)."""
+    from evomerge.methods.l1 import lane_block_sums
+    from evomerge.search import device_kernels as dk
+
+    monkeypatch.setattr(dk, "LANE_GROUP", group)
+    g = torch.Generator().manual_seed(0)
+    n = 4096 * 8
+    x = torch.randn((2, n), generator=g) * torch.exp2(torch.randint(-40, 41, (2, n), generator=g).float())
+    slot_models = torch.tensor([1, 0], dtype=torch.int32)
+    block_seg = torch.zeros(n // 4096, dtype=torch.int32)
+    ints, floats = torch.zeros((2, 2, 1), dtype=torch.int32), torch.zeros((2, 2, 1), dtype=torch.float32)
+    got = dk.lane_sums(dk.NO_RULE, x, None, None, slot_models, block_seg, ints, floats)
+    expected = lane_block_sums(x[[1, 0]].abs().double())
+    assert torch.equal(got, expected)
+    shuffled = lane_block_sums(x[[1, 0]].abs().double().view(2, -1, 512, 8).flip(2).reshape(2, -1))
+    assert not torch.equal(shuffled, expected)  # the data does tell orders apart
+
+
+def test_rescale_kernel_decides_or_says_it_cannot():
+    """Tree-summed norms give ``segment_totals``' in-order float32 factor wherever they claim to; a total
+    on a float32 rounding midpoint is reported ambiguous."""
+    import numpy as np
+
+    from evomerge.search import device_kernels as dk
+    from evomerge.search import device_path as dp
+
+    g = torch.Generator().manual_seed(1)
+    k, n_seg = 2, 40
+    n_blocks = torch.randint(1, 300, (n_seg,), generator=g)
+    first = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64), n_blocks[:-1]]), 0)
+    total_blocks = int(n_blocks.sum())
+    sums = torch.rand((k, total_blocks), generator=g, dtype=torch.float64) * \
+        torch.exp2(torch.randint(-30, 31, (k, total_blocks), generator=g).double())
+    sums[0, first[0]] = 1.0 + 2.0 ** -24  # segment 0 of slot 0: 1 + 2⁻²⁴ (a float32 midpoint) and nothing else
+    sums[0, first[0] + 1: first[0] + n_blocks[0]] = 0.0
+    before = torch.rand((n_seg, 3), generator=g) + 0.5
+    slot_models = torch.tensor([2, 0], dtype=torch.int32)
+    use = torch.ones((k, n_seg), dtype=torch.int32)
+    rows = torch.full((4 * k, n_seg), -7.0)  # rows[k:2k] receive the factors
+    ambiguous = dk.rescale_factors(sums, first, n_blocks, before, slot_models, use, rows)
+    after = dp.segment_totals(sums.numpy(), first.numpy(), n_blocks.numpy())
+    from evomerge.search.flat_kernel import L1_EPS32
+
+    b = before.numpy()[:, [2, 0]].T
+    expected = np.where((b < L1_EPS32) | (after < L1_EPS32), np.float32(1), b / after)
+    decided = ambiguous.numpy() == 0
+    assert ambiguous[0, 0] == 1 and decided.sum() >= k * n_seg - 3
+    np.testing.assert_array_equal(rows[k: 2 * k].numpy()[decided], expected[decided])
+    assert (rows[:k] == -7.0).all() and (rows[2 * k:] == -7.0).all()  # nothing else written

@@ -211,7 +211,7 @@ class CandidateBuilder:
                                                                                 device=self.device)
         params = [self.params[n] for n in self.names]
         self.aliased = (self.model_dtype == torch.float32 and len({id(p) for p in params}) == len(params)
-                        and all(p.device == self.device for p in params))
+                        and all(p.device == self.flat_out.device for p in params))
         for n, p in zip(self.names, params):
             a, e = self.offsets[n]
             self.flat_out[a:e].copy_(p.detach().reshape(-1))
@@ -328,6 +328,11 @@ class CandidateBuilder:
             self.first_block[si], self.n_blocks[si] = a // L1_BLOCK, -(-(e - a) // L1_BLOCK)
         self.seg_of = torch.from_numpy(seg_of).to(self.device)
         self.block_seg = torch.from_numpy(seg_of[::L1_BLOCK].copy()).to(self.device)  # the segment of each L1 block
+        self.first_block_t = torch.from_numpy(self.first_block).to(self.device)
+        self.n_blocks_t = torch.from_numpy(self.n_blocks).to(self.device)
+        self._before_t: torch.Tensor | None = None  # ‖δ‖₁ per segment and model on the device
+        self._staging: dict[tuple, tuple] = {}  # per table layout: host buffer, its device twin, views (``_upload``)
+        self.rescale_slack = 1.0  # widens the device rescale factors' error interval (tests force the fallback)
         # fused Triton kernels on CUDA (EVOMERGE_DEVICE_KERNELS=torch: the batched torch operations)
         self.fused = self.device.type == "cuda" and os.environ.get("EVOMERGE_DEVICE_KERNELS", "auto") != "torch" \
             and importlib.util.find_spec("triton") is not None
@@ -376,14 +381,31 @@ class CandidateBuilder:
         return dp.keep_mask(self.keep_rule, stat, field, ints[:, i], floats[:, i], seg)
 
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        """Copy small int32 / float32 / bool host tables to the device in one transfer (bool → int32)."""
-        parts = [a.astype(np.int32) if a.dtype == np.bool_ else a.view(np.int32) for a in arrays]
-        packed = torch.from_numpy(np.concatenate([p.ravel() for p in parts])).to(self.device)
-        views, at = [], 0
-        for a in arrays:
-            v = packed[at: at + a.size].view(a.shape)
-            views.append(v.view(torch.float32) if a.dtype == np.float32 else v)
-            at += a.size
+        """Copy small int32 / float32 / bool host tables to the device in one transfer (bool → int32).
+
+        Per layout of tables, a packed host buffer (pinned on CUDA, copied asynchronously) and its
+        device twin are made once, with the views the kernels read; later candidates of that
+        layout only fill the host buffer. Reusing it is safe: every build synchronizes before it ends.
+        """
+        key = tuple((a.shape, a.dtype.str) for a in arrays)
+        entry = self._staging.get(key)
+        if entry is None:
+            size = sum(a.size for a in arrays)
+            host = torch.empty(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+            packed = host if self.device.type == "cpu" else torch.empty(size, dtype=torch.int32, device=self.device)
+            views, at = [], 0
+            for a in arrays:
+                v = packed[at: at + a.size].view(a.shape)
+                views.append(v.view(torch.float32) if a.dtype == np.float32 else v)
+                at += a.size
+            if len(self._staging) >= 16:
+                self._staging.clear()
+            entry = self._staging[key] = (host, host.numpy(), packed, views)
+        host, host_np, packed, views = entry
+        np.concatenate([(a.astype(np.int32) if a.dtype == np.bool_ else a.view(np.int32)).ravel() for a in arrays],
+                       out=host_np)
+        if packed is not host:
+            packed.copy_(host, non_blocking=True)
         return views
 
     def _device_after_norms(self, st: dict, ints: torch.Tensor, floats: torch.Tensor) -> np.ndarray:
@@ -409,7 +431,8 @@ class CandidateBuilder:
         return dp.segment_totals(block_sums.cpu().numpy(), self.first_block, self.n_blocks)
 
     def _build_device(self, recipe: Recipe, stats: BuildStats) -> None:
-        """The whole candidate as batched torch operations per chunk of the flat buffers (``device_path``)."""
+        """The whole candidate over the flat buffers: fused Triton kernels on CUDA, else batched torch
+        operations per chunk (``device_path``)."""
         t0 = time.perf_counter()
         st = self._candidate_tables(recipe)
         if not st["uniform"]:  # an input slot fed by different models in different tensors
@@ -420,38 +443,79 @@ class CandidateBuilder:
         k, slot_models, active = st["slots"], st["slot_models"], st["active"]
         ints_np, floats_np = dp.rule_tables(self.keep_rule, mode, lo, hi, thr, dme, eps)
         n_seg = len(self.names)
-        scale = np.ones((k, n_seg), dtype=np.float32)
-        rescaled = active & rescale
-        if (mode[rescaled] != fk.MODE_ALL).any():  # the engine rescales each input it masks by ‖δ‖₁/‖m⊙δ‖₁
-            ints, floats = self._upload(ints_np, floats_np)
-            after = self._device_after_norms(st, ints, floats)
-            before = self._before_norms()[:, slot_models].T
-            use = (rescaled[None, :] & (mode.T != fk.MODE_ALL) & ~(before < fk.L1_EPS32) & ~(after < fk.L1_EPS32))
-            scale[use] = before[use] / after[use]
+        # the engine rescales each input it masks by ‖δ‖₁/‖m⊙δ‖₁ (factors computed below, 1 elsewhere)
+        rescales = (active & rescale)[None, :] & (mode.T != fk.MODE_ALL)  # [slots, segments]
+        lanes = bool(rescales.any())
         total = np.where(st["use_total"] & normalize, st["total"], np.float32(1))
-        rows = np.concatenate([weight.T, scale, lam[None, :], total[None, :]]).astype(np.float32)
-        flags_np = np.stack([normalize, active])
-        if (scale != 1).any():
-            per_seg, flags = self._upload(rows, flags_np)
-        else:
-            ints, floats, per_seg, flags = self._upload(ints_np, floats_np, rows, flags_np)
-        norm = flags[0].bool() if normalize.any() else None
+        rows = np.concatenate([weight.T, np.ones((k, n_seg), dtype=np.float32), lam[None, :], total[None, :]])
+        ints, floats, per_seg, flags, uses = self._upload(ints_np, floats_np, rows.astype(np.float32),
+                                                          np.stack([normalize, active]), rescales)
+        ambiguous = block_sums = None
+        if lanes and self.fused:  # lane sums, then the factors on the device; no round trip
+            ambiguous, block_sums = self._device_scales(st, ints, floats, per_seg, uses)
+        elif lanes:
+            self._host_scales(st, ints, floats, per_seg, rescales)
         stats.plan = time.perf_counter() - t0
         t1 = time.perf_counter()
-        any_scale, any_lambda = bool((scale != 1).any()), bool(use_lambda[active].any())
-        divide = not self.variant.consensus and bool((total != 1).any())
+        settings = dict(normalize=bool(normalize.any()), lambda_=bool(use_lambda[active].any()),
+                        divide=not self.variant.consensus and bool((total != 1).any()))
+        self._device_merge(st, ints, floats, per_seg, flags, scale=lanes, **settings)
+        if ambiguous is not None and ambiguous.cpu().numpy().any():  # rare: a factor the tree sum cannot decide
+            stats.extra["in_order_norms"] = True
+            self._host_scales(st, ints, floats, per_seg, rescales, block_sums)
+            self._device_merge(st, ints, floats, per_seg, flags, scale=True, **settings)
+        if st["rounding"] or not self.aliased or st["leftover"]:
+            self._finish_flat(recipe, st)
+        self._sync()
+        stats.tensors = int(active.sum()) + len(st["leftover"])
+        stats.merge = time.perf_counter() - t1
+
+    def _device_scales(self, st: dict, ints: torch.Tensor, floats: torch.Tensor, per_seg: torch.Tensor,
+                       uses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused: the rescale factors into ``per_seg[k:2k]`` on the device; returns where they are ambiguous,
+        and the block sums."""
+        from evomerge.search import device_kernels as dk
+
+        if self._before_t is None:
+            self._before_t = torch.from_numpy(self._before_norms()).to(self.device)
+        block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.device_fields,
+                                  st["slot_models_t"], self.block_seg, ints, floats)
+        return dk.rescale_factors(block_sums, self.first_block_t, self.n_blocks_t, self._before_t,
+                                  st["slot_models_t"], uses, per_seg, slack=self.rescale_slack), block_sums
+
+    def _host_scales(self, st: dict, ints: torch.Tensor, floats: torch.Tensor, per_seg: torch.Tensor,
+                     rescales: np.ndarray, block_sums: torch.Tensor | None = None) -> None:
+        """The rescale factors from ``l1_norm``'s in-order sums (block sums on the device, or ``block_sums``
+        already computed; the blocks added on the host), into ``per_seg[k:2k]``."""
+        k = st["slots"]
+        if block_sums is not None:
+            after = dp.segment_totals(block_sums.cpu().numpy(), self.first_block, self.n_blocks)
+        else:
+            after = self._device_after_norms(st, ints, floats)
+        before = self._before_norms()[:, st["slot_models"]].T
+        use = rescales & ~(before < fk.L1_EPS32) & ~(after < fk.L1_EPS32)
+        scale = np.ones((k, len(self.names)), dtype=np.float32)
+        scale[use] = before[use] / after[use]
+        per_seg[k: 2 * k].copy_(torch.from_numpy(scale))
+
+    def _device_merge(self, st: dict, ints: torch.Tensor, floats: torch.Tensor, per_seg: torch.Tensor,
+                      flags: torch.Tensor, *, normalize: bool, scale: bool, lambda_: bool, divide: bool) -> None:
+        """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) on the active segments of the flat output."""
+        k, slot_models, active = st["slots"], st["slot_models"], st["active"]
         if self.fused:
             from evomerge.search import device_kernels as dk
 
             dk.merge(dk.rule_code(self.keep_rule, self.variant.sparsification), self.flat_inputs, self.device_stat,
                      self.device_fields, st["slot_models_t"], self.block_seg, ints, floats, per_seg, flags[0],
                      flags[1], self.flat_base, self.flat_out,
-                     consensus=self.variant.consensus, normalize=norm is not None, scale=any_scale,
-                     lambda_=any_lambda, divide=divide)
-        for c0, c1 in ([] if self.fused else self.chunks):
+                     consensus=self.variant.consensus, normalize=normalize, scale=scale,
+                     lambda_=lambda_, divide=divide)
+            return
+        norm = flags[0].bool() if normalize else None
+        for c0, c1 in self.chunks:
             seg = self.seg_of[c0:c1]
             w = per_seg[:k].index_select(1, seg)
-            sc = per_seg[k: 2 * k].index_select(1, seg) if any_scale else None
+            sc = per_seg[k: 2 * k].index_select(1, seg) if scale else None
             weighted = torch.empty((k, c1 - c0), dtype=torch.float32, device=self.device)
             for i, m in enumerate(slot_models):
                 keep = self._keep(i, m, c0, c1, seg, ints, floats)
@@ -465,7 +529,7 @@ class CandidateBuilder:
             mixed = dp.mix(weighted, w, consensus=self.variant.consensus,
                            normalize=norm.index_select(0, seg) if norm is not None else None,
                            total=per_seg[2 * k + 1].index_select(0, seg) if divide else None)
-            if any_lambda:
+            if lambda_:
                 mixed *= per_seg[2 * k].index_select(0, seg)
             if st["all_active"]:
                 torch.add(self.flat_base[c0:c1], mixed, out=self.flat_out[c0:c1])
@@ -475,11 +539,6 @@ class CandidateBuilder:
                 a, e = self.offsets_array[si]
                 if a < c1 and e > c0:
                     self.flat_out[max(a, c0): min(e, c1)] = merged[max(a, c0) - c0: min(e, c1) - c0]
-        if st["rounding"] or not self.aliased or st["leftover"]:
-            self._finish_flat(recipe, st)
-        self._sync()
-        stats.tensors = int(active.sum()) + len(st["leftover"])
-        stats.merge = time.perf_counter() - t1
 
     def _before_norms(self) -> np.ndarray:
         """‖δ‖₁ of every segment and model (float32, the engine's ``l1_norm``), computed once."""

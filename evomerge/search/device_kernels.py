@@ -3,8 +3,9 @@
 ``device_path`` runs a candidate as a few dozen whole-buffer torch operations; each reads and
 writes the buffers again, and the rescale norms take 511 launches. Here the same arithmetic is
 fused: ``lane_sums`` reads each input's δ, rank/q and field once and writes one float64 sum per
-4096-element block (the rescale norms' blocks), and ``merge`` reads them once more with the base
-and writes the merged parameters. Per element, the float operations are ``device_path``'s (so the
+4096-element block (the rescale norms' blocks); ``rescale_factors`` turns each tensor's blocks
+into its factor ‖δ‖₁/‖m⊙δ‖₁ on the device (no round trip to the host); and ``merge`` reads the
+inputs once more with the base and writes the merged parameters. Per element, the float operations are ``device_path``'s (so the
 engine's), in the same order: FMA contraction is turned off (``enable_fp_fusion=False``) and
 divisions are correctly rounded (``div_rn``), so the bits are the engine's. Tests run the kernels
 through Triton's interpreter on the CPU against the engine; ``benchmarks/gpu_check.py`` on a GPU.
@@ -21,7 +22,8 @@ import triton.language as tl
 from evomerge.methods.l1 import L1_BLOCK
 from evomerge.search import flat_kernel as fk
 
-LANE_GROUP = 64  # blocks per lane-sum program (64·8 lanes)
+LANE_GROUP = 16  # blocks per lane-sum program (16·8 lanes)
+LANE_WARPS = 2
 MERGE_BLOCK = 1024  # elements per merge program (divides 4096: one segment per program)
 MERGE_WARPS = 4
 NO_RULE = -1  # task arithmetic: no sparsifier, every δ kept
@@ -47,7 +49,13 @@ def _keep(stat_ptr, field_ptr, offs, lo, hi, thr, eps, RULE: tl.constexpr):
 @triton.jit
 def _lane_sums_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr, out_ptr,
                       n, n_seg, n_blocks, k, RULE: tl.constexpr, GROUP: tl.constexpr):
-    """Per input slot and 4096-element block: Σ|m⊙δ| in ``l1_norm``'s order (eight lanes, each sequential)."""
+    """Per input slot and 4096-element block: Σ|m⊙δ| in ``l1_norm``'s order (eight lanes, each sequential).
+
+    Lane l of a block holds its elements l, l+8, l+16, …; four consecutive steps of all eight
+    lanes are 32 consecutive elements. Each iteration reads them as one 128-byte row per block
+    (loading one step at a time, 32 bytes per block, reached ~2.4 TB/s on an H200; rows ~4 TB/s)
+    and splits the row into its four steps, which are added in order.
+    """
     i = tl.program_id(1)
     blocks = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
     inside = blocks < n_blocks
@@ -58,19 +66,63 @@ def _lane_sums_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr
     hi = tl.load(ints_ptr + (k + i) * n_seg + seg)[:, None]
     thr = tl.load(floats_ptr + i * n_seg + seg)[:, None]
     eps = tl.load(floats_ptr + (k + i) * n_seg + seg)[:, None]
-    base = blocks.to(tl.int64)[:, None] * 4096 + tl.arange(0, 8)[None, :]
+    row = blocks.to(tl.int64)[:, None] * 4096 + tl.arange(0, 32)[None, :]
     acc = tl.zeros([GROUP, 8], dtype=tl.float64)
-    for j in range(0, 512):
-        offs = base + j * 8
+    for j in range(0, 512, 4):  # steps j … j+3
+        offs = row + j * 8
         delta = tl.load(d_ptr + m * n + offs)
         keep = _keep(stat_ptr + m * n, field_ptr + i * n, offs, lo, hi, thr, eps, RULE)
-        acc += tl.where(keep, tl.abs(delta).to(tl.float64), 0.0)
+        v = tl.where(keep, tl.abs(delta).to(tl.float64), 0.0)
+        even, odd = tl.split(tl.permute(tl.reshape(v, [GROUP, 2, 2, 8]), (0, 3, 1, 2)))  # [block, lane, step // 2]
+        s0, s2 = tl.split(even)
+        s1, s3 = tl.split(odd)
+        acc += s0
+        acc += s1
+        acc += s2
+        acc += s3
     a, b = tl.split(tl.reshape(acc, [GROUP, 4, 2]))  # lanes (0,2,4,6) and (1,3,5,7)
     pairs = a + b  # l0+l1, l2+l3, l4+l5, l6+l7
     c, d = tl.split(tl.reshape(pairs, [GROUP, 2, 2]))
     quads = c + d  # (l0+l1)+(l2+l3), (l4+l5)+(l6+l7)
     e, f = tl.split(quads)
     tl.store(out_ptr + i * n_blocks + blocks, e + f, mask=inside)
+
+
+U64 = 2.0 ** -53  # float64's unit roundoff
+
+
+@triton.jit
+def _rescale_kernel(block_sums_ptr, first_block_ptr, n_blocks_ptr, before_ptr, slot_models_ptr, use_ptr, rows_ptr,
+                    ambiguous_ptr, n_blocks_total, n_seg, n_models, k, eps32, slack, CHUNK: tl.constexpr):
+    """Slot i's rescale factor of segment s, ‖δ‖₁/‖m⊙δ‖₁ (float32), into ``rows[k + i, s]``.
+
+    ``l1_norm`` adds a tensor's block sums in order; here they are added in any order (a tree),
+    which can differ from the in-order float64 sum by at most 2γ₍ₙ₋₁₎ of the total (n blocks,
+    non-negative terms; Higham, *Accuracy and Stability of Numerical Algorithms*, §4.2). If both
+    ends of that interval round to the same float32, so does the in-order sum: the factor is
+    ``l1_norm``'s, bit for bit. Otherwise ``ambiguous[i, s]`` is set and the caller redoes the
+    candidate with the in-order sums (rare: ~10⁻⁵ per tensor). ``slack`` widens the interval
+    (1.0; tests raise it to force the fallback). Inputs that do not rescale get 1.
+    """
+    s = tl.program_id(0)
+    i = tl.program_id(1)
+    first = tl.load(first_block_ptr + s)
+    nb = tl.load(n_blocks_ptr + s)
+    acc = tl.zeros([CHUNK], dtype=tl.float64)
+    for c in range(0, nb, CHUNK):
+        idx = c + tl.arange(0, CHUNK)
+        acc += tl.load(block_sums_ptr + i * n_blocks_total + first + idx, mask=idx < nb, other=0.0)
+    approx = tl.sum(acc, axis=0)
+    rel = slack * 4.0 * (nb + 2).to(tl.float64) * 1.1102230246251565e-16  # ≥ 2γ₍ₙ₋₁₎ plus this line's roundings
+    lo = (approx * (1.0 - rel)).to(tl.float32)
+    hi = (approx * (1.0 + rel)).to(tl.float32)
+    after = approx.to(tl.float32)
+    m = tl.load(slot_models_ptr + i)
+    before = tl.load(before_ptr + s * n_models + m)
+    use = (tl.load(use_ptr + i * n_seg + s) != 0) & ~(before < eps32) & ~(after < eps32)  # as the host's test
+    scale = tl.where(use, tl.math.div_rn(before, tl.where(use, after, 1.0)), 1.0)
+    tl.store(rows_ptr + (k + i) * n_seg + s, scale)
+    tl.store(ambiguous_ptr + i * n_seg + s, (use & (lo != hi)).to(tl.int32))
 
 
 @triton.jit
@@ -148,8 +200,25 @@ def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, f
     grid = (triton.cdiv(n_blocks, LANE_GROUP), k)
     _lane_sums_kernel[grid](flat_inputs, stat if stat is not None else flat_inputs,
                             fields if fields is not None else flat_inputs, slot_models, block_seg, ints, floats, out,
-                            n, ints.shape[-1], n_blocks, k, RULE=rule, GROUP=LANE_GROUP, enable_fp_fusion=False)
+                            n, ints.shape[-1], n_blocks, k, RULE=rule, GROUP=LANE_GROUP,
+                            num_warps=LANE_WARPS, enable_fp_fusion=False)
     return out
+
+
+def rescale_factors(block_sums: torch.Tensor, first_block: torch.Tensor, n_blocks: torch.Tensor, before: torch.Tensor,
+                    slot_models: torch.Tensor, use: torch.Tensor, rows: torch.Tensor, *, slack: float = 1.0) -> torch.Tensor:
+    """Write each slot's rescale factors into ``rows[k:2k]`` ([slots, segments]; 1 where ``use`` is 0).
+
+    ``before``: float32 ‖δ‖₁ [segments, models]; ``use``: int32 [slots, segments], whether the
+    engine rescales that input there. Returns int32 [slots, segments], nonzero where the factor
+    could differ from ``l1_norm``'s (the caller must then compute it in order).
+    """
+    k, n_seg = use.shape
+    ambiguous = torch.empty((k, n_seg), dtype=torch.int32, device=block_sums.device)
+    _rescale_kernel[(n_seg, k)](block_sums, first_block, n_blocks, before, slot_models, use, rows, ambiguous,
+                                block_sums.shape[1], n_seg, before.shape[1], k, float(fk.L1_EPS32), float(slack), CHUNK=1024,
+                                enable_fp_fusion=False)
+    return ambiguous
 
 
 def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, fields: torch.Tensor | None,
