@@ -60,8 +60,9 @@ def test_fused_lane_sums_equal_batched_torch(llama_family):
 def test_rescale_factors_fall_back_to_in_order_sums(llama_family, tmp_path, method):
     """The device's tree-summed norms decide the factor or say they cannot; then the in-order sums are used.
 
-    With the usual interval no factor is ambiguous on these tensors; with a huge one every factor
-    is, the builder redoes the candidate with the in-order block sums, and the bits are the engine's.
+    With the usual interval no factor is ambiguous on these tensors; with a huge one (and no sum
+    taken as exact) every factor is, the builder redoes the candidate with the in-order block sums,
+    and the bits are the engine's.
     """
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
     builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3, path="device")
@@ -71,6 +72,7 @@ def test_rescale_factors_fall_back_to_in_order_sums(llama_family, tmp_path, meth
     assert "in_order_norms" not in builder.build(recipe).extra
     _assert_live_equals(builder, expected, f"{method} (tree-summed factors)")
     builder.rescale_slack = 1e12
+    builder._exact_t = torch.zeros_like(builder._exact_t)  # and no sum counts as exact
     assert builder.build(recipe).extra.get("in_order_norms") is True
     _assert_live_equals(builder, expected, f"{method} (in-order fallback)")
     builder.close()
@@ -118,7 +120,8 @@ def test_rescale_kernel_decides_or_says_it_cannot():
     slot_models = torch.tensor([2, 0], dtype=torch.int32)
     use = torch.ones((k, n_seg), dtype=torch.int32)
     rows = torch.full((4 * k, n_seg), -7.0)  # rows[k:2k] receive the factors
-    ambiguous = dk.rescale_factors(sums, first, n_blocks, before, slot_models, use, rows)
+    no_exact_sums = torch.zeros((n_seg, 3), dtype=torch.float64)  # (only a total of 0 counts as exact)
+    ambiguous = dk.rescale_factors(sums, first, n_blocks, before, no_exact_sums, slot_models, use, rows)
     after = dp.segment_totals(sums.numpy(), first.numpy(), n_blocks.numpy())
     from evomerge.search.flat_kernel import L1_EPS32
 
@@ -128,3 +131,45 @@ def test_rescale_kernel_decides_or_says_it_cannot():
     assert ambiguous[0, 0] == 1 and decided.sum() >= k * n_seg - 3
     np.testing.assert_array_equal(rows[k: 2 * k].numpy()[decided], expected[decided])
     assert (rows[:k] == -7.0).all() and (rows[2 * k:] == -7.0).all()  # nothing else written
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_fused_bf16_recipe(qwen_family, tmp_path, method):
+    """A bf16 recipe through the fused kernels: the engine's bits, and the device-side rescale factors
+    decide without the in-order fallback (bf16 task vectors sum exactly in float64, often to a float32
+    midpoint: the exactness test, not the error interval, settles those)."""
+    models = {"a": str(qwen_family["ft0"]), "b": str(qwen_family["ft1"])}
+    params = {"weight": [1.0, 0.4], "density": 0.5, **({"epsilon": 0.1} if method == "della" else {})}
+    recipe = load_recipe({
+        "merge_method": method, "base_model": str(qwen_family["base"]), "dtype": "bfloat16",
+        "models": [{"model": models["a"], "parameters": params},
+                   {"model": models["b"], "parameters": {**params, "density": [0.3, 0.8]}}],
+    })
+    builder = CandidateBuilder(qwen_family["base"], models, method=method, device="cpu", seed=0, dtype="bfloat16",
+                               path="device")
+    builder.fused = True
+    extra = builder.build(recipe).extra
+    expected = read_weights(run_merge(recipe, tmp_path / method, device="cpu", seed=0))
+    live = builder.model.state_dict()
+    bad = [k for k, v in expected.items() if not torch.equal(v, live[k].to(v.dtype))]
+    assert not bad, f"{method}: {bad[:3]}"
+    assert "in_order_norms" not in extra
+    builder.close()
+
+
+def test_exact_sum_limits():
+    """Below the limit, float64 sums of a segment's |x| are exact in any order; the limit follows the least
+    lowest set bit (2⁵²·g), ignores zeros, and is +∞ for an all-zero segment."""
+    from evomerge.search import device_kernels as dk
+
+    x = torch.tensor([0.75, -3.0, 0.0, 2.0 ** -20 * 3, 5.0, 0.0, 0.0, 1.5], dtype=torch.float32)
+    seg_of = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])
+    limits = dk.exact_sum_limits(x, seg_of, 4, chunk=3)
+    assert limits.tolist() == [2.0 ** 52 * 0.25, 2.0 ** 52 * 2.0 ** -20, float("inf"), 2.0 ** 52 * 0.5]
+    g = torch.Generator().manual_seed(0)  # bf16 differences, as a bf16 recipe's task vectors
+    a = torch.randn(50_000, generator=g).bfloat16().float()
+    b = (a + torch.randn(50_000, generator=g) * 1e-2).bfloat16().float()
+    d = (b - a).abs().double()
+    limit = dk.exact_sum_limits((b - a), torch.zeros(50_000, dtype=torch.int64), 1)[0]
+    forward, backward = d.cumsum(0)[-1], d.flip(0).cumsum(0)[-1]
+    assert forward <= limit and forward == backward == d.sum()

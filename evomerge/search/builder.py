@@ -478,9 +478,12 @@ class CandidateBuilder:
 
         if self._before_t is None:
             self._before_t = torch.from_numpy(self._before_norms()).to(self.device)
+            seg_of = self.seg_of.long()
+            self._exact_t = torch.stack([dk.exact_sum_limits(self.flat_inputs[m], seg_of, len(self.names))
+                                         for m in range(self.flat_inputs.shape[0])], dim=1).contiguous()
         block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.device_fields,
                                   st["slot_models_t"], self.block_seg, ints, floats)
-        return dk.rescale_factors(block_sums, self.first_block_t, self.n_blocks_t, self._before_t,
+        return dk.rescale_factors(block_sums, self.first_block_t, self.n_blocks_t, self._before_t, self._exact_t,
                                   st["slot_models_t"], uses, per_seg, slack=self.rescale_slack), block_sums
 
     def _host_scales(self, st: dict, ints: torch.Tensor, floats: torch.Tensor, per_seg: torch.Tensor,

@@ -92,17 +92,20 @@ U64 = 2.0 ** -53  # float64's unit roundoff
 
 
 @triton.jit
-def _rescale_kernel(block_sums_ptr, first_block_ptr, n_blocks_ptr, before_ptr, slot_models_ptr, use_ptr, rows_ptr,
-                    ambiguous_ptr, n_blocks_total, n_seg, n_models, k, eps32, slack, CHUNK: tl.constexpr):
+def _rescale_kernel(block_sums_ptr, first_block_ptr, n_blocks_ptr, before_ptr, exact_ptr, slot_models_ptr, use_ptr,
+                    rows_ptr, ambiguous_ptr, n_blocks_total, n_seg, n_models, k, eps32, slack, CHUNK: tl.constexpr):
     """Slot i's rescale factor of segment s, ‖δ‖₁/‖m⊙δ‖₁ (float32), into ``rows[k + i, s]``.
 
     ``l1_norm`` adds a tensor's block sums in order; here they are added in any order (a tree),
     which can differ from the in-order float64 sum by at most 2γ₍ₙ₋₁₎ of the total (n blocks,
     non-negative terms; Higham, *Accuracy and Stability of Numerical Algorithms*, §4.2). If both
     ends of that interval round to the same float32, so does the in-order sum: the factor is
-    ``l1_norm``'s, bit for bit. Otherwise ``ambiguous[i, s]`` is set and the caller redoes the
-    candidate with the in-order sums (rare: ~10⁻⁵ per tensor). ``slack`` widens the interval
-    (1.0; tests raise it to force the fallback). Inputs that do not rescale get 1.
+    ``l1_norm``'s, bit for bit. So it is when every sum was exact: ``exact[s, m]`` bounds the
+    totals below which they are (``exact_sum_limits``); bf16 task vectors usually are, and then
+    often land on a float32 rounding midpoint, which no interval decides. Otherwise
+    ``ambiguous[i, s]`` is set and the caller redoes the candidate with the in-order sums (rare:
+    ~10⁻⁵ per tensor). ``slack`` widens the interval (1.0; tests raise it to force the fallback).
+    Inputs that do not rescale get 1.
     """
     s = tl.program_id(0)
     i = tl.program_id(1)
@@ -118,11 +121,12 @@ def _rescale_kernel(block_sums_ptr, first_block_ptr, n_blocks_ptr, before_ptr, s
     hi = (approx * (1.0 + rel)).to(tl.float32)
     after = approx.to(tl.float32)
     m = tl.load(slot_models_ptr + i)
+    exact = approx <= tl.load(exact_ptr + s * n_models + m)
     before = tl.load(before_ptr + s * n_models + m)
     use = (tl.load(use_ptr + i * n_seg + s) != 0) & ~(before < eps32) & ~(after < eps32)  # as the host's test
     scale = tl.where(use, tl.math.div_rn(before, tl.where(use, after, 1.0)), 1.0)
     tl.store(rows_ptr + (k + i) * n_seg + s, scale)
-    tl.store(ambiguous_ptr + i * n_seg + s, (use & (lo != hi)).to(tl.int32))
+    tl.store(ambiguous_ptr + i * n_seg + s, (use & (lo != hi) & ~exact).to(tl.int32))
 
 
 @triton.jit
@@ -205,17 +209,39 @@ def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, f
     return out
 
 
+def exact_sum_limits(x: torch.Tensor, seg_of: torch.Tensor, n_seg: int, chunk: int = 1 << 24) -> torch.Tensor:
+    """float64 [segments]: a total below which every float64 sum of a segment's |x| (any subset, any order) is exact.
+
+    Each nonzero float32 |x| is a multiple of g, its lowest set bit (2^(e−24)·(M & −M) for
+    x = M·2^(e−24), M an integer); a sum of multiples of g below 2⁵³·g is a multiple of g that
+    float64 holds exactly, and so is each partial sum. The limit is 2⁵²·g for the segment's least
+    g: a sum (with its rounding error) that comes out at most 2⁵²·g had an exact total below 2⁵³·g.
+    ``seg_of``: the segment of each element (int64); segments without nonzeros get +∞.
+    """
+    limits = torch.full((n_seg,), float("inf"), dtype=torch.float64, device=x.device)
+    for c in range(0, x.numel(), chunk):
+        part = x[c: c + chunk]
+        mantissa, exponent = torch.frexp(part)  # |mantissa| ∈ [0.5, 1), or 0 for x = 0
+        m = (mantissa.abs().double() * 2.0 ** 24).to(torch.int64)
+        g = torch.ldexp((m & -m).double(), (exponent - 24).double())
+        g = torch.where(part == 0, float("inf"), g * 2.0 ** 52)
+        limits.scatter_reduce_(0, seg_of[c: c + chunk], g, "amin")
+    return limits
+
+
 def rescale_factors(block_sums: torch.Tensor, first_block: torch.Tensor, n_blocks: torch.Tensor, before: torch.Tensor,
-                    slot_models: torch.Tensor, use: torch.Tensor, rows: torch.Tensor, *, slack: float = 1.0) -> torch.Tensor:
+                    exact: torch.Tensor, slot_models: torch.Tensor, use: torch.Tensor, rows: torch.Tensor, *,
+                    slack: float = 1.0) -> torch.Tensor:
     """Write each slot's rescale factors into ``rows[k:2k]`` ([slots, segments]; 1 where ``use`` is 0).
 
-    ``before``: float32 ‖δ‖₁ [segments, models]; ``use``: int32 [slots, segments], whether the
-    engine rescales that input there. Returns int32 [slots, segments], nonzero where the factor
-    could differ from ``l1_norm``'s (the caller must then compute it in order).
+    ``before``: float32 ‖δ‖₁ [segments, models]; ``exact``: float64 [segments, models], the totals
+    below which the sums are exact (``exact_sum_limits``); ``use``: int32 [slots, segments],
+    whether the engine rescales that input there. Returns int32 [slots, segments], nonzero where
+    the factor could differ from ``l1_norm``'s (the caller must then compute it in order).
     """
     k, n_seg = use.shape
     ambiguous = torch.empty((k, n_seg), dtype=torch.int32, device=block_sums.device)
-    _rescale_kernel[(n_seg, k)](block_sums, first_block, n_blocks, before, slot_models, use, rows, ambiguous,
+    _rescale_kernel[(n_seg, k)](block_sums, first_block, n_blocks, before, exact, slot_models, use, rows, ambiguous,
                                 block_sums.shape[1], n_seg, before.shape[1], k, float(fk.L1_EPS32), float(slack), CHUNK=1024,
                                 enable_fp_fusion=False)
     return ambiguous
