@@ -144,21 +144,17 @@ def lane_sweep(large: Path, device: str, repeats: int = 20) -> tuple[list[str], 
     Returns the table and the setting with the least total time over both methods."""
     import statistics
 
+    from search_bench import default_candidate
+
     from evomerge.search import device_kernels as dk
     from evomerge.search import device_path as dp
-    from evomerge.search.builder import CandidateBuilder
-    from evomerge.search.space import load_space
 
     models = {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}
     lines = ["| method | LANE_GROUP | LANE_WARPS | kernel ms | GB/s | same sums |", "|---|---:|---:|---:|---:|---|"]
     defaults = (dk.LANE_GROUP, dk.LANE_WARPS)
     totals = {setting: 0.0 for setting in LANE_SETTINGS}
-    for method, space_file in (("dare_ties", "dare_ties_per_layer.yaml"), ("della", "della_per_block.yaml")):
-        space = load_space(ROOT / "search_spaces" / space_file)
-        builder = CandidateBuilder(large / "base", models, method=method, device=device, seed=0)
-        builder.precompute()
-        recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(large / "base"),
-                                 models=models, num_layers=builder.num_layers, dtype="float32")
+    for method in ("dare_ties", "della"):
+        builder, recipe = default_candidate(large / "base", models, method, device)
         builder.build(recipe)
         st = builder._candidate_tables(recipe)
         ints, floats = (torch.from_numpy(t).to(builder.device)
@@ -241,10 +237,8 @@ def profile_builds(zoo_base, zoo_models: dict, large: Path | None, device: str, 
     """Back-to-back builds: wall, the builder's plan/merge split, and torch.profiler's CPU and GPU time per build."""
     import statistics
 
+    from search_bench import BENCH_SPACES, default_candidate
     from torch.profiler import ProfilerActivity, profile
-
-    from evomerge.search.builder import CandidateBuilder
-    from evomerge.search.space import load_space
 
     sets = [("zoo", zoo_base, zoo_models)]
     if large is not None:
@@ -252,13 +246,8 @@ def profile_builds(zoo_base, zoo_models: dict, large: Path | None, device: str, 
     lines = ["| models | method | wall ms | plan ms | merge ms | GPU busy ms | top GPU kernels (ms per build) "
              "| top CPU ops (self ms per build) | builds with in-order norms |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
     for label, base, models in sets:
-        for method, space_file in (("ties", "ties_per_model.yaml"), ("dare_ties", "dare_ties_per_layer.yaml"),
-                                   ("della", "della_per_block.yaml")):
-            space = load_space(ROOT / "search_spaces" / space_file)
-            builder = CandidateBuilder(base, models, method=method, device=device, seed=0)
-            builder.precompute()
-            recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(base),
-                                     models=models, num_layers=builder.num_layers, dtype="float32")
+        for method in BENCH_SPACES:
+            builder, recipe = default_candidate(base, models, method, device)
             for _ in range(3):
                 builder.build(recipe)
             walls, plans, merges, in_order = [], [], [], 0

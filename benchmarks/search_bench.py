@@ -75,22 +75,31 @@ def _per_tensor_floor(builder) -> None:
     _sync(builder.device)
 
 
+BENCH_SPACES = {"ties": "ties_per_model.yaml", "dare_ties": "dare_ties_per_layer.yaml",
+                "della": "della_per_block.yaml"}  # the methods timed, with the search space of each
+
+
+def default_candidate(base, models: dict[str, str], method: str, device: str = "cpu"):
+    """A builder for ``method`` (order statistics precomputed) and its space's default recipe, in float32."""
+    from evomerge.search.builder import CandidateBuilder
+    from evomerge.search.space import load_space
+
+    space = load_space(ROOT / "search_spaces" / BENCH_SPACES[method])
+    builder = CandidateBuilder(base, models, method=method, device=device, seed=0)
+    builder.precompute()
+    recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(base),
+                             models=models, num_layers=builder.num_layers, dtype="float32")
+    return builder, recipe
+
+
 def build_speed(base, models: dict[str, str], repeats: int, mergekit_repeats: int,
                 device: str = "cpu") -> list[tuple]:
     """(method, build ms, plan ms, floor ms, per-tensor floor ms, mergekit ms) for ties, dare_ties, della."""
     from mergekit.merge_methods.api import merge_state_dicts
 
-    from evomerge.search.builder import CandidateBuilder
-    from evomerge.search.space import load_space
-
     rows = []
-    for method, space_file in (("ties", "ties_per_model.yaml"), ("dare_ties", "dare_ties_per_layer.yaml"),
-                               ("della", "della_per_block.yaml")):
-        space = load_space(ROOT / "search_spaces" / space_file)
-        builder = CandidateBuilder(base, models, method=method, device=device, seed=0)
-        builder.precompute()
-        recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(base),
-                                 models=models, num_layers=builder.num_layers, dtype="float32")
+    for method in BENCH_SPACES:
+        builder, recipe = default_candidate(base, models, method, device)
         plans = []
         # the floor: the faster of the candidates' threads and one thread (thread hand-off can cost more)
         build, floor_threads, floor_one = _interleaved_medians(
