@@ -144,3 +144,36 @@ def test_device_path_falls_back_when_slices_swap_models(device_builders, llama_f
     assert stats.extra.get("path") == "tensors"
     expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
     _assert_live_equals(device_builders["ties"], expected, "slices")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della"])
+def test_resident_bytes_covers_what_the_device_path_holds(llama_family, method):
+    """The GPU memory check's estimate is at least what the builder keeps, and over it by no more than
+    the rank computation's scratch."""
+    from evomerge.search.builder import resident_bytes
+
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1")}
+    builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=0, path="device")
+    builder.precompute()
+    held = sum(t.numel() * t.element_size() for t in (builder.flat_base, builder.flat_inputs, builder.flat_out,
+                                                       builder.seg_of, builder.device_stat, builder.device_fields)
+               if t is not None)
+    largest = max(v.numel() for v in builder.base.values())
+    estimate = resident_bytes(builder.flat_base.numel(), largest, 2, builder.variant.sparsification, 4, "device")
+    assert held <= estimate <= held + 16 * largest
+    builder.close()
+
+
+def test_builder_refuses_a_gpu_too_small(llama_family, monkeypatch):
+    """On CUDA the builder compares that estimate with the free memory first: here the check itself, with the
+    free memory faked, names the need, the model and what to do."""
+    from evomerge.engine import MergeError
+
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1")}
+    builder = CandidateBuilder(llama_family["base"], models, method="dare_ties", device="cpu", seed=0, path="device")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 10 ** 12))
+    with pytest.raises(MergeError, match=r"needs about .* GiB .* 2 fine-tune\(s\) \(dare_ties\).*--device cpu"):
+        builder._check_device_memory()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 ** 12, 10 ** 12))
+    builder._check_device_memory()  # enough: no error
+    builder.close()

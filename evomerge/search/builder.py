@@ -24,9 +24,12 @@ under a millisecond): every resident buffer is one flat array with a segment per
 model's parameters are views into one of them), the plan is re-used from the first recipe of the
 same structure (``fast_plan``), and one compiled pass merges all tensors at once
 (``flat_kernel``). On other devices (CUDA) the same tables drive the device path: buffers laid
-out with every tensor at a multiple of ``L1_BLOCK``, and a candidate as two fused Triton kernels
-(``device_kernels``) or, without Triton, batched torch operations (``device_path``). Other methods
-are merged tensor by tensor.
+out with every tensor at a multiple of ``L1_BLOCK``, and a candidate as up to three fused Triton
+kernels (``device_kernels``) or, without Triton, batched torch operations (``device_path``). Other
+methods are merged tensor by tensor.
+
+Everything stays resident, so a builder refuses to start on a GPU whose free memory cannot hold it
+(``resident_bytes``), before loading anything.
 """
 
 from __future__ import annotations
@@ -53,6 +56,26 @@ from evomerge.search import flat_kernel as fk
 from evomerge.search.fast_plan import PlanTemplate, structure_signature
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None, model_itemsize: int,
+                   path: str) -> int:
+    """Bytes a builder keeps on its device for a model of ``numel`` parameters and ``k`` fine-tunes.
+
+    float32 base and inputs (4 + 4k bytes per parameter); on the flat paths a float32 output
+    (4) that float32 parameters are views of, else the model's own parameters; on the device path
+    the element → tensor index (4); 4k for ranks (TIES, breadcrumbs) or DELLA's rank term and 4k
+    for the random fields (DARE, DELLA); and, while ranks are computed, scratch for the largest
+    tensor (~16 bytes per element).
+    """
+    per = 4 + 4 * k
+    flat = path in ("host", "device")
+    per += 4 if flat else model_itemsize
+    model = numel * model_itemsize if flat and model_itemsize != 4 else 0
+    per += 4 if path == "device" else 0
+    per += 4 * k if sparsification in ("magnitude", "magnitude_outliers", "della_magprune") else 0
+    per += 4 * k if sparsification in ("random", "della_magprune") else 0
+    return numel * per + model + 16 * largest
 
 
 @dataclass
@@ -98,6 +121,8 @@ class CandidateBuilder:
         for p in self.model_paths.values():
             self.readers[p] = ModelReader(p)
         self.model_dtype = DTYPES[dtype]
+        if self.device.type == "cuda":
+            self._check_device_memory()
         self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=self.model_dtype).to(self.device).eval()
         self.params: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
         self.tokenizer_dir = Path(base_dir)
@@ -154,6 +179,24 @@ class CandidateBuilder:
             self._setup_flat()
         elif self.path == "device":
             self._setup_device()
+
+    def _check_device_memory(self) -> None:
+        """Refuse, before loading anything, a model whose resident buffers exceed the GPU's free memory."""
+        reader = self.readers[self.base_dir]
+        sizes = [int(np.prod(reader.shape(n), dtype=np.int64)) for n in reader.tensor_names()
+                 if reader.dtype(n).is_floating_point]
+        k = len(self.model_paths)
+        laid_out = sum(-(-n // L1_BLOCK) * L1_BLOCK for n in sizes) if self.path == "device" else sum(sizes)
+        need = resident_bytes(laid_out, max(sizes, default=0), k,
+                              self.variant.sparsification if self.variant else None,
+                              torch.empty(0, dtype=self.model_dtype).element_size(), self.path)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if need > free:
+            gib = 2 ** 30
+            raise MergeError(f"the candidate builder needs about {need / gib:.1f} GiB on {self.device} for "
+                             f"{sum(sizes) / 1e9:.2f}B parameters and {k} fine-tune(s) ({self.method}), but "
+                             f"{free / gib:.1f} GiB are free: use fewer fine-tunes, a smaller model, or "
+                             f"--device cpu")
 
     # -- precomputed statistics -------------------------------------------------------------------
     def precompute(self) -> float:
