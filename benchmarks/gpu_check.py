@@ -80,7 +80,9 @@ def correctness(device: str, work: Path) -> list[str]:
             if extra.get("in_order_norms"):
                 path += ", rescale norms summed in order (tree sum ambiguous)"
             if path.startswith("device"):
-                path += ", params alias its output" if builder.aliased else ", params copied from its output"
+                path += (", params alias its output" if builder.aliased else
+                         ", bf16 params written by its kernel" if builder.flat_out16 is not None else
+                         ", params copied from its output")
             ms = (time.perf_counter() - t0) * 1e3
             live = {k: v.detach().cpu() for k, v in builder.model.state_dict().items()}
             builder.close()
@@ -240,14 +242,15 @@ def profile_builds(zoo_base, zoo_models: dict, large: Path | None, device: str, 
     from search_bench import BENCH_SPACES, default_candidate
     from torch.profiler import ProfilerActivity, profile
 
-    sets = [("zoo", zoo_base, zoo_models)]
+    sets = [("zoo", zoo_base, zoo_models, "float32")]
     if large is not None:
-        sets.append(("170M", large / "base", {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}))
+        fts = {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}
+        sets += [("170M", large / "base", fts, "float32"), ("170M, bf16 model and recipe", large / "base", fts, "bfloat16")]
     lines = ["| models | method | wall ms | plan ms | merge ms | GPU busy ms | top GPU kernels (ms per build) "
              "| top CPU ops (self ms per build) | builds with in-order norms |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
-    for label, base, models in sets:
+    for label, base, models, dtype in sets:
         for method in BENCH_SPACES:
-            builder, recipe = default_candidate(base, models, method, device)
+            builder, recipe = default_candidate(base, models, method, device, dtype)
             for _ in range(3):
                 builder.build(recipe)
             walls, plans, merges, in_order = [], [], [], 0

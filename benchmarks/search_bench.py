@@ -79,16 +79,16 @@ BENCH_SPACES = {"ties": "ties_per_model.yaml", "dare_ties": "dare_ties_per_layer
                 "della": "della_per_block.yaml"}  # the methods timed, with the search space of each
 
 
-def default_candidate(base, models: dict[str, str], method: str, device: str = "cpu"):
-    """A builder for ``method`` (order statistics precomputed) and its space's default recipe, in float32."""
+def default_candidate(base, models: dict[str, str], method: str, device: str = "cpu", dtype: str = "float32"):
+    """A builder for ``method`` (order statistics precomputed) and its space's default recipe, both in ``dtype``."""
     from evomerge.search.builder import CandidateBuilder
     from evomerge.search.space import load_space
 
     space = load_space(ROOT / "search_spaces" / BENCH_SPACES[method])
-    builder = CandidateBuilder(base, models, method=method, device=device, seed=0)
+    builder = CandidateBuilder(base, models, method=method, device=device, seed=0, dtype=dtype)
     builder.precompute()
     recipe = space.to_recipe(space.default_point(list(models), builder.num_layers), base_model=str(base),
-                             models=models, num_layers=builder.num_layers, dtype="float32")
+                             models=models, num_layers=builder.num_layers, dtype=dtype)
     return builder, recipe
 
 

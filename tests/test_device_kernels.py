@@ -20,6 +20,8 @@ from tests.test_flat_builder import VARIANT_NAMES, _assert_live_equals, _recipe 
 from evomerge.engine import run_merge  # noqa: E402
 from evomerge.recipe import load_recipe  # noqa: E402
 from evomerge.search.builder import CandidateBuilder  # noqa: E402
+from evomerge.search.device_kernels import bf16_bits  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton's interpreter must be on before Triton is first imported")
@@ -154,6 +156,7 @@ def test_fused_bf16_recipe(qwen_family, tmp_path, method):
     bad = [k for k, v in expected.items() if not torch.equal(v, live[k].to(v.dtype))]
     assert not bad, f"{method}: {bad[:3]}"
     assert "in_order_norms" not in extra
+    assert builder.flat_out16 is not None  # the kernel stored bf16 into the parameters themselves
     builder.close()
 
 
@@ -173,3 +176,21 @@ def test_exact_sum_limits():
     limit = dk.exact_sum_limits((b - a), torch.zeros(50_000, dtype=torch.int64), 1)[0]
     forward, backward = d.cumsum(0)[-1], d.flip(0).cumsum(0)[-1]
     assert forward <= limit and forward == backward == d.sum()
+
+
+@triton.jit
+def _round_to_bf16(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, bf16_bits(tl.load(x_ptr + offs, mask=offs < n, other=0.0)), mask=offs < n)
+
+
+def test_bf16_bits_round_as_torch():
+    """The merge kernel's float32 → bf16 rounding equals torch's, ties to even and overflow included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, generator=g) * torch.exp2(torch.randint(-120, 120, (4000,), generator=g).float())
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -8 + 2 ** -20, 0.0, -0.0,
+                         3.3895e38, float("inf"), -float("inf"), 1e-40])
+    x = torch.cat([x, ties])
+    y = torch.empty(x.numel(), dtype=torch.bfloat16)
+    _round_to_bf16[(1,)](x, y.view(torch.int16), x.numel(), BLOCK=8192)
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))

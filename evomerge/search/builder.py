@@ -253,13 +253,20 @@ class CandidateBuilder:
         self.flat_out = (torch.zeros if self.path == "device" else torch.empty)(total, dtype=torch.float32,
                                                                                 device=self.device)
         params = [self.params[n] for n in self.names]
-        self.aliased = (self.model_dtype == torch.float32 and len({id(p) for p in params}) == len(params)
-                        and all(p.device == self.flat_out.device for p in params))
+        own = len({id(p) for p in params}) == len(params) and all(p.device == self.flat_out.device for p in params)
+        self.aliased = own and self.model_dtype == torch.float32
+        # a bf16 model on the device path: its parameters are views of a bf16 twin of the output, which
+        # the fused merge kernel writes directly (rounded as torch rounds), with no copy afterwards
+        self.flat_out16 = (torch.zeros(total, dtype=torch.bfloat16, device=self.device)
+                           if own and self.path == "device" and self.model_dtype == torch.bfloat16 else None)
         for n, p in zip(self.names, params):
             a, e = self.offsets[n]
             self.flat_out[a:e].copy_(p.detach().reshape(-1))
             if self.aliased:
                 p.data = self.flat_out[a:e].view(p.shape)
+            elif self.flat_out16 is not None:
+                self.flat_out16[a:e].copy_(p.detach().reshape(-1))
+                p.data = self.flat_out16[a:e].view(p.shape)
         self.offsets_array = [self.offsets[n] for n in self.names]
         self.keep_rule = {"magnitude": fk.RULE_TOP, "magnitude_outliers": fk.RULE_MAGNITUDE,
                           "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
@@ -500,14 +507,18 @@ class CandidateBuilder:
             self._host_scales(st, ints, floats, per_seg, rescales)
         stats.plan = time.perf_counter() - t0
         t1 = time.perf_counter()
+        # a bf16 model whose merged tensors are all rounded to bf16 (or float32 recipes, which the copy
+        # into the model would round): the kernel stores bf16 into the parameters themselves
+        direct16 = (self.fused and self.flat_out16 is not None and not st["leftover"]
+                    and all(dtype == torch.bfloat16 for _, dtype in st["rounding"]))
         settings = dict(normalize=bool(normalize.any()), lambda_=bool(use_lambda[active].any()),
-                        divide=not self.variant.consensus and bool((total != 1).any()))
+                        divide=not self.variant.consensus and bool((total != 1).any()), direct16=direct16)
         self._device_merge(st, ints, floats, per_seg, flags, scale=lanes, **settings)
         if ambiguous is not None and ambiguous.cpu().numpy().any():  # rare: a factor the tree sum cannot decide
             stats.extra["in_order_norms"] = True
             self._host_scales(st, ints, floats, per_seg, rescales, block_sums)
             self._device_merge(st, ints, floats, per_seg, flags, scale=True, **settings)
-        if st["rounding"] or not self.aliased or st["leftover"]:
+        if not direct16 and (st["rounding"] or not self.aliased or st["leftover"]):
             self._finish_flat(recipe, st)
         self._sync()
         stats.tensors = int(active.sum()) + len(st["leftover"])
@@ -545,8 +556,10 @@ class CandidateBuilder:
         per_seg[k: 2 * k].copy_(torch.from_numpy(scale))
 
     def _device_merge(self, st: dict, ints: torch.Tensor, floats: torch.Tensor, per_seg: torch.Tensor,
-                      flags: torch.Tensor, *, normalize: bool, scale: bool, lambda_: bool, divide: bool) -> None:
-        """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) on the active segments of the flat output."""
+                      flags: torch.Tensor, *, normalize: bool, scale: bool, lambda_: bool, divide: bool,
+                      direct16: bool) -> None:
+        """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) on the active segments of the flat output (``direct16``:
+        rounded to bf16 into the bf16 parameters instead; fused only)."""
         k, slot_models, active = st["slots"], st["slot_models"], st["active"]
         if self.fused:
             from evomerge.search import device_kernels as dk
@@ -555,7 +568,7 @@ class CandidateBuilder:
                      self.device_fields, st["slot_models_t"], self.block_seg, ints, floats, per_seg, flags[0],
                      flags[1], self.flat_base, self.flat_out,
                      consensus=self.variant.consensus, normalize=normalize, scale=scale,
-                     lambda_=lambda_, divide=divide)
+                     lambda_=lambda_, divide=divide, out16=self.flat_out16 if direct16 else None)
             return
         norm = flags[0].bool() if normalize else None
         for c0, c1 in self.chunks:
@@ -853,7 +866,8 @@ class CandidateBuilder:
         """The name of a live parameter holding NaN or ±inf (None if all are finite): one check on the host path."""
         from evomerge.engine import all_finite
 
-        if self.path in ("host", "device") and self.aliased and all_finite(self.flat_out):
+        merged = self.flat_out if self.aliased else getattr(self, "flat_out16", None)  # the segments' parameters
+        if self.path in ("host", "device") and merged is not None and all_finite(merged):
             others = [n for n in self.params if n not in self.seg_index]
         else:
             others = list(self.params)

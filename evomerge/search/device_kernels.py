@@ -150,13 +150,14 @@ def _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats
 def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr, rows_ptr, norm_ptr,
                   active_ptr, base_ptr, out_ptr, n, n_seg, k: tl.constexpr, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, SCALE: tl.constexpr, LAMBDA: tl.constexpr, DIVIDE: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  OUT16: tl.constexpr, BLOCK: tl.constexpr):
     """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) with the engine's operations (``device_path.mix``).
 
     Segments start at multiples of 4096 elements and BLOCK divides 4096, so a program's elements
     lie in one segment: its settings are scalars, read once. The number of inputs k is a
     compile-time constant: both loops over the inputs unroll, and the second pass's loads of an
-    input repeat the first's (no store between them).
+    input repeat the first's (no store between them). With ``OUT16`` the result is stored as bf16
+    bits (``out_ptr`` an int16 view), rounded to nearest even as torch rounds (``bf16_bits``).
     """
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -192,7 +193,22 @@ def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr, in
         mixed = mixed * tl.load(rows_ptr + 2 * k * n_seg + seg)
     out = tl.load(base_ptr + offs) + mixed
     active = tl.zeros([BLOCK], dtype=tl.int32) + tl.load(active_ptr + seg)
-    tl.store(out_ptr + offs, out, mask=active != 0)
+    if OUT16:
+        tl.store(out_ptr + offs, bf16_bits(out), mask=active != 0)
+    else:
+        tl.store(out_ptr + offs, out, mask=active != 0)
+
+
+@triton.jit
+def bf16_bits(x):
+    """float32 → bfloat16 bits (int16), round to nearest even: torch's (and c10's) rounding, in integers.
+
+    (Triton's own conversion is correctly rounded on GPUs but truncates in its interpreter; this is
+    the same on both.) Inputs are finite here; infinities stay infinite, overflow rounds to ±inf.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16
+    return rounded.to(tl.int16)
 
 
 def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, fields: torch.Tensor | None,
@@ -250,8 +266,10 @@ def rescale_factors(block_sums: torch.Tensor, first_block: torch.Tensor, n_block
 def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, fields: torch.Tensor | None,
           slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
           rows: torch.Tensor, norm: torch.Tensor, active: torch.Tensor, base: torch.Tensor, out: torch.Tensor, *,
-          consensus: bool, normalize: bool, scale: bool, lambda_: bool, divide: bool) -> None:
-    """Write the candidate into ``out`` (active segments only); ``rows`` as ``_build_device`` packs them.
+          consensus: bool, normalize: bool, scale: bool, lambda_: bool, divide: bool,
+          out16: torch.Tensor | None = None) -> None:
+    """Write the candidate into ``out`` (active segments only), or rounded into the bf16 ``out16`` instead;
+    ``rows`` as ``_build_device`` packs them.
 
     ``block_seg``: the segment of each 4096-element block (the buffers' length is a multiple of 4096).
     """
@@ -260,9 +278,10 @@ def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, field
     grid = (n // MERGE_BLOCK,)
     _merge_kernel[grid](flat_inputs, stat if stat is not None else flat_inputs,
                         fields if fields is not None else flat_inputs, slot_models, block_seg, ints, floats, rows,
-                        norm, active, base, out, n, ints.shape[-1], slot_models.numel(), RULE=rule,
-                        CONSENSUS=consensus, NORMALIZE=normalize, SCALE=scale, LAMBDA=lambda_, DIVIDE=divide,
-                        BLOCK=MERGE_BLOCK, num_warps=MERGE_WARPS, enable_fp_fusion=False)
+                        norm, active, base, out if out16 is None else out16.view(torch.int16), n, ints.shape[-1],
+                        slot_models.numel(), RULE=rule, CONSENSUS=consensus, NORMALIZE=normalize, SCALE=scale,
+                        LAMBDA=lambda_, DIVIDE=divide, OUT16=out16 is not None, BLOCK=MERGE_BLOCK,
+                        num_warps=MERGE_WARPS, enable_fp_fusion=False)
 
 
 def rule_code(keep_rule: int, sparsification: str | None) -> int:
