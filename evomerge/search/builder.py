@@ -209,6 +209,8 @@ class CandidateBuilder:
             return time.perf_counter() - t0
         if self.path == "device":
             self._ensure_device_stats(len(self.model_paths))
+            if self.fused and self.variant.sparsification is not None:  # masked inputs are rescaled by default
+                self._ensure_norm_tables()
             return time.perf_counter() - t0
         for name in self.base:
             for i, p in enumerate(self.model_paths.values()):
@@ -530,15 +532,23 @@ class CandidateBuilder:
         and the block sums."""
         from evomerge.search import device_kernels as dk
 
-        if self._before_t is None:
-            self._before_t = torch.from_numpy(self._before_norms()).to(self.device)
-            seg_of = self.seg_of.long()
-            self._exact_t = torch.stack([dk.exact_sum_limits(self.flat_inputs[m], seg_of, len(self.names))
-                                         for m in range(self.flat_inputs.shape[0])], dim=1).contiguous()
+        self._ensure_norm_tables()
         block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.device_fields,
                                   st["slot_models_t"], self.block_seg, ints, floats)
         return dk.rescale_factors(block_sums, self.first_block_t, self.n_blocks_t, self._before_t, self._exact_t,
                                   st["slot_models_t"], uses, per_seg, slack=self.rescale_slack), block_sums
+
+    def _ensure_norm_tables(self) -> None:
+        """Once, for the fused rescale factors: ‖δ‖₁ of every segment and model, and the totals below which
+        their sums are exact (``device_kernels.exact_sum_limits``), on the device."""
+        if self._before_t is not None:
+            return
+        from evomerge.search import device_kernels as dk
+
+        self._before_t = torch.from_numpy(self._before_norms()).to(self.device)
+        seg_of = self.seg_of.long()
+        self._exact_t = torch.stack([dk.exact_sum_limits(self.flat_inputs[m], seg_of, len(self.names))
+                                     for m in range(self.flat_inputs.shape[0])], dim=1).contiguous()
 
     def _host_scales(self, st: dict, ints: torch.Tensor, floats: torch.Tensor, per_seg: torch.Tensor,
                      rescales: np.ndarray, block_sums: torch.Tensor | None = None) -> None:

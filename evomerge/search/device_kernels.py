@@ -5,10 +5,11 @@ writes the buffers again, and the rescale norms take 511 launches. Here the same
 fused: ``lane_sums`` reads each input's δ, rank/q and field once and writes one float64 sum per
 4096-element block (the rescale norms' blocks); ``rescale_factors`` turns each tensor's blocks
 into its factor ‖δ‖₁/‖m⊙δ‖₁ on the device (no round trip to the host); and ``merge`` reads the
-inputs once more with the base and writes the merged parameters. Per element, the float operations are ``device_path``'s (so the
-engine's), in the same order: FMA contraction is turned off (``enable_fp_fusion=False``) and
-divisions are correctly rounded (``div_rn``), so the bits are the engine's. Tests run the kernels
-through Triton's interpreter on the CPU against the engine; ``benchmarks/gpu_check.py`` on a GPU.
+inputs once more with the base and writes the merged parameters. Per element, the float
+operations are ``device_path``'s (so the engine's), in the same order: FMA contraction is turned
+off (``enable_fp_fusion=False``) and divisions are correctly rounded (``div_rn``), so the bits
+are the engine's. Tests run the kernels through Triton's interpreter on the CPU against the
+engine; ``benchmarks/gpu_check.py`` on a GPU.
 
 Imported only when a builder uses it (Triton comes with CUDA builds of torch).
 """
@@ -86,9 +87,6 @@ def _lane_sums_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr
     quads = c + d  # (l0+l1)+(l2+l3), (l4+l5)+(l6+l7)
     e, f = tl.split(quads)
     tl.store(out_ptr + i * n_blocks + blocks, e + f, mask=inside)
-
-
-U64 = 2.0 ** -53  # float64's unit roundoff
 
 
 @triton.jit
