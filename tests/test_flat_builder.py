@@ -336,7 +336,8 @@ def test_vectorized_della_window_check_is_the_scalar_rule():
 
 
 def test_della_norm_from_the_band_is_the_engines_or_declined():
-    """``_band_l1`` gives l1_norm's float32 bits of a DELLA-masked δ when its error bound allows, −1 otherwise."""
+    """``_band_l1`` gives l1_norm's float32 bits of a DELLA-masked δ when its error bound allows, −1
+    otherwise, with the segment in one stratum of q or in several (``della_band_tables``)."""
     import numpy as np
 
     from evomerge.methods.sparsify import della_ranks
@@ -346,22 +347,39 @@ def test_della_norm_from_the_band_is_the_engines_or_declined():
     delta = torch.randn(64, 96, generator=gen) * 1e-2
     field = torch.rand(64, 96, generator=gen)
     q = fk.della_q(della_ranks(delta).reshape(1, -1).numpy(), [(0, delta.numel())], np.array([96]))[0]
-    order = np.argsort(field.reshape(-1).numpy(), kind="stable")
-    mags = delta.reshape(-1).abs().numpy()[order]
-    sorted_field, q_sorted = field.reshape(-1).numpy()[order], q[order]
-    prefix = np.cumsum(mags.astype(np.float64))
-    answered = 0
-    for density, eps in ((0.5, 0.1), (0.3, 0.02), (0.7, 0.18), (0.05, 0.04), (0.9, 0.09), (0.5, 0.0)):
-        a, b = np.float32(density - eps), np.float32(eps)
-        keep = torch.from_numpy(field.reshape(-1).numpy() < a + q * b)  # keep_della, float32
-        expected = l1_norm(delta.reshape(-1) * keep).item()
-        got = fk._band_l1(sorted_field, q_sorted, mags, prefix, a, b, np.empty(1000, dtype=np.float32))
-        if got >= 0:
-            answered += 1
-            assert np.float32(got) == np.float32(expected), (density, eps)
-    assert answered >= 5
-    assert fk._band_l1(sorted_field, q_sorted, mags, prefix, np.float32(0.4), np.float32(-0.1),
-                       np.empty(8, dtype=np.float32)) == -1
+    u, mags = field.reshape(-1).numpy(), delta.reshape(-1).abs().numpy()
+    scratch = np.empty(1000, dtype=np.float32)
+    for strata in (1, 3, 8, 64):
+        sorted_field, q_sorted, sorted_mags, prefix, bounds, q_range = fk.della_band_tables(u, q, mags, strata)
+        assert sorted(zip(sorted_field, q_sorted)) == sorted(zip(u, q))  # a permutation of the elements
+        assert bounds[0] == 0 and bounds[-1] == u.size and (np.diff(bounds) > 0).sum() == strata
+        answered = 0
+        for density, eps in ((0.5, 0.1), (0.3, 0.02), (0.7, 0.18), (0.05, 0.04), (0.9, 0.09), (0.5, 0.0)):
+            a, b = np.float32(density - eps), np.float32(eps)
+            keep = torch.from_numpy(u < a + q * b)  # keep_della, float32
+            expected = l1_norm(delta.reshape(-1) * keep).item()
+            got = fk._band_l1(sorted_field, q_sorted, sorted_mags, prefix, bounds, q_range, a, b, scratch)
+            if got >= 0:
+                answered += 1
+                assert np.float32(got) == np.float32(expected), (strata, density, eps)
+        assert answered >= 5, strata
+        assert fk._band_l1(sorted_field, q_sorted, sorted_mags, prefix, bounds, q_range, np.float32(0.4),
+                           np.float32(-0.1), scratch) == -1
+
+
+def test_exponential_search_is_searchsorted():
+    """``_search_from`` finds np.searchsorted's position from any start below it."""
+    import numpy as np
+
+    from evomerge.search import flat_kernel as fk
+
+    values = np.sort(np.random.default_rng(0).random(5000).astype(np.float32))
+    values[100:140] = values[100]  # a run of equal values
+    for x in (-1.0, 0.0, float(values[100]), 0.3, 0.5, 0.9999, 2.0):
+        x32 = np.float32(x)
+        expected = int(np.searchsorted(values, x32))
+        for start in {0, expected // 2, max(0, expected - 17), expected}:
+            assert fk._search_from(values, start, x32) == expected, (x, start)
 
 
 def test_search_recipes_carry_their_structure_and_share_one_plan(builders, llama_family):

@@ -295,6 +295,8 @@ class CandidateBuilder:
         self.flat_q = self.flat_sorted = empty32  # filled by ``_ensure_flat_stats``
         self.prefix_field = np.empty((0, 0, 0), dtype=np.float32)
         self.prefix_sum = np.empty((0, 0), dtype=np.float64)
+        self.strata_bounds = np.empty((0, 0, 0), dtype=np.int64)
+        self.strata_q = np.empty((0, 0, 0, 2), dtype=np.float32)
         self._refresh_buffers()
 
     def _ensure_flat_stats(self, slots: int) -> None:
@@ -303,7 +305,8 @@ class CandidateBuilder:
         Magnitude rules: stable ranks and, per segment, the ascending magnitudes (the fused pass
         compares |δ| with the magnitudes ranked at a window's bounds). DELLA: row ranks and
         q = (r/(n−1))·2 per element. DARE: per segment the fields in ascending order and the
-        running float64 sums of |δ| in that order (slot i with model i), for ``_prefix_l1``.
+        running float64 sums of |δ| in that order (slot i with model i), for ``_prefix_l1``; DELLA:
+        the same within strata of similar q, with q and |δ| in that order (``della_band_tables``).
         """
         sp = self.variant.sparsification
         if sp in ("magnitude", "magnitude_outliers", "della_magprune") and self.flat_ranks is None:
@@ -328,18 +331,26 @@ class CandidateBuilder:
             # that order) and the running float64 sums of |δ| in that order (``_prefix_l1``, ``_band_l1``)
             pairs = min(slots, len(self.model_paths))
             F, D = fields.numpy(), self.flat_inputs.numpy()
-            planes = 3 if sp == "della_magprune" else 1
-            self.prefix_field = np.empty((planes, pairs, F.shape[1]), dtype=np.float32)
+            della = sp == "della_magprune"
+            self.prefix_field = np.empty((3 if della else 1, pairs, F.shape[1]), dtype=np.float32)
             self.prefix_sum = np.empty((pairs, F.shape[1]), dtype=np.float64)
+            strata = [fk.della_strata(int(n)) if della else 1 for n in self.numel]
+            self.strata_bounds = np.zeros((pairs, len(self.names), max(strata) + 1), dtype=np.int64)
+            self.strata_q = np.zeros((pairs, len(self.names), max(strata), 2), dtype=np.float32)
             for i in range(pairs):
-                for a, e in self.offsets_array:
+                for si, (a, e) in enumerate(self.offsets_array):
+                    if della:  # in q strata, each in field order (``della_band_tables``)
+                        tables = fk.della_band_tables(F[i, a:e], self.flat_q[i, a:e], np.abs(D[i, a:e]), strata[si])
+                        for plane, values in enumerate(tables[:3]):
+                            self.prefix_field[plane, i, a:e] = values
+                        self.prefix_sum[i, a:e], bounds, q_range = tables[3:]
+                        self.strata_bounds[i, si, : len(bounds)] = bounds
+                        self.strata_bounds[i, si, len(bounds):] = bounds[-1]  # unused strata are empty
+                        self.strata_q[i, si, : len(q_range)] = q_range
+                        continue
                     order = np.argsort(F[i, a:e], kind="stable")
-                    mags = np.abs(D[i, a:e][order])
                     self.prefix_field[0, i, a:e] = F[i, a:e][order]
-                    if planes == 3:
-                        self.prefix_field[1, i, a:e] = self.flat_q[i, a:e][order]
-                        self.prefix_field[2, i, a:e] = mags
-                    np.cumsum(mags.astype(np.float64), out=self.prefix_sum[i, a:e])
+                    np.cumsum(np.abs(D[i, a:e][order]).astype(np.float64), out=self.prefix_sum[i, a:e])
         self._refresh_buffers()
 
     def _flat_fields(self, slots: int, have: torch.Tensor | None) -> torch.Tensor:
@@ -356,7 +367,7 @@ class CandidateBuilder:
         return fields
 
     def _refresh_buffers(self) -> None:
-        """The kernel's buffers as numpy arrays (D, R, Q, F, SM, PU, PS, base, out; absent ones empty)."""
+        """The kernel's buffers as numpy arrays (D, R, Q, F, SM, PF, PS, SB, SQ, base, out; absent ones empty)."""
         D = self.flat_inputs.numpy()
         if self.flat_q.shape[0]:  # DELLA: both the block path and the fused pass read q
             R = Q = self.flat_q
@@ -364,8 +375,8 @@ class CandidateBuilder:
             R = self.flat_ranks.numpy() if self.flat_ranks is not None else np.empty((0, 0), dtype=np.int32)
             Q = D  # a stand-in: only DELLA's rule reads q
         F = self.flat_fields.numpy() if self.flat_fields is not None else np.empty((0, 0), dtype=np.float32)
-        self._buffers = (D, R, Q, F, self.flat_sorted, self.prefix_field, self.prefix_sum, self.flat_base.numpy(),
-                         self.flat_out.numpy())
+        self._buffers = (D, R, Q, F, self.flat_sorted, self.prefix_field, self.prefix_sum, self.strata_bounds,
+                         self.strata_q, self.flat_base.numpy(), self.flat_out.numpy())
 
     # -- the device path --------------------------------------------------------------------------
     def _setup_device(self) -> None:
