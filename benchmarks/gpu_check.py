@@ -163,11 +163,11 @@ def lane_sweep(large: Path, device: str, repeats: int = 20) -> tuple[list[str], 
                         for t in dp.rule_tables(builder.keep_rule, *st["tables"][:6]))
 
         def run():
-            return dk.lane_sums(builder.keep_rule, builder.flat_inputs, builder.device_stat, builder.device_fields,
-                                st["slot_models_t"], builder.block_seg, ints, floats)
+            return dk.lane_sums(builder.keep_rule, builder.flat_inputs, builder.device_stat, builder.field_keys,
+                                builder.seg_starts, st["slot_models_t"], builder.block_seg, ints, floats)
 
         reference = run()
-        bytes_read = builder.flat_inputs.numel() * (8 if method == "dare_ties" else 12)  # δ, field (and q) per input
+        bytes_read = builder.flat_inputs.numel() * (4 if method == "dare_ties" else 8)  # δ (and q) per input
         for setting in LANE_SETTINGS:
             group, warps = setting
             dk.LANE_GROUP, dk.LANE_WARPS = setting

@@ -94,7 +94,8 @@ def test_lane_sums_kernel_keeps_the_order_of_each_lane(monkeypatch, group):
     slot_models = torch.tensor([1, 0], dtype=torch.int32)
     block_seg = torch.zeros(n // 4096, dtype=torch.int32)
     ints, floats = torch.zeros((2, 2, 1), dtype=torch.int32), torch.zeros((2, 2, 1), dtype=torch.float32)
-    got = dk.lane_sums(dk.NO_RULE, x, None, None, slot_models, block_seg, ints, floats)
+    got = dk.lane_sums(dk.NO_RULE, x, None, None, torch.zeros(1, dtype=torch.int64), slot_models, block_seg, ints,
+                       floats)
     expected = lane_block_sums(x[[1, 0]].abs().double())
     assert torch.equal(got, expected)
     shuffled = lane_block_sums(x[[1, 0]].abs().double().view(2, -1, 512, 8).flip(2).reshape(2, -1))
@@ -165,15 +166,16 @@ def test_exact_sum_limits():
     lowest set bit (2⁵²·g), ignores zeros, and is +∞ for an all-zero segment."""
     from evomerge.search import device_kernels as dk
 
-    x = torch.tensor([0.75, -3.0, 0.0, 2.0 ** -20 * 3, 5.0, 0.0, 0.0, 1.5], dtype=torch.float32)
-    seg_of = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])
-    limits = dk.exact_sum_limits(x, seg_of, 4, chunk=3)
-    assert limits.tolist() == [2.0 ** 52 * 0.25, 2.0 ** 52 * 2.0 ** -20, float("inf"), 2.0 ** 52 * 0.5]
+    x = torch.tensor([0.75, -3.0, 0.0, 0.0, 2.0 ** -20 * 3, 5.0, 0.0, 0.0, 1.5, 0.0], dtype=torch.float32)
+    block_seg = torch.tensor([0, 0, 1, 2, 3], dtype=torch.int32)  # two-element blocks
+    for chunk in (2, 3, 4, 100):
+        limits = dk.exact_sum_limits(x, block_seg, 4, block=2, chunk=chunk)
+        assert limits.tolist() == [2.0 ** 52 * 0.25, 2.0 ** 52 * 2.0 ** -20, float("inf"), 2.0 ** 52 * 0.5]
     g = torch.Generator().manual_seed(0)  # bf16 differences, as a bf16 recipe's task vectors
     a = torch.randn(50_000, generator=g).bfloat16().float()
     b = (a + torch.randn(50_000, generator=g) * 1e-2).bfloat16().float()
     d = (b - a).abs().double()
-    limit = dk.exact_sum_limits((b - a), torch.zeros(50_000, dtype=torch.int64), 1)[0]
+    limit = dk.exact_sum_limits((b - a), torch.zeros(1, dtype=torch.int64), 1, block=50_000)[0]
     forward, backward = d.cumsum(0)[-1], d.flip(0).cumsum(0)[-1]
     assert forward <= limit and forward == backward == d.sum()
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 from mergekit.merge_methods import registry as mk_registry
 from mergekit.merge_methods.base import TensorGroup
@@ -376,10 +377,10 @@ def test_same_seed_same_masks_different_seed_different():
         assert not torch.equal(first, merge(base=base, tensors=[delta], model_params=mp, params={}, fields=[c]))
 
 
-# Computed once with evomerge.methods.random_field; they must never change (recipes + seed reproduce merges).
+# Computed once with evomerge.methods.random_field (field v2); they must never change (recipes + seed reproduce merges).
 FIELD_ARGS = dict(seed=1234, tensor_name="model.layers.3.self_attn.q_proj.weight", model_index=2)
-EXPECTED_FIELD_HEAD = [0.1315661072731018, 0.3020021319389343, 0.6529255509376526, 0.49529778957366943,
-                       0.541400671005249, 0.40346771478652954]
+EXPECTED_FIELD_HEAD = [0.07948082685470581, 0.2495090365409851, 0.30267274379730225, 0.8950547575950623,
+                       0.48646080493927, 0.8948679566383362]
 
 
 def test_random_field_is_stable_across_calls_and_processes():
@@ -393,6 +394,46 @@ def test_random_field_is_stable_across_calls_and_processes():
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert json.loads(out.stdout) == EXPECTED_FIELD_HEAD
+
+
+def _splitmix_reference(key: int, j: int) -> float:
+    """SplitMix64's j-th output (0-based) from seed ``key`` in Python integers, top 24 bits as [0, 1)."""
+    mask = (1 << 64) - 1
+    z = (key + (j + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    return (z >> 40) / 2.0 ** 24
+
+
+def test_random_field_is_splitmix64_of_the_flat_index():
+    """The compiled field, the NumPy definition and SplitMix64 in Python integers agree element by element
+    (keys above 2⁶³ included), anywhere in a tensor: a kernel can compute any element alone."""
+    from evomerge.methods.fields import field_seed, splitmix_uniform
+
+    keys_seen_high = False
+    for name in ("a", "b", "c", "model.layers.3.self_attn.q_proj.weight"):
+        key = field_seed(1234, name, 2)
+        keys_seen_high |= key >= 1 << 63
+        field = random_field((70_000,), seed=1234, tensor_name=name, model_index=2).numpy()
+        assert np.array_equal(field, splitmix_uniform(key, 0, 70_000))
+        assert np.array_equal(field[65_530:65_540], splitmix_uniform(key, 65_530, 10))
+        for j in (0, 1, 2, 65_535, 65_536, 69_999):
+            assert float(field[j]) == _splitmix_reference(key, j), (name, j)
+    assert keys_seen_high
+
+
+def test_random_field_is_uniform_and_independent_across_models():
+    """Mean, keep rate and correlation of two models' fields are those of independent uniforms."""
+    n = 1 << 20
+    a = random_field((n,), seed=7, tensor_name="w", model_index=0)
+    b = random_field((n,), seed=7, tensor_name="w", model_index=1)
+    for f in (a, b):
+        assert 0.0 <= float(f.min()) and float(f.max()) < 1.0
+        assert abs(float(f.mean()) - 0.5) < 5 * (1 / 12 / n) ** 0.5
+        assert abs(float((f < 0.3).float().mean()) - 0.3) < 5 * (0.21 / n) ** 0.5
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 5 / n ** 0.5
+    assert abs(float(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1])) < 5 / n ** 0.5  # neighbours
 
 
 # --------------------------------------------------------------------------- precomputed order statistics

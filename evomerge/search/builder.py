@@ -47,7 +47,7 @@ import numpy as np
 
 from evomerge.checkpoint import ModelReader
 from evomerge.engine import MergeError, MergePlan, TensorTask, all_finite, plan_merge, resolve_device
-from evomerge.methods import della_ranks, flat_ranks, random_field
+from evomerge.methods import della_ranks, field_seed, flat_ranks, random_field
 from evomerge.methods.l1 import L1_BLOCK, l1_norm, lane_block_sums
 from evomerge.methods.task_arithmetic import VARIANTS, merge_task_vectors
 from evomerge.recipe import Recipe
@@ -59,23 +59,32 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None, model_itemsize: int,
-                   path: str) -> int:
+                   path: str, fused: bool = False) -> int:
     """Bytes a builder keeps on its device for a model of ``numel`` parameters and ``k`` fine-tunes.
 
     float32 base and inputs (4 + 4k bytes per parameter); on the flat paths a float32 output
-    (4) that float32 parameters are views of, else the model's own parameters; on the device path
-    the element → tensor index (4); 4k for ranks (TIES, breadcrumbs) or DELLA's rank term and 4k
-    for the random fields (DARE, DELLA); and, while ranks are computed, scratch for the largest
-    tensor (~16 bytes per element).
+    (4) that float32 parameters are views of, else the model's own parameters; 4k for ranks
+    (TIES, breadcrumbs) or DELLA's rank term; 4k for the random fields (DARE, DELLA) and, on the
+    device path, the element → tensor index (4), unless the fused kernels compute both where they
+    need them (``fused``); and, while ranks are computed, scratch for the largest tensor (~16 bytes
+    per element).
     """
     per = 4 + 4 * k
     flat = path in ("host", "device")
     per += 4 if flat else model_itemsize
     model = numel * model_itemsize if flat and model_itemsize != 4 else 0
-    per += 4 if path == "device" else 0
+    stored = not (fused and path == "device")
+    per += 4 if path == "device" and stored else 0
     per += 4 * k if sparsification in ("magnitude", "magnitude_outliers", "della_magprune") else 0
-    per += 4 * k if sparsification in ("random", "della_magprune") else 0
+    per += 4 * k if sparsification in ("random", "della_magprune") and stored else 0
     return numel * per + model + 16 * largest
+
+
+def fused_kernels_available(device: torch.device) -> bool:
+    """Whether the device path runs the fused Triton kernels: on CUDA with Triton installed, unless
+    ``EVOMERGE_DEVICE_KERNELS=torch`` asks for the batched torch operations."""
+    return (device.type == "cuda" and os.environ.get("EVOMERGE_DEVICE_KERNELS", "auto") != "torch"
+            and importlib.util.find_spec("triton") is not None)
 
 
 @dataclass
@@ -189,7 +198,8 @@ class CandidateBuilder:
         laid_out = sum(-(-n // L1_BLOCK) * L1_BLOCK for n in sizes) if self.path == "device" else sum(sizes)
         need = resident_bytes(laid_out, max(sizes, default=0), k,
                               self.variant.sparsification if self.variant else None,
-                              torch.empty(0, dtype=self.model_dtype).element_size(), self.path)
+                              torch.empty(0, dtype=self.model_dtype).element_size(), self.path,
+                              fused_kernels_available(self.device))
         free, _ = torch.cuda.mem_get_info(self.device)
         if need > free:
             gib = 2 ** 30
@@ -380,31 +390,34 @@ class CandidateBuilder:
 
     # -- the device path --------------------------------------------------------------------------
     def _setup_device(self) -> None:
-        """The device path: element → segment index, each segment's L1 blocks, and element chunks."""
+        """The device path: block → segment index, each segment's L1 blocks, and element chunks."""
         total = self.flat_base.numel()
-        seg_of = np.empty(total, dtype=np.int32)
+        block_seg = np.empty(total // L1_BLOCK, dtype=np.int32)  # the segment of each L1 block
         self.first_block = np.empty(len(self.names), dtype=np.int64)
         self.n_blocks = np.empty(len(self.names), dtype=np.int64)
         for si, (a, e) in enumerate(self.offsets_array):
             end = (self.offsets_array[si + 1][0] if si + 1 < len(self.names) else total)
-            seg_of[a:end] = si  # the gap after a segment belongs to it (δ = 0 there)
+            block_seg[a // L1_BLOCK: end // L1_BLOCK] = si  # the gap after a segment belongs to it (δ = 0 there)
             self.first_block[si], self.n_blocks[si] = a // L1_BLOCK, -(-(e - a) // L1_BLOCK)
-        self.seg_of = torch.from_numpy(seg_of).to(self.device)
-        self.block_seg = torch.from_numpy(seg_of[::L1_BLOCK].copy()).to(self.device)  # the segment of each L1 block
+        self.block_seg = torch.from_numpy(block_seg).to(self.device)
+        self._seg_of: torch.Tensor | None = None  # element → segment, for the batched torch path only (``seg_of``)
         self.first_block_t = torch.from_numpy(self.first_block).to(self.device)
         self.n_blocks_t = torch.from_numpy(self.n_blocks).to(self.device)
         self._before_t: torch.Tensor | None = None  # ‖δ‖₁ per segment and model on the device
         self._staging: dict[tuple, tuple] = {}  # per table layout: host buffer, its device twin, views (``_upload``)
         self.rescale_slack = 1.0  # widens the device rescale factors' error interval (tests force the fallback)
         # fused Triton kernels on CUDA (EVOMERGE_DEVICE_KERNELS=torch: the batched torch operations)
-        self.fused = self.device.type == "cuda" and os.environ.get("EVOMERGE_DEVICE_KERNELS", "auto") != "torch" \
-            and importlib.util.find_spec("triton") is not None
+        self.fused = fused_kernels_available(self.device)
         # chunks of whole L1 blocks whose scratch ([inputs, chunk] float64 and float32) fits in a budget
         budget = (4 << 30) if self.device.type == "cuda" else (64 << 20)
         step = max(L1_BLOCK, budget // (16 * len(self.model_paths)) // L1_BLOCK * L1_BLOCK)
         self.chunks = [(c, min(total, c + step)) for c in range(0, total, step)]
         self.device_stat: torch.Tensor | None = None  # ranks (magnitude rules) or DELLA's q per model
-        self.device_fields: torch.Tensor | None = None  # random field per input slot
+        # the random fields: stored per input slot for the batched torch operations; the fused kernels
+        # compute them from each slot's key per tensor and the tensor's start
+        self.device_fields: torch.Tensor | None = None
+        self.field_keys: torch.Tensor | None = None  # int64 [slots, segments]
+        self.seg_starts = torch.tensor([a for a, _ in self.offsets_array], dtype=torch.int64, device=self.device)
 
     def _ensure_device_stats(self, slots: int) -> None:
         """Stable ranks (TIES, breadcrumbs), DELLA's q = (r/(n−1))·2 from row ranks, and the random fields of
@@ -426,9 +439,28 @@ class CandidateBuilder:
                     q = torch.arange(row, dtype=torch.float32, device=self.device) / (row - 1) * 2
                     stat[i, a:e] = q.index_select(0, della_ranks(self.inputs[p][n]).reshape(-1).long())
             self.device_stat = stat
+        if sp in ("random", "della_magprune"):
+            have = 0 if self.field_keys is None else self.field_keys.shape[0]
+            if have < slots:
+                keys = np.array([[field_seed(self.seed, n, i) for n in self.names] for i in range(slots)],
+                                dtype=np.uint64)
+                self.field_keys = torch.from_numpy(keys.view(np.int64)).to(self.device)
+            if not self.fused:
+                self._ensure_stored_fields(slots)
+
+    def _ensure_stored_fields(self, slots: int) -> None:
+        """The random fields of input slots < ``slots``, stored on the device (the batched torch path reads them)."""
         have = 0 if self.device_fields is None else self.device_fields.shape[0]
-        if sp in ("random", "della_magprune") and have < slots:
+        if have < slots:
             self.device_fields = self._flat_fields(slots, self.device_fields)
+
+    @property
+    def seg_of(self) -> torch.Tensor:
+        """The segment of every element (int32), made on first use: only the batched torch path reads it
+        (the fused kernels look up a whole block's segment)."""
+        if self._seg_of is None:
+            self._seg_of = self.block_seg.repeat_interleave(L1_BLOCK)
+        return self._seg_of
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -440,7 +472,10 @@ class CandidateBuilder:
         if self.variant.sparsification is None:
             return None
         stat = self.device_stat[m, c0:c1] if self.device_stat is not None else None
-        field = self.device_fields[i, c0:c1] if self.device_fields is not None else None
+        field = None
+        if self.variant.sparsification in ("random", "della_magprune"):
+            self._ensure_stored_fields(i + 1)
+            field = self.device_fields[i, c0:c1]
         return dp.keep_mask(self.keep_rule, stat, field, ints[:, i], floats[:, i], seg)
 
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
@@ -478,8 +513,8 @@ class CandidateBuilder:
         if self.fused:
             from evomerge.search import device_kernels as dk
 
-            block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.device_fields,
-                                      st["slot_models_t"], self.block_seg, ints, floats)
+            block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.field_keys,
+                                      self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats)
             return dp.segment_totals(block_sums.cpu().numpy(), self.first_block, self.n_blocks)
         block_sums = torch.empty((k, self.flat_base.numel() // L1_BLOCK), dtype=torch.float64, device=self.device)
         for c0, c1 in self.chunks:
@@ -544,8 +579,8 @@ class CandidateBuilder:
         from evomerge.search import device_kernels as dk
 
         self._ensure_norm_tables()
-        block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.device_fields,
-                                  st["slot_models_t"], self.block_seg, ints, floats)
+        block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.field_keys,
+                                  self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats)
         return dk.rescale_factors(block_sums, self.first_block_t, self.n_blocks_t, self._before_t, self._exact_t,
                                   st["slot_models_t"], uses, per_seg, slack=self.rescale_slack), block_sums
 
@@ -557,8 +592,7 @@ class CandidateBuilder:
         from evomerge.search import device_kernels as dk
 
         self._before_t = torch.from_numpy(self._before_norms()).to(self.device)
-        seg_of = self.seg_of.long()
-        self._exact_t = torch.stack([dk.exact_sum_limits(self.flat_inputs[m], seg_of, len(self.names))
+        self._exact_t = torch.stack([dk.exact_sum_limits(self.flat_inputs[m], self.block_seg, len(self.names))
                                      for m in range(self.flat_inputs.shape[0])], dim=1).contiguous()
 
     def _host_scales(self, st: dict, ints: torch.Tensor, floats: torch.Tensor, per_seg: torch.Tensor,
@@ -586,8 +620,8 @@ class CandidateBuilder:
             from evomerge.search import device_kernels as dk
 
             dk.merge(dk.rule_code(self.keep_rule, self.variant.sparsification), self.flat_inputs, self.device_stat,
-                     self.device_fields, st["slot_models_t"], self.block_seg, ints, floats, per_seg, flags[0],
-                     flags[1], self.flat_base, self.flat_out,
+                     self.field_keys, self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats, per_seg,
+                     flags[0], flags[1], self.flat_base, self.flat_out,
                      consensus=self.variant.consensus, normalize=normalize, scale=scale,
                      lambda_=lambda_, divide=divide, out16=self.flat_out16 if direct16 else None)
             return

@@ -2,14 +2,17 @@
 
 ``device_path`` runs a candidate as a few dozen whole-buffer torch operations; each reads and
 writes the buffers again, and the rescale norms take 511 launches. Here the same arithmetic is
-fused: ``lane_sums`` reads each input's δ, rank/q and field once and writes one float64 sum per
+fused: ``lane_sums`` reads each input's δ and rank/q once and writes one float64 sum per
 4096-element block (the rescale norms' blocks); ``rescale_factors`` turns each tensor's blocks
 into its factor ‖δ‖₁/‖m⊙δ‖₁ on the device (no round trip to the host); and ``merge`` reads the
 inputs once more with the base and writes the merged parameters. Per element, the float
 operations are ``device_path``'s (so the engine's), in the same order: FMA contraction is turned
 off (``enable_fp_fusion=False``) and divisions are correctly rounded (``div_rn``), so the bits
-are the engine's. Tests run the kernels through Triton's interpreter on the CPU against the
-engine; ``benchmarks/gpu_check.py`` on a GPU.
+are the engine's. DARE's and DELLA's random field is not stored: each element's value is
+computed where it is used, from its tensor's key and its index in the tensor (``_uniform``,
+SplitMix64 as ``methods.fields`` defines it), which saves 4 bytes per parameter and input. Tests
+run the kernels through Triton's interpreter on the CPU against the engine;
+``benchmarks/gpu_check.py`` on a GPU.
 
 Imported only when a builder uses it (Triton comes with CUDA builds of torch).
 """
@@ -31,25 +34,37 @@ NO_RULE = -1  # task arithmetic: no sparsifier, every δ kept
 
 
 @triton.jit
-def _keep(stat_ptr, field_ptr, offs, lo, hi, thr, eps, RULE: tl.constexpr):
-    """The method's keep rule (``device_path.keep_mask``) at ``offs``; ``stat_ptr``/``field_ptr`` at the input's rows."""
+def _uniform(key, index):
+    """The random field at ``index`` (int64, the element's flat index in its tensor) of the tensor
+    with ``key`` (int64 bits of the uint64 key): ``methods.fields.splitmix_uniform``, bit for bit."""
+    z = key.to(tl.uint64, bitcast=True) + (index + 1).to(tl.uint64, bitcast=True) * 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return (z >> 40).to(tl.float32) * 5.9604644775390625e-08  # · 2⁻²⁴: exact
+
+
+@triton.jit
+def _keep(stat_ptr, key, index, offs, lo, hi, thr, eps, RULE: tl.constexpr):
+    """The method's keep rule (``device_path.keep_mask``) at ``offs``; ``stat_ptr`` at the input's row,
+    ``key`` and ``index`` locate the random field (``_uniform``)."""
     if RULE == 0 or RULE == 3:  # magnitude window / top-k on stable ranks
         r = tl.load(stat_ptr + offs)
         keep = (r >= lo) & (r < hi)
     elif RULE == 1:  # DARE: field < density
-        keep = tl.load(field_ptr + offs) < thr
+        keep = _uniform(key, index) < thr
     elif RULE == 2:  # DELLA: field < q·ε + (density − ε)
         p = tl.load(stat_ptr + offs) * eps
         p = p + thr
-        keep = tl.load(field_ptr + offs) < p
+        keep = _uniform(key, index) < p
     else:
         keep = offs >= 0
     return keep
 
 
 @triton.jit
-def _lane_sums_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr, out_ptr,
-                      n, n_seg, n_blocks, k, RULE: tl.constexpr, GROUP: tl.constexpr):
+def _lane_sums_kernel(d_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr,
+                      out_ptr, n, n_seg, n_blocks, k, RULE: tl.constexpr, GROUP: tl.constexpr):
     """Per input slot and 4096-element block: Σ|m⊙δ| in ``l1_norm``'s order (eight lanes, each sequential).
 
     Lane l of a block holds its elements l, l+8, l+16, …; four consecutive steps of all eight
@@ -67,12 +82,14 @@ def _lane_sums_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr
     hi = tl.load(ints_ptr + (k + i) * n_seg + seg)[:, None]
     thr = tl.load(floats_ptr + i * n_seg + seg)[:, None]
     eps = tl.load(floats_ptr + (k + i) * n_seg + seg)[:, None]
+    key = tl.load(keys_ptr + i * n_seg + seg)[:, None]
+    start = tl.load(starts_ptr + seg)[:, None]
     row = blocks.to(tl.int64)[:, None] * 4096 + tl.arange(0, 32)[None, :]
     acc = tl.zeros([GROUP, 8], dtype=tl.float64)
     for j in range(0, 512, 4):  # steps j … j+3
         offs = row + j * 8
         delta = tl.load(d_ptr + m * n + offs)
-        keep = _keep(stat_ptr + m * n, field_ptr + i * n, offs, lo, hi, thr, eps, RULE)
+        keep = _keep(stat_ptr + m * n, key, offs - start, offs, lo, hi, thr, eps, RULE)
         v = tl.where(keep, tl.abs(delta).to(tl.float64), 0.0)
         even, odd = tl.split(tl.permute(tl.reshape(v, [GROUP, 2, 2, 8]), (0, 3, 1, 2)))  # [block, lane, step // 2]
         s0, s2 = tl.split(even)
@@ -128,14 +145,16 @@ def _rescale_kernel(block_sums_ptr, first_block_ptr, n_blocks_ptr, before_ptr, e
 
 
 @triton.jit
-def _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i, n, n_seg, k,
-              RULE: tl.constexpr, SCALE: tl.constexpr):
-    """Input slot i's ((δ·keep)·scale)·w at ``offs``, and its weight w (``seg``: the program's segment)."""
+def _weighted(d_ptr, stat_ptr, keys_ptr, start, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i, n, n_seg,
+              k, RULE: tl.constexpr, SCALE: tl.constexpr):
+    """Input slot i's ((δ·keep)·scale)·w at ``offs``, and its weight w (``seg``: the program's segment,
+    which starts at ``start``)."""
     m = tl.load(slot_models_ptr + i).to(tl.int64)
     delta = tl.load(d_ptr + m * n + offs)
     w = tl.load(rows_ptr + i * n_seg + seg)
     if RULE >= 0:
-        keep = _keep(stat_ptr + m * n, field_ptr + i * n, offs, tl.load(ints_ptr + i * n_seg + seg),
+        keep = _keep(stat_ptr + m * n, tl.load(keys_ptr + i * n_seg + seg), offs - start, offs,
+                     tl.load(ints_ptr + i * n_seg + seg),
                      tl.load(ints_ptr + (k + i) * n_seg + seg), tl.load(floats_ptr + i * n_seg + seg),
                      tl.load(floats_ptr + (k + i) * n_seg + seg), RULE)
         delta = delta * tl.where(keep, 1.0, 0.0)  # δ·keep: a dropped element keeps its sign of zero
@@ -145,8 +164,8 @@ def _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats
 
 
 @triton.jit
-def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr, rows_ptr, norm_ptr,
-                  active_ptr, base_ptr, out_ptr, n, n_seg, k: tl.constexpr, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
+def _merge_kernel(d_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr, rows_ptr,
+                  norm_ptr, active_ptr, base_ptr, out_ptr, n, n_seg, k: tl.constexpr, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, SCALE: tl.constexpr, LAMBDA: tl.constexpr, DIVIDE: tl.constexpr,
                   OUT16: tl.constexpr, BLOCK: tl.constexpr):
     """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) with the engine's operations (``device_path.mix``).
@@ -160,10 +179,11 @@ def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr, in
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     seg = tl.load(block_seg_ptr + start // 4096)  # the segment of the program's L1 block
+    seg_start = tl.load(starts_ptr + seg)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(k):  # Σ in input order from the first input
-        x, w = _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i,
-                         n, n_seg, k, RULE, SCALE)
+        x, w = _weighted(d_ptr, stat_ptr, keys_ptr, seg_start, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr,
+                         offs, i, n, n_seg, k, RULE, SCALE)
         if i == 0:
             total = x
         else:
@@ -173,8 +193,8 @@ def _merge_kernel(d_ptr, stat_ptr, field_ptr, slot_models_ptr, block_seg_ptr, in
         mixed = tl.zeros([BLOCK], dtype=tl.float32)
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
         for i in tl.static_range(k):
-            x, w = _weighted(d_ptr, stat_ptr, field_ptr, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs,
-                             i, n, n_seg, k, RULE, SCALE)
+            x, w = _weighted(d_ptr, stat_ptr, keys_ptr, seg_start, slot_models_ptr, seg, ints_ptr, floats_ptr,
+                             rows_ptr, offs, i, n, n_seg, k, RULE, SCALE)
             agreeing = tl.maximum(x * unit, 0.0)
             mixed = mixed + agreeing
             if NORMALIZE:
@@ -209,37 +229,46 @@ def bf16_bits(x):
     return rounded.to(tl.int16)
 
 
-def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, fields: torch.Tensor | None,
-              slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
-    """float64 [slots, blocks]: each block's Σ|m⊙δ| in ``l1_norm``'s order (``l1.lane_block_sums``)."""
+def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, keys: torch.Tensor | None,
+              starts: torch.Tensor, slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor,
+              floats: torch.Tensor) -> torch.Tensor:
+    """float64 [slots, blocks]: each block's Σ|m⊙δ| in ``l1_norm``'s order (``l1.lane_block_sums``).
+
+    ``keys``: int64 [slots, segments], each input's random-field key per tensor (``field_seed``; any
+    stand-in for rules without a field); ``starts``: int64 [segments], where each tensor starts.
+    """
     k, n = slot_models.numel(), flat_inputs.shape[1]
     n_blocks = n // L1_BLOCK
     out = torch.empty((k, n_blocks), dtype=torch.float64, device=flat_inputs.device)
     grid = (triton.cdiv(n_blocks, LANE_GROUP), k)
     _lane_sums_kernel[grid](flat_inputs, stat if stat is not None else flat_inputs,
-                            fields if fields is not None else flat_inputs, slot_models, block_seg, ints, floats, out,
+                            keys if keys is not None else starts, starts, slot_models, block_seg, ints, floats, out,
                             n, ints.shape[-1], n_blocks, k, RULE=rule, GROUP=LANE_GROUP,
                             num_warps=LANE_WARPS, enable_fp_fusion=False)
     return out
 
 
-def exact_sum_limits(x: torch.Tensor, seg_of: torch.Tensor, n_seg: int, chunk: int = 1 << 24) -> torch.Tensor:
+def exact_sum_limits(x: torch.Tensor, block_seg: torch.Tensor, n_seg: int, block: int = L1_BLOCK,
+                     chunk: int = 1 << 24) -> torch.Tensor:
     """float64 [segments]: a total below which every float64 sum of a segment's |x| (any subset, any order) is exact.
 
     Each nonzero float32 |x| is a multiple of g, its lowest set bit (2^(e−24)·(M & −M) for
     x = M·2^(e−24), M an integer); a sum of multiples of g below 2⁵³·g is a multiple of g that
     float64 holds exactly, and so is each partial sum. The limit is 2⁵²·g for the segment's least
     g: a sum (with its rounding error) that comes out at most 2⁵²·g had an exact total below 2⁵³·g.
-    ``seg_of``: the segment of each element (int64); segments without nonzeros get +∞.
+    ``block_seg``: the segment of each ``block``-element block of ``x`` (whose length is a multiple
+    of ``block``); segments without nonzeros get +∞.
     """
     limits = torch.full((n_seg,), float("inf"), dtype=torch.float64, device=x.device)
+    block_seg = block_seg.long()
+    chunk = max(block, chunk // block * block)
     for c in range(0, x.numel(), chunk):
         part = x[c: c + chunk]
         mantissa, exponent = torch.frexp(part)  # |mantissa| ∈ [0.5, 1), or 0 for x = 0
         m = (mantissa.abs().double() * 2.0 ** 24).to(torch.int64)
         g = torch.ldexp((m & -m).double(), (exponent - 24).double())
-        g = torch.where(part == 0, float("inf"), g * 2.0 ** 52)
-        limits.scatter_reduce_(0, seg_of[c: c + chunk], g, "amin")
+        g = torch.where(part == 0, float("inf"), g * 2.0 ** 52).view(-1, block).amin(1)
+        limits.scatter_reduce_(0, block_seg[c // block: c // block + g.numel()], g, "amin")
     return limits
 
 
@@ -261,21 +290,22 @@ def rescale_factors(block_sums: torch.Tensor, first_block: torch.Tensor, n_block
     return ambiguous
 
 
-def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, fields: torch.Tensor | None,
-          slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
+def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, keys: torch.Tensor | None,
+          starts: torch.Tensor, slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
           rows: torch.Tensor, norm: torch.Tensor, active: torch.Tensor, base: torch.Tensor, out: torch.Tensor, *,
           consensus: bool, normalize: bool, scale: bool, lambda_: bool, divide: bool,
           out16: torch.Tensor | None = None) -> None:
     """Write the candidate into ``out`` (active segments only), or rounded into the bf16 ``out16`` instead;
     ``rows`` as ``_build_device`` packs them.
 
-    ``block_seg``: the segment of each 4096-element block (the buffers' length is a multiple of 4096).
+    ``block_seg``: the segment of each 4096-element block (the buffers' length is a multiple of 4096);
+    ``keys`` and ``starts`` as for ``lane_sums``.
     """
     n = base.numel()
     assert n % L1_BLOCK == 0 and L1_BLOCK % MERGE_BLOCK == 0
     grid = (n // MERGE_BLOCK,)
     _merge_kernel[grid](flat_inputs, stat if stat is not None else flat_inputs,
-                        fields if fields is not None else flat_inputs, slot_models, block_seg, ints, floats, rows,
+                        keys if keys is not None else starts, starts, slot_models, block_seg, ints, floats, rows,
                         norm, active, base, out if out16 is None else out16.view(torch.int16), n, ints.shape[-1],
                         slot_models.numel(), RULE=rule, CONSENSUS=consensus, NORMALIZE=normalize, SCALE=scale,
                         LAMBDA=lambda_, DIVIDE=divide, OUT16=out16 is not None, BLOCK=MERGE_BLOCK,
