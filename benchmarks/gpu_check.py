@@ -83,6 +83,8 @@ def correctness(device: str, work: Path) -> list[str]:
                 path += (", params alias its output" if builder.aliased else
                          ", bf16 params written by its kernel" if builder.flat_out16 is not None else
                          ", params copied from its output")
+                if builder.inputs16:
+                    path += ", bf16 fine-tunes (δ formed in the kernels)"
             ms = (time.perf_counter() - t0) * 1e3
             live = {k: v.detach().cpu() for k, v in builder.model.state_dict().items()}
             builder.close()
@@ -164,10 +166,13 @@ def lane_sweep(large: Path, device: str, repeats: int = 20) -> tuple[list[str], 
 
         def run():
             return dk.lane_sums(builder.keep_rule, builder.flat_inputs, builder.device_stat, builder.field_keys,
-                                builder.seg_starts, st["slot_models_t"], builder.block_seg, ints, floats)
+                                builder.seg_starts, st["slot_models_t"], builder.block_seg, ints, floats,
+                                base=builder.flat_base)
 
         reference = run()
-        bytes_read = builder.flat_inputs.numel() * (4 if method == "dare_ties" else 8)  # δ (and q) per input
+        x = builder.flat_inputs  # δ (float32), or bf16 fine-tunes read with the float32 base
+        per_input = x.element_size() + (4 if x.dtype == torch.bfloat16 else 0) + (0 if method == "dare_ties" else 4)
+        bytes_read = x.numel() * per_input  # δ (or x and base), and DELLA's q, per input
         for setting in LANE_SETTINGS:
             group, warps = setting
             dk.LANE_GROUP, dk.LANE_WARPS = setting

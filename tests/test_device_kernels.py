@@ -136,11 +136,12 @@ def test_rescale_kernel_decides_or_says_it_cannot():
     assert (rows[:k] == -7.0).all() and (rows[2 * k:] == -7.0).all()  # nothing else written
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "della"])
+@pytest.mark.parametrize("method", ["dare_ties", "della", "ties"])
 def test_fused_bf16_recipe(qwen_family, tmp_path, method):
     """A bf16 recipe through the fused kernels: the engine's bits, and the device-side rescale factors
     decide without the in-order fallback (bf16 task vectors sum exactly in float64, often to a float32
-    midpoint: the exactness test, not the error interval, settles those)."""
+    midpoint: the exactness test, not the error interval, settles those). The fine-tunes stay bf16
+    (the kernels form δ) and no float32 output is made: the kernel writes the bf16 parameters."""
     models = {"a": str(qwen_family["ft0"]), "b": str(qwen_family["ft1"])}
     params = {"weight": [1.0, 0.4], "density": 0.5, **({"epsilon": 0.1} if method == "della" else {})}
     recipe = load_recipe({
@@ -158,6 +159,7 @@ def test_fused_bf16_recipe(qwen_family, tmp_path, method):
     assert not bad, f"{method}: {bad[:3]}"
     assert "in_order_norms" not in extra
     assert builder.flat_out16 is not None  # the kernel stored bf16 into the parameters themselves
+    assert builder.inputs16 and builder.flat_inputs.dtype == torch.bfloat16 and builder._flat_out is None
     builder.close()
 
 

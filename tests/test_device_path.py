@@ -148,27 +148,31 @@ def test_device_path_falls_back_when_slices_swap_models(device_builders, llama_f
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della"])
 def test_resident_bytes_covers_what_the_device_path_holds(llama_family, method):
-    """The GPU memory check's estimate is at least what the builder keeps (with the fused kernels and
-    without), and over it by no more than the rank computation's scratch."""
+    """The GPU memory check's estimate is at least what the builder keeps (float32 and bf16 models, with
+    the fused kernels and without), and over it by no more than the rank computation's scratch."""
     from evomerge.search.builder import resident_bytes
 
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1")}
-    for fused in (False, True):  # the batched torch path stores fields and the element index; the kernels do not
-        builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=0, path="device")
-        builder.fused = fused
-        builder.precompute()
-        if not fused:
-            builder.seg_of  # noqa: B018 (made on first use)
-        held = sum(t.numel() * t.element_size() for t in (builder.flat_base, builder.flat_inputs, builder.flat_out,
-                                                           builder._seg_of, builder.device_stat,
-                                                           builder.device_fields, builder.field_keys)
-                   if t is not None)
-        largest = max(v.numel() for v in builder.base.values())
-        estimate = resident_bytes(builder.flat_base.numel(), largest, 2, builder.variant.sparsification, 4, "device",
-                                  fused)
-        keys = 8 * 2 * len(builder.names)  # the field keys: a few bytes per tensor, not counted
-        assert held <= estimate + keys and estimate <= held + 16 * largest, fused
-        builder.close()
+    for dtype in ("float32", "bfloat16"):
+        for fused in (False, True):  # the batched torch path stores fields and the element index; the kernels do not
+            builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=0,
+                                       path="device", dtype=dtype)
+            builder.fused = fused
+            builder.precompute()
+            if not fused:
+                builder.seg_of, builder.flat_out  # noqa: B018 (made on first use by the torch path)
+            assert builder.inputs16 == (dtype == "bfloat16")
+            held = sum(t.numel() * t.element_size() for t in (builder.flat_base, builder.flat_inputs,
+                                                               builder._flat_out, builder.flat_out16, builder._seg_of,
+                                                               builder.device_stat, builder.device_fields,
+                                                               builder.field_keys)
+                       if t is not None)
+            largest = max(v.numel() for v in builder.base.values())
+            estimate = resident_bytes(builder.flat_base.numel(), largest, 2, builder.variant.sparsification,
+                                      builder.model_dtype, "device", fused)
+            keys = 8 * 2 * len(builder.names)  # the field keys: a few bytes per tensor, not counted
+            assert held <= estimate + keys and estimate <= held + 16 * largest, (dtype, fused)
+            builder.close()
 
 
 def test_builder_refuses_a_gpu_too_small(llama_family, monkeypatch):

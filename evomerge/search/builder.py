@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,21 +59,25 @@ from evomerge.search.fast_plan import PlanTemplate, structure_signature
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None, model_itemsize: int,
+def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None, model_dtype: torch.dtype,
                    path: str, fused: bool = False) -> int:
     """Bytes a builder keeps on its device for a model of ``numel`` parameters and ``k`` fine-tunes.
 
-    float32 base and inputs (4 + 4k bytes per parameter); on the flat paths a float32 output
-    (4) that float32 parameters are views of, else the model's own parameters; 4k for ranks
-    (TIES, breadcrumbs) or DELLA's rank term; 4k for the random fields (DARE, DELLA) and, on the
-    device path, the element → tensor index (4), unless the fused kernels compute both where they
-    need them (``fused``); and, while ranks are computed, scratch for the largest tensor (~16 bytes
-    per element).
+    A float32 base (4 bytes per parameter) and the inputs: float32 task vectors (4k), or on the
+    device path a bf16 model's fine-tunes as they are (2k). On the flat paths a float32 output (4)
+    that float32 parameters are views of, besides a 16-bit model's own parameters, except on the
+    fused device path for a bf16 model, whose kernels write its parameters directly; else the
+    model's own parameters. 4k for ranks (TIES, breadcrumbs) or DELLA's rank term. 4k for the random
+    fields (DARE, DELLA) and, on the device path, the element → tensor index (4), unless the fused
+    kernels compute both where they need them (``fused``). And, while ranks are computed, scratch
+    for the largest tensor (~16 bytes per element).
     """
-    per = 4 + 4 * k
+    itemsize = torch.empty(0, dtype=model_dtype).element_size()
     flat = path in ("host", "device")
-    per += 4 if flat else model_itemsize
-    model = numel * model_itemsize if flat and model_itemsize != 4 else 0
+    inputs16 = path == "device" and model_dtype == torch.bfloat16
+    per = 4 + (2 if inputs16 else 4) * k
+    per += (0 if inputs16 and fused else 4) if flat else itemsize
+    model = numel * itemsize if flat and itemsize != 4 else 0
     stored = not (fused and path == "device")
     per += 4 if path == "device" and stored else 0
     per += 4 * k if sparsification in ("magnitude", "magnitude_outliers", "della_magprune") else 0
@@ -153,12 +158,17 @@ class CandidateBuilder:
             total += size
         if aligned:
             total = -(-total // L1_BLOCK) * L1_BLOCK
-        # one flat float32 buffer per input, a segment per tensor; the dicts hold views into them
+        # one flat float32 buffer per input, a segment per tensor; the dicts hold views into them. On the
+        # device path a bf16 model's fine-tunes stay bf16 (2 bytes per parameter, not 4) and the kernels
+        # form δ = x − base as the engine does (``inputs16``)
+        self.inputs16 = self.path == "device" and self.model_dtype == torch.bfloat16 and self.variant is not None
         alloc = torch.zeros if aligned else torch.empty  # the gaps between aligned segments hold zeros
         self.flat_base = alloc(total, dtype=torch.float32, device=self.device)
-        self.flat_inputs = alloc((len(self.model_paths), total), dtype=torch.float32, device=self.device)
+        self.flat_inputs = alloc((len(self.model_paths), total), device=self.device,
+                                 dtype=torch.bfloat16 if self.inputs16 else torch.float32)
         self.base: dict[str, torch.Tensor] = {}
-        self.inputs: dict[str, dict[str, torch.Tensor]] = {p: {} for p in self.model_paths.values()}
+        self.inputs: dict[str, Mapping[str, torch.Tensor]] = {}
+        views: dict[str, dict[str, torch.Tensor]] = {p: {} for p in self.model_paths.values()}
         for name in self.names:
             a, e = self.offsets[name]
             b = self.flat_base[a:e].view(shapes[name])
@@ -172,11 +182,14 @@ class CandidateBuilder:
                 view.copy_(reader.get_tensor(reader.resolve_tied(name), dtype=self.model_dtype))
                 _check_finite_input(view, p, name)  # as ``evomerge merge`` refuses them; the kernels assume it
                 if self.variant:
-                    view.sub_(b)  # the task vector δ = x − base
-                    if not all_finite(view):
+                    delta = torch.sub(view, b) if self.inputs16 else view.sub_(b)  # the task vector δ = x − base
+                    if not all_finite(delta):
                         raise MergeError(f"model '{p}': tensor {name}: its difference from the base model "
                                          f"overflows float32")
-                self.inputs[p][name] = view
+                views[p][name] = view
+        for i, p in enumerate(self.model_paths.values()):
+            self.inputs[p] = TaskVectors(self.flat_inputs[i], self.flat_base, self.offsets, shapes) \
+                if self.inputs16 else views[p]
         self.load_seconds = time.perf_counter() - t0
         self._flat_ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
@@ -198,8 +211,7 @@ class CandidateBuilder:
         laid_out = sum(-(-n // L1_BLOCK) * L1_BLOCK for n in sizes) if self.path == "device" else sum(sizes)
         need = resident_bytes(laid_out, max(sizes, default=0), k,
                               self.variant.sparsification if self.variant else None,
-                              torch.empty(0, dtype=self.model_dtype).element_size(), self.path,
-                              fused_kernels_available(self.device))
+                              self.model_dtype, self.path, fused_kernels_available(self.device))
         free, _ = torch.cuda.mem_get_info(self.device)
         if need > free:
             gib = 2 ** 30
@@ -262,23 +274,27 @@ class CandidateBuilder:
         # DELLA ranks run along dim 1 (the whole tensor for 1-D): the row length of each segment
         self.row = np.array([self.base[n].shape[1] if self.base[n].dim() >= 2 else self.base[n].numel()
                              for n in self.names], dtype=np.int64)
-        self.flat_out = (torch.zeros if self.path == "device" else torch.empty)(total, dtype=torch.float32,
-                                                                                device=self.device)
         params = [self.params[n] for n in self.names]
-        own = len({id(p) for p in params}) == len(params) and all(p.device == self.flat_out.device for p in params)
+        own = len({id(p) for p in params}) == len(params) and all(p.device == self.device for p in params)
         self.aliased = own and self.model_dtype == torch.float32
         # a bf16 model on the device path: its parameters are views of a bf16 twin of the output, which
-        # the fused merge kernel writes directly (rounded as torch rounds), with no copy afterwards
+        # the fused merge kernel writes directly (rounded as torch rounds), with no copy afterwards; the
+        # float32 output is then made only if a build needs it (``flat_out``)
         self.flat_out16 = (torch.zeros(total, dtype=torch.bfloat16, device=self.device)
                            if own and self.path == "device" and self.model_dtype == torch.bfloat16 else None)
+        self._flat_out: torch.Tensor | None = None
+        if self.flat_out16 is None:
+            self._flat_out = (torch.zeros if self.path == "device" else torch.empty)(total, dtype=torch.float32,
+                                                                                     device=self.device)
         for n, p in zip(self.names, params):
             a, e = self.offsets[n]
-            self.flat_out[a:e].copy_(p.detach().reshape(-1))
-            if self.aliased:
-                p.data = self.flat_out[a:e].view(p.shape)
-            elif self.flat_out16 is not None:
+            if self.flat_out16 is not None:
                 self.flat_out16[a:e].copy_(p.detach().reshape(-1))
                 p.data = self.flat_out16[a:e].view(p.shape)
+                continue
+            self._flat_out[a:e].copy_(p.detach().reshape(-1))
+            if self.aliased:
+                p.data = self._flat_out[a:e].view(p.shape)
         self.offsets_array = [self.offsets[n] for n in self.names]
         self.keep_rule = {"magnitude": fk.RULE_TOP, "magnitude_outliers": fk.RULE_MAGNITUDE,
                           "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
@@ -455,6 +471,21 @@ class CandidateBuilder:
             self.device_fields = self._flat_fields(slots, self.device_fields)
 
     @property
+    def flat_out(self) -> torch.Tensor:
+        """The float32 output buffer (the merged segments before any cast). Next to a bf16 twin
+        (``flat_out16``) it is made on first use, holding the parameters' values, since the fused
+        kernels usually write the twin directly."""
+        if self._flat_out is None:
+            self._flat_out = self.flat_out16.to(torch.float32)
+        return self._flat_out
+
+    def _delta_chunk(self, m: int, c0: int, c1: int) -> torch.Tensor:
+        """Model m's task vector δ on flat elements [c0, c1) (float32; formed from bf16 values when ``inputs16``)."""
+        if self.inputs16:
+            return torch.sub(self.flat_inputs[m, c0:c1], self.flat_base[c0:c1])
+        return self.flat_inputs[m, c0:c1]
+
+    @property
     def seg_of(self) -> torch.Tensor:
         """The segment of every element (int32), made on first use: only the batched torch path reads it
         (the fused kernels look up a whole block's segment)."""
@@ -514,14 +545,15 @@ class CandidateBuilder:
             from evomerge.search import device_kernels as dk
 
             block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.field_keys,
-                                      self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats)
+                                      self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats,
+                                      base=self.flat_base)
             return dp.segment_totals(block_sums.cpu().numpy(), self.first_block, self.n_blocks)
         block_sums = torch.empty((k, self.flat_base.numel() // L1_BLOCK), dtype=torch.float64, device=self.device)
         for c0, c1 in self.chunks:
             seg = self.seg_of[c0:c1]
             mags = torch.empty((k, c1 - c0), dtype=torch.float64, device=self.device)
             for i, m in enumerate(slot_models):
-                mags[i] = self.flat_inputs[m, c0:c1].abs()  # as l1_norm: |x| in float64, dropped → +0
+                mags[i] = self._delta_chunk(m, c0, c1).abs()  # as l1_norm: |x| in float64, dropped → +0
                 keep = self._keep(i, m, c0, c1, seg, ints, floats)
                 if keep is not None:
                     mags[i].masked_fill_(~keep, 0.0)
@@ -556,8 +588,9 @@ class CandidateBuilder:
         stats.plan = time.perf_counter() - t0
         t1 = time.perf_counter()
         # a bf16 model whose merged tensors are all rounded to bf16 (or float32 recipes, which the copy
-        # into the model would round): the kernel stores bf16 into the parameters themselves
-        direct16 = (self.fused and self.flat_out16 is not None and not st["leftover"]
+        # into the model would round): the kernel stores bf16 into the parameters themselves (tensors it
+        # does not take are merged one by one afterwards, as always)
+        direct16 = (self.fused and self.flat_out16 is not None
                     and all(dtype == torch.bfloat16 for _, dtype in st["rounding"]))
         settings = dict(normalize=bool(normalize.any()), lambda_=bool(use_lambda[active].any()),
                         divide=not self.variant.consensus and bool((total != 1).any()), direct16=direct16)
@@ -566,7 +599,9 @@ class CandidateBuilder:
             stats.extra["in_order_norms"] = True
             self._host_scales(st, ints, floats, per_seg, rescales, block_sums)
             self._device_merge(st, ints, floats, per_seg, flags, scale=True, **settings)
-        if not direct16 and (st["rounding"] or not self.aliased or st["leftover"]):
+        if direct16:
+            self._merge_leftovers(recipe, st)
+        elif st["rounding"] or not self.aliased or st["leftover"]:
             self._finish_flat(recipe, st)
         self._sync()
         stats.tensors = int(active.sum()) + len(st["leftover"])
@@ -580,7 +615,8 @@ class CandidateBuilder:
 
         self._ensure_norm_tables()
         block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.field_keys,
-                                  self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats)
+                                  self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats,
+                                  base=self.flat_base)
         return dk.rescale_factors(block_sums, self.first_block_t, self.n_blocks_t, self._before_t, self._exact_t,
                                   st["slot_models_t"], uses, per_seg, slack=self.rescale_slack), block_sums
 
@@ -592,8 +628,12 @@ class CandidateBuilder:
         from evomerge.search import device_kernels as dk
 
         self._before_t = torch.from_numpy(self._before_norms()).to(self.device)
-        self._exact_t = torch.stack([dk.exact_sum_limits(self.flat_inputs[m], self.block_seg, len(self.names))
-                                     for m in range(self.flat_inputs.shape[0])], dim=1).contiguous()
+        limits = []
+        for m in range(self.flat_inputs.shape[0]):  # over chunks of δ, each a whole number of blocks
+            per_chunk = [dk.exact_sum_limits(self._delta_chunk(m, c0, c1), self.block_seg[c0 // L1_BLOCK: c1 // L1_BLOCK],
+                                             len(self.names)) for c0, c1 in self.chunks]
+            limits.append(torch.stack(per_chunk).amin(0))
+        self._exact_t = torch.stack(limits, dim=1).contiguous()
 
     def _host_scales(self, st: dict, ints: torch.Tensor, floats: torch.Tensor, per_seg: torch.Tensor,
                      rescales: np.ndarray, block_sums: torch.Tensor | None = None) -> None:
@@ -621,7 +661,7 @@ class CandidateBuilder:
 
             dk.merge(dk.rule_code(self.keep_rule, self.variant.sparsification), self.flat_inputs, self.device_stat,
                      self.field_keys, self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats, per_seg,
-                     flags[0], flags[1], self.flat_base, self.flat_out,
+                     flags[0], flags[1], self.flat_base, None if direct16 else self.flat_out,
                      consensus=self.variant.consensus, normalize=normalize, scale=scale,
                      lambda_=lambda_, divide=divide, out16=self.flat_out16 if direct16 else None)
             return
@@ -634,9 +674,9 @@ class CandidateBuilder:
             for i, m in enumerate(slot_models):
                 keep = self._keep(i, m, c0, c1, seg, ints, floats)
                 if keep is None:
-                    weighted[i] = self.flat_inputs[m, c0:c1]
+                    weighted[i] = self._delta_chunk(m, c0, c1)
                 else:
-                    torch.mul(self.flat_inputs[m, c0:c1], keep, out=weighted[i])  # δ·keep: dropped → ±0
+                    torch.mul(self._delta_chunk(m, c0, c1), keep, out=weighted[i])  # δ·keep: dropped → ±0
                 if sc is not None:
                     weighted[i].mul_(sc[i])
                 weighted[i].mul_(w[i])
@@ -792,7 +832,12 @@ class CandidateBuilder:
                 n = self.names[si]
                 a, e = self.offsets[n]
                 self.params[n].copy_(self.flat_out[a:e].view(self.params[n].shape))
-        if st["leftover"]:  # tensors the flat pass cannot take: planned in full, merged one by one
+        self._merge_leftovers(recipe, st)
+
+    def _merge_leftovers(self, recipe: Recipe, st: dict) -> None:
+        """The tensors the flat pass cannot take: planned in full, merged one by one into the parameters."""
+        if st["leftover"]:
+            active = st["active"]
             plan = self.plan(recipe)
             for task in plan.tasks:
                 if task.name not in self.seg_index or not active[self.seg_index[task.name]]:
@@ -903,7 +948,7 @@ class CandidateBuilder:
                 self._floor_out = torch.empty_like(self.flat_base)
             self._sync()
             t0 = time.perf_counter()
-            torch.sum(self.flat_inputs, dim=0, out=self._floor_out)
+            torch.sum(self.flat_inputs, dim=0, dtype=torch.float32, out=self._floor_out)
             self._floor_out.add_(self.flat_base)
             self._sync()
             return time.perf_counter() - t0
@@ -940,6 +985,25 @@ class CandidateBuilder:
         """Close the model files."""
         for r in self.readers.values():
             r.close()
+
+
+class TaskVectors(Mapping):
+    """One fine-tune's task vectors δ = x − base by tensor name, formed on access (float32, the engine's
+    ``torch.sub``) from its resident bf16 values ``x`` and the float32 base, both flat."""
+
+    def __init__(self, x: torch.Tensor, base: torch.Tensor, offsets: dict[str, tuple[int, int]],
+                 shapes: dict[str, tuple[int, ...]]):
+        self.x, self.flat_base, self.offsets, self.shapes = x, base, offsets, shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        a, e = self.offsets[name]
+        return torch.sub(self.x[a:e], self.flat_base[a:e]).view(self.shapes[name])
+
+    def __iter__(self):
+        return iter(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
 
 
 def _check_finite_input(x: torch.Tensor, model: str, name: str) -> None:

@@ -45,6 +45,15 @@ def _uniform(key, index):
 
 
 @triton.jit
+def _delta(d_ptr, base_ptr, offs, X16: tl.constexpr):
+    """The task vector δ at ``offs`` (``d_ptr`` at the input's row): stored, or with ``X16`` formed from the
+    fine-tune's bf16 values as the engine forms it, float32(x) − base (one rounding; bf16 → float32 is exact)."""
+    if X16:
+        return tl.load(d_ptr + offs).to(tl.float32) - tl.load(base_ptr + offs)
+    return tl.load(d_ptr + offs)
+
+
+@triton.jit
 def _keep(stat_ptr, key, index, offs, lo, hi, thr, eps, RULE: tl.constexpr):
     """The method's keep rule (``device_path.keep_mask``) at ``offs``; ``stat_ptr`` at the input's row,
     ``key`` and ``index`` locate the random field (``_uniform``)."""
@@ -63,8 +72,9 @@ def _keep(stat_ptr, key, index, offs, lo, hi, thr, eps, RULE: tl.constexpr):
 
 
 @triton.jit
-def _lane_sums_kernel(d_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr,
-                      out_ptr, n, n_seg, n_blocks, k, RULE: tl.constexpr, GROUP: tl.constexpr):
+def _lane_sums_kernel(d_ptr, base_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_seg_ptr, ints_ptr,
+                      floats_ptr, out_ptr, n, n_seg, n_blocks, k, RULE: tl.constexpr, GROUP: tl.constexpr,
+                      X16: tl.constexpr):
     """Per input slot and 4096-element block: Σ|m⊙δ| in ``l1_norm``'s order (eight lanes, each sequential).
 
     Lane l of a block holds its elements l, l+8, l+16, …; four consecutive steps of all eight
@@ -88,7 +98,7 @@ def _lane_sums_kernel(d_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, bl
     acc = tl.zeros([GROUP, 8], dtype=tl.float64)
     for j in range(0, 512, 4):  # steps j … j+3
         offs = row + j * 8
-        delta = tl.load(d_ptr + m * n + offs)
+        delta = _delta(d_ptr + m * n, base_ptr, offs, X16)
         keep = _keep(stat_ptr + m * n, key, offs - start, offs, lo, hi, thr, eps, RULE)
         v = tl.where(keep, tl.abs(delta).to(tl.float64), 0.0)
         even, odd = tl.split(tl.permute(tl.reshape(v, [GROUP, 2, 2, 8]), (0, 3, 1, 2)))  # [block, lane, step // 2]
@@ -145,12 +155,12 @@ def _rescale_kernel(block_sums_ptr, first_block_ptr, n_blocks_ptr, before_ptr, e
 
 
 @triton.jit
-def _weighted(d_ptr, stat_ptr, keys_ptr, start, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i, n, n_seg,
-              k, RULE: tl.constexpr, SCALE: tl.constexpr):
+def _weighted(d_ptr, base_ptr, stat_ptr, keys_ptr, start, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i,
+              n, n_seg, k, RULE: tl.constexpr, SCALE: tl.constexpr, X16: tl.constexpr):
     """Input slot i's ((δ·keep)·scale)·w at ``offs``, and its weight w (``seg``: the program's segment,
     which starts at ``start``)."""
     m = tl.load(slot_models_ptr + i).to(tl.int64)
-    delta = tl.load(d_ptr + m * n + offs)
+    delta = _delta(d_ptr + m * n, base_ptr, offs, X16)
     w = tl.load(rows_ptr + i * n_seg + seg)
     if RULE >= 0:
         keep = _keep(stat_ptr + m * n, tl.load(keys_ptr + i * n_seg + seg), offs - start, offs,
@@ -167,7 +177,7 @@ def _weighted(d_ptr, stat_ptr, keys_ptr, start, slot_models_ptr, seg, ints_ptr, 
 def _merge_kernel(d_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr, rows_ptr,
                   norm_ptr, active_ptr, base_ptr, out_ptr, n, n_seg, k: tl.constexpr, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, SCALE: tl.constexpr, LAMBDA: tl.constexpr, DIVIDE: tl.constexpr,
-                  OUT16: tl.constexpr, BLOCK: tl.constexpr):
+                  OUT16: tl.constexpr, X16: tl.constexpr, BLOCK: tl.constexpr):
     """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) with the engine's operations (``device_path.mix``).
 
     Segments start at multiples of 4096 elements and BLOCK divides 4096, so a program's elements
@@ -182,8 +192,8 @@ def _merge_kernel(d_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_
     seg_start = tl.load(starts_ptr + seg)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(k):  # Σ in input order from the first input
-        x, w = _weighted(d_ptr, stat_ptr, keys_ptr, seg_start, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr,
-                         offs, i, n, n_seg, k, RULE, SCALE)
+        x, w = _weighted(d_ptr, base_ptr, stat_ptr, keys_ptr, seg_start, slot_models_ptr, seg, ints_ptr, floats_ptr,
+                         rows_ptr, offs, i, n, n_seg, k, RULE, SCALE, X16)
         if i == 0:
             total = x
         else:
@@ -193,8 +203,8 @@ def _merge_kernel(d_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_
         mixed = tl.zeros([BLOCK], dtype=tl.float32)
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
         for i in tl.static_range(k):
-            x, w = _weighted(d_ptr, stat_ptr, keys_ptr, seg_start, slot_models_ptr, seg, ints_ptr, floats_ptr,
-                             rows_ptr, offs, i, n, n_seg, k, RULE, SCALE)
+            x, w = _weighted(d_ptr, base_ptr, stat_ptr, keys_ptr, seg_start, slot_models_ptr, seg, ints_ptr,
+                             floats_ptr, rows_ptr, offs, i, n, n_seg, k, RULE, SCALE, X16)
             agreeing = tl.maximum(x * unit, 0.0)
             mixed = mixed + agreeing
             if NORMALIZE:
@@ -231,19 +241,23 @@ def bf16_bits(x):
 
 def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, keys: torch.Tensor | None,
               starts: torch.Tensor, slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor,
-              floats: torch.Tensor) -> torch.Tensor:
+              floats: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
     """float64 [slots, blocks]: each block's Σ|m⊙δ| in ``l1_norm``'s order (``l1.lane_block_sums``).
 
-    ``keys``: int64 [slots, segments], each input's random-field key per tensor (``field_seed``; any
-    stand-in for rules without a field); ``starts``: int64 [segments], where each tensor starts.
+    ``flat_inputs``: the task vectors (float32), or the fine-tunes' bf16 values with the float32
+    ``base`` they are task vectors of. ``keys``: int64 [slots, segments], each input's random-field
+    key per tensor (``field_seed``; any stand-in for rules without a field); ``starts``: int64
+    [segments], where each tensor starts.
     """
     k, n = slot_models.numel(), flat_inputs.shape[1]
     n_blocks = n // L1_BLOCK
     out = torch.empty((k, n_blocks), dtype=torch.float64, device=flat_inputs.device)
     grid = (triton.cdiv(n_blocks, LANE_GROUP), k)
-    _lane_sums_kernel[grid](flat_inputs, stat if stat is not None else flat_inputs,
+    x16 = flat_inputs.dtype == torch.bfloat16
+    assert not x16 or base is not None, "bf16 inputs need their base"
+    _lane_sums_kernel[grid](flat_inputs, base if x16 else flat_inputs, stat if stat is not None else flat_inputs,
                             keys if keys is not None else starts, starts, slot_models, block_seg, ints, floats, out,
-                            n, ints.shape[-1], n_blocks, k, RULE=rule, GROUP=LANE_GROUP,
+                            n, ints.shape[-1], n_blocks, k, RULE=rule, GROUP=LANE_GROUP, X16=x16,
                             num_warps=LANE_WARPS, enable_fp_fusion=False)
     return out
 
@@ -291,15 +305,16 @@ def rescale_factors(block_sums: torch.Tensor, first_block: torch.Tensor, n_block
 
 
 def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, keys: torch.Tensor | None,
-          starts: torch.Tensor, slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor,
-          rows: torch.Tensor, norm: torch.Tensor, active: torch.Tensor, base: torch.Tensor, out: torch.Tensor, *,
-          consensus: bool, normalize: bool, scale: bool, lambda_: bool, divide: bool,
+          starts: torch.Tensor, slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor,
+          floats: torch.Tensor,
+          rows: torch.Tensor, norm: torch.Tensor, active: torch.Tensor, base: torch.Tensor,
+          out: torch.Tensor | None, *, consensus: bool, normalize: bool, scale: bool, lambda_: bool, divide: bool,
           out16: torch.Tensor | None = None) -> None:
     """Write the candidate into ``out`` (active segments only), or rounded into the bf16 ``out16`` instead;
     ``rows`` as ``_build_device`` packs them.
 
     ``block_seg``: the segment of each 4096-element block (the buffers' length is a multiple of 4096);
-    ``keys`` and ``starts`` as for ``lane_sums``.
+    ``flat_inputs``, ``keys`` and ``starts`` as for ``lane_sums``.
     """
     n = base.numel()
     assert n % L1_BLOCK == 0 and L1_BLOCK % MERGE_BLOCK == 0
@@ -308,7 +323,8 @@ def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, keys:
                         keys if keys is not None else starts, starts, slot_models, block_seg, ints, floats, rows,
                         norm, active, base, out if out16 is None else out16.view(torch.int16), n, ints.shape[-1],
                         slot_models.numel(), RULE=rule, CONSENSUS=consensus, NORMALIZE=normalize, SCALE=scale,
-                        LAMBDA=lambda_, DIVIDE=divide, OUT16=out16 is not None, BLOCK=MERGE_BLOCK,
+                        LAMBDA=lambda_, DIVIDE=divide, OUT16=out16 is not None,
+                        X16=flat_inputs.dtype == torch.bfloat16, BLOCK=MERGE_BLOCK,
                         num_warps=MERGE_WARPS, enable_fp_fusion=False)
 
 
