@@ -167,11 +167,12 @@ def lane_sweep(large: Path, device: str, repeats: int = 20) -> tuple[list[str], 
         def run():
             return dk.lane_sums(builder.keep_rule, builder.flat_inputs, builder.device_stat, builder.field_keys,
                                 builder.seg_starts, st["slot_models_t"], builder.block_seg, ints, floats,
-                                base=builder.flat_base)
+                                base=builder.flat_base, row_inverse=builder.row_inverse)
 
         reference = run()
         x = builder.flat_inputs  # δ (float32), or bf16 fine-tunes read with the float32 base
-        per_input = x.element_size() + (4 if x.dtype == torch.bfloat16 else 0) + (0 if method == "dare_ties" else 4)
+        stat = builder.device_stat.element_size() if method != "dare_ties" else 0  # DELLA's q or 16-bit rank
+        per_input = x.element_size() + (4 if x.dtype == torch.bfloat16 else 0) + stat
         bytes_read = x.numel() * per_input  # δ (or x and base), and DELLA's q, per input
         for setting in LANE_SETTINGS:
             group, warps = setting

@@ -160,6 +160,8 @@ def test_fused_bf16_recipe(qwen_family, tmp_path, method):
     assert "in_order_norms" not in extra
     assert builder.flat_out16 is not None  # the kernel stored bf16 into the parameters themselves
     assert builder.inputs16 and builder.flat_inputs.dtype == torch.bfloat16 and builder._flat_out is None
+    if method == "della":  # the kernels compute q from 16-bit row ranks
+        assert builder.device_stat.dtype == torch.int16
     builder.close()
 
 

@@ -169,10 +169,25 @@ def test_resident_bytes_covers_what_the_device_path_holds(llama_family, method):
                        if t is not None)
             largest = max(v.numel() for v in builder.base.values())
             estimate = resident_bytes(builder.flat_base.numel(), largest, 2, builder.variant.sparsification,
-                                      builder.model_dtype, "device", fused)
+                                      builder.model_dtype, "device", fused, int(builder.row.max()))
+            if method == "della":  # 16-bit row ranks on the fused path, q in float32 on the torch path
+                assert builder.device_stat.dtype == (torch.int16 if fused else torch.float32)
             keys = 8 * 2 * len(builder.names)  # the field keys: a few bytes per tensor, not counted
             assert held <= estimate + keys and estimate <= held + 16 * largest, (dtype, fused)
             builder.close()
+
+
+def test_della_q_from_16_bit_ranks_is_float32_division():
+    """float32(r · (1/(n−1) in float64)) is float32(r/(n−1)) correctly rounded for every 0 ≤ r < n ≤ 2¹⁶:
+    how the fused kernels turn a 16-bit DELLA row rank into q (``device_kernels._della_q``)."""
+    import numpy as np
+
+    ranks = np.arange(1 << 16, dtype=np.float64)
+    ranks32 = ranks.astype(np.float32)
+    for d in range(1, 1 << 16):  # d = n − 1
+        via_inverse = (ranks[: d + 1] * (1.0 / d)).astype(np.float32)
+        divided = ranks32[: d + 1] / np.float32(d)
+        assert np.array_equal(via_inverse, divided), d
 
 
 def test_builder_refuses_a_gpu_too_small(llama_family, monkeypatch):

@@ -59,15 +59,19 @@ from evomerge.search.fast_plan import PlanTemplate, structure_signature
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+RANK16_MAX_ROW = 1 << 16  # DELLA rows up to this length keep 16-bit ranks on the fused path
+
+
 def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None, model_dtype: torch.dtype,
-                   path: str, fused: bool = False) -> int:
+                   path: str, fused: bool = False, max_row: int = 0) -> int:
     """Bytes a builder keeps on its device for a model of ``numel`` parameters and ``k`` fine-tunes.
 
     A float32 base (4 bytes per parameter) and the inputs: float32 task vectors (4k), or on the
     device path a bf16 model's fine-tunes as they are (2k). On the flat paths a float32 output (4)
     that float32 parameters are views of, besides a 16-bit model's own parameters, except on the
     fused device path for a bf16 model, whose kernels write its parameters directly; else the
-    model's own parameters. 4k for ranks (TIES, breadcrumbs) or DELLA's rank term. 4k for the random
+    model's own parameters. 4k for ranks (TIES, breadcrumbs) or DELLA's rank term (2k on the fused
+    path, as 16-bit row ranks, when no row of a tensor, ``max_row``, exceeds 65536). 4k for the random
     fields (DARE, DELLA) and, on the device path, the element → tensor index (4), unless the fused
     kernels compute both where they need them (``fused``). And, while ranks are computed, scratch
     for the largest tensor (~16 bytes per element).
@@ -80,7 +84,8 @@ def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None,
     model = numel * itemsize if flat and itemsize != 4 else 0
     stored = not (fused and path == "device")
     per += 4 if path == "device" and stored else 0
-    per += 4 * k if sparsification in ("magnitude", "magnitude_outliers", "della_magprune") else 0
+    rank16 = sparsification == "della_magprune" and not stored and max_row <= RANK16_MAX_ROW
+    per += (2 if rank16 else 4) * k if sparsification in ("magnitude", "magnitude_outliers", "della_magprune") else 0
     per += 4 * k if sparsification in ("random", "della_magprune") and stored else 0
     return numel * per + model + 16 * largest
 
@@ -205,13 +210,15 @@ class CandidateBuilder:
     def _check_device_memory(self) -> None:
         """Refuse, before loading anything, a model whose resident buffers exceed the GPU's free memory."""
         reader = self.readers[self.base_dir]
-        sizes = [int(np.prod(reader.shape(n), dtype=np.int64)) for n in reader.tensor_names()
-                 if reader.dtype(n).is_floating_point]
+        names = [n for n in reader.tensor_names() if reader.dtype(n).is_floating_point]
+        sizes = [int(np.prod(reader.shape(n), dtype=np.int64)) for n in names]
+        rows = [reader.shape(n)[1] if len(reader.shape(n)) >= 2 else size for n, size in zip(names, sizes)]
         k = len(self.model_paths)
         laid_out = sum(-(-n // L1_BLOCK) * L1_BLOCK for n in sizes) if self.path == "device" else sum(sizes)
         need = resident_bytes(laid_out, max(sizes, default=0), k,
                               self.variant.sparsification if self.variant else None,
-                              self.model_dtype, self.path, fused_kernels_available(self.device))
+                              self.model_dtype, self.path, fused_kernels_available(self.device),
+                              max(rows, default=0))
         free, _ = torch.cuda.mem_get_info(self.device)
         if need > free:
             gib = 2 ** 30
@@ -428,7 +435,8 @@ class CandidateBuilder:
         budget = (4 << 30) if self.device.type == "cuda" else (64 << 20)
         step = max(L1_BLOCK, budget // (16 * len(self.model_paths)) // L1_BLOCK * L1_BLOCK)
         self.chunks = [(c, min(total, c + step)) for c in range(0, total, step)]
-        self.device_stat: torch.Tensor | None = None  # ranks (magnitude rules) or DELLA's q per model
+        self.device_stat: torch.Tensor | None = None  # ranks (magnitude rules) or DELLA's q (or row ranks) per model
+        self.row_inverse: torch.Tensor | None = None  # DELLA: float64 1/(n − 1) per segment
         # the random fields: stored per input slot for the batched torch operations; the fused kernels
         # compute them from each slot's key per tensor and the tensor's start
         self.device_fields: torch.Tensor | None = None
@@ -441,7 +449,10 @@ class CandidateBuilder:
         sp = self.variant.sparsification
         if sp in ("magnitude", "magnitude_outliers", "della_magprune") and self.device_stat is None:
             della = sp == "della_magprune"
-            stat = torch.zeros_like(self.flat_inputs, dtype=torch.float32 if della else torch.int32)
+            # DELLA on the fused kernels: the 16-bit row rank r, from which they compute q (``della_q_kernel``)
+            rank16 = della and self.fused and int(self.row.max(initial=0)) <= RANK16_MAX_ROW
+            dtype = torch.int16 if rank16 else torch.float32 if della else torch.int32
+            stat = torch.zeros_like(self.flat_inputs, dtype=dtype)
             for si, n in enumerate(self.names):
                 a, e = self.offsets[n]
                 for i, p in enumerate(self.model_paths.values()):
@@ -450,11 +461,18 @@ class CandidateBuilder:
                         continue
                     row = int(self.row[si])
                     if row < 2:
-                        continue  # one-element rows keep with p = density: q stays 0
+                        continue  # one-element rows keep with p = density: q (and r) stay 0
+                    ranks = della_ranks(self.inputs[p][n]).reshape(-1)
+                    if rank16:  # r < 65536 as the int16 with the same 16 bits
+                        stat[i, a:e] = torch.where(ranks >= 1 << 15, ranks - (1 << 16), ranks).to(torch.int16)
+                        continue
                     # della_probability_table's float32 ops: arange / (n − 1), then · 2 (then · ε, + (d − ε))
                     q = torch.arange(row, dtype=torch.float32, device=self.device) / (row - 1) * 2
-                    stat[i, a:e] = q.index_select(0, della_ranks(self.inputs[p][n]).reshape(-1).long())
+                    stat[i, a:e] = q.index_select(0, ranks.long())
             self.device_stat = stat
+            # 1/(n − 1) per segment in float64 (0 for one-element rows), with which a 16-bit rank becomes q
+            inv = np.where(self.row >= 2, 1.0 / np.maximum(self.row - 1, 1), 0.0)
+            self.row_inverse = torch.from_numpy(inv.astype(np.float64)).to(self.device)
         if sp in ("random", "della_magprune"):
             have = 0 if self.field_keys is None else self.field_keys.shape[0]
             if have < slots:
@@ -503,6 +521,8 @@ class CandidateBuilder:
         if self.variant.sparsification is None:
             return None
         stat = self.device_stat[m, c0:c1] if self.device_stat is not None else None
+        if stat is not None and stat.dtype == torch.int16:  # 16-bit DELLA ranks: q as the kernels compute it
+            stat = ((stat.to(torch.int32) & 0xFFFF).double() * self.row_inverse[seg]).float() * 2
         field = None
         if self.variant.sparsification in ("random", "della_magprune"):
             self._ensure_stored_fields(i + 1)
@@ -546,7 +566,7 @@ class CandidateBuilder:
 
             block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.field_keys,
                                       self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats,
-                                      base=self.flat_base)
+                                      base=self.flat_base, row_inverse=self.row_inverse)
             return dp.segment_totals(block_sums.cpu().numpy(), self.first_block, self.n_blocks)
         block_sums = torch.empty((k, self.flat_base.numel() // L1_BLOCK), dtype=torch.float64, device=self.device)
         for c0, c1 in self.chunks:
@@ -616,7 +636,7 @@ class CandidateBuilder:
         self._ensure_norm_tables()
         block_sums = dk.lane_sums(self.keep_rule, self.flat_inputs, self.device_stat, self.field_keys,
                                   self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats,
-                                  base=self.flat_base)
+                                  base=self.flat_base, row_inverse=self.row_inverse)
         return dk.rescale_factors(block_sums, self.first_block_t, self.n_blocks_t, self._before_t, self._exact_t,
                                   st["slot_models_t"], uses, per_seg, slack=self.rescale_slack), block_sums
 
@@ -663,7 +683,8 @@ class CandidateBuilder:
                      self.field_keys, self.seg_starts, st["slot_models_t"], self.block_seg, ints, floats, per_seg,
                      flags[0], flags[1], self.flat_base, None if direct16 else self.flat_out,
                      consensus=self.variant.consensus, normalize=normalize, scale=scale,
-                     lambda_=lambda_, divide=divide, out16=self.flat_out16 if direct16 else None)
+                     lambda_=lambda_, divide=divide, out16=self.flat_out16 if direct16 else None,
+                     row_inverse=self.row_inverse)
             return
         norm = flags[0].bool() if normalize else None
         for c0, c1 in self.chunks:

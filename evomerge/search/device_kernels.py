@@ -54,16 +54,28 @@ def _delta(d_ptr, base_ptr, offs, X16: tl.constexpr):
 
 
 @triton.jit
-def _keep(stat_ptr, key, index, offs, lo, hi, thr, eps, RULE: tl.constexpr):
+def _della_q(stat_ptr, offs, inverse, RANK16: tl.constexpr):
+    """DELLA's q = (r/(n−1))·2 in float32 at ``offs``: stored, or with ``RANK16`` from the 16-bit row rank r and
+    ``inverse`` = 1/(n−1) in float64: float32(r·inverse) is float32(r/(n−1)) correctly rounded for n ≤ 2¹⁶
+    (the product is within 2⁻⁵² of r/(n−1), which is never that close to a float32 rounding midpoint;
+    ``tests/test_device_kernels.py`` checks every r and n), and ·2 is exact."""
+    if RANK16:
+        r = tl.load(stat_ptr + offs).to(tl.uint16, bitcast=True).to(tl.float64)
+        return (r * inverse).to(tl.float32) * 2.0
+    return tl.load(stat_ptr + offs)
+
+
+@triton.jit
+def _keep(stat_ptr, key, index, offs, lo, hi, thr, eps, inverse, RULE: tl.constexpr, RANK16: tl.constexpr):
     """The method's keep rule (``device_path.keep_mask``) at ``offs``; ``stat_ptr`` at the input's row,
-    ``key`` and ``index`` locate the random field (``_uniform``)."""
+    ``key`` and ``index`` locate the random field (``_uniform``), ``inverse`` is DELLA's 1/(n−1) (``_della_q``)."""
     if RULE == 0 or RULE == 3:  # magnitude window / top-k on stable ranks
         r = tl.load(stat_ptr + offs)
         keep = (r >= lo) & (r < hi)
     elif RULE == 1:  # DARE: field < density
         keep = _uniform(key, index) < thr
     elif RULE == 2:  # DELLA: field < q·ε + (density − ε)
-        p = tl.load(stat_ptr + offs) * eps
+        p = _della_q(stat_ptr, offs, inverse, RANK16) * eps
         p = p + thr
         keep = _uniform(key, index) < p
     else:
@@ -72,9 +84,9 @@ def _keep(stat_ptr, key, index, offs, lo, hi, thr, eps, RULE: tl.constexpr):
 
 
 @triton.jit
-def _lane_sums_kernel(d_ptr, base_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_seg_ptr, ints_ptr,
-                      floats_ptr, out_ptr, n, n_seg, n_blocks, k, RULE: tl.constexpr, GROUP: tl.constexpr,
-                      X16: tl.constexpr):
+def _lane_sums_kernel(d_ptr, base_ptr, stat_ptr, inverse_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_seg_ptr,
+                      ints_ptr, floats_ptr, out_ptr, n, n_seg, n_blocks, k, RULE: tl.constexpr, GROUP: tl.constexpr,
+                      X16: tl.constexpr, RANK16: tl.constexpr):
     """Per input slot and 4096-element block: Σ|m⊙δ| in ``l1_norm``'s order (eight lanes, each sequential).
 
     Lane l of a block holds its elements l, l+8, l+16, …; four consecutive steps of all eight
@@ -94,12 +106,13 @@ def _lane_sums_kernel(d_ptr, base_ptr, stat_ptr, keys_ptr, starts_ptr, slot_mode
     eps = tl.load(floats_ptr + (k + i) * n_seg + seg)[:, None]
     key = tl.load(keys_ptr + i * n_seg + seg)[:, None]
     start = tl.load(starts_ptr + seg)[:, None]
+    inverse = tl.load(inverse_ptr + seg)[:, None]
     row = blocks.to(tl.int64)[:, None] * 4096 + tl.arange(0, 32)[None, :]
     acc = tl.zeros([GROUP, 8], dtype=tl.float64)
     for j in range(0, 512, 4):  # steps j … j+3
         offs = row + j * 8
         delta = _delta(d_ptr + m * n, base_ptr, offs, X16)
-        keep = _keep(stat_ptr + m * n, key, offs - start, offs, lo, hi, thr, eps, RULE)
+        keep = _keep(stat_ptr + m * n, key, offs - start, offs, lo, hi, thr, eps, inverse, RULE, RANK16)
         v = tl.where(keep, tl.abs(delta).to(tl.float64), 0.0)
         even, odd = tl.split(tl.permute(tl.reshape(v, [GROUP, 2, 2, 8]), (0, 3, 1, 2)))  # [block, lane, step // 2]
         s0, s2 = tl.split(even)
@@ -155,8 +168,9 @@ def _rescale_kernel(block_sums_ptr, first_block_ptr, n_blocks_ptr, before_ptr, e
 
 
 @triton.jit
-def _weighted(d_ptr, base_ptr, stat_ptr, keys_ptr, start, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr, offs, i,
-              n, n_seg, k, RULE: tl.constexpr, SCALE: tl.constexpr, X16: tl.constexpr):
+def _weighted(d_ptr, base_ptr, stat_ptr, inverse, keys_ptr, start, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr,
+              offs, i, n, n_seg, k, RULE: tl.constexpr, SCALE: tl.constexpr, X16: tl.constexpr,
+              RANK16: tl.constexpr):
     """Input slot i's ((δ·keep)·scale)·w at ``offs``, and its weight w (``seg``: the program's segment,
     which starts at ``start``)."""
     m = tl.load(slot_models_ptr + i).to(tl.int64)
@@ -166,7 +180,7 @@ def _weighted(d_ptr, base_ptr, stat_ptr, keys_ptr, start, slot_models_ptr, seg, 
         keep = _keep(stat_ptr + m * n, tl.load(keys_ptr + i * n_seg + seg), offs - start, offs,
                      tl.load(ints_ptr + i * n_seg + seg),
                      tl.load(ints_ptr + (k + i) * n_seg + seg), tl.load(floats_ptr + i * n_seg + seg),
-                     tl.load(floats_ptr + (k + i) * n_seg + seg), RULE)
+                     tl.load(floats_ptr + (k + i) * n_seg + seg), inverse, RULE, RANK16)
         delta = delta * tl.where(keep, 1.0, 0.0)  # δ·keep: a dropped element keeps its sign of zero
     if SCALE:
         delta = delta * tl.load(rows_ptr + (k + i) * n_seg + seg)
@@ -174,10 +188,10 @@ def _weighted(d_ptr, base_ptr, stat_ptr, keys_ptr, start, slot_models_ptr, seg, 
 
 
 @triton.jit
-def _merge_kernel(d_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_seg_ptr, ints_ptr, floats_ptr, rows_ptr,
-                  norm_ptr, active_ptr, base_ptr, out_ptr, n, n_seg, k: tl.constexpr, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
+def _merge_kernel(d_ptr, stat_ptr, inverse_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_seg_ptr, ints_ptr,
+                  floats_ptr, rows_ptr, norm_ptr, active_ptr, base_ptr, out_ptr, n, n_seg, k: tl.constexpr, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, SCALE: tl.constexpr, LAMBDA: tl.constexpr, DIVIDE: tl.constexpr,
-                  OUT16: tl.constexpr, X16: tl.constexpr, BLOCK: tl.constexpr):
+                  OUT16: tl.constexpr, X16: tl.constexpr, RANK16: tl.constexpr, BLOCK: tl.constexpr):
     """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) with the engine's operations (``device_path.mix``).
 
     Segments start at multiples of 4096 elements and BLOCK divides 4096, so a program's elements
@@ -190,10 +204,11 @@ def _merge_kernel(d_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_
     offs = start + tl.arange(0, BLOCK)
     seg = tl.load(block_seg_ptr + start // 4096)  # the segment of the program's L1 block
     seg_start = tl.load(starts_ptr + seg)
+    inverse = tl.load(inverse_ptr + seg)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(k):  # Σ in input order from the first input
-        x, w = _weighted(d_ptr, base_ptr, stat_ptr, keys_ptr, seg_start, slot_models_ptr, seg, ints_ptr, floats_ptr,
-                         rows_ptr, offs, i, n, n_seg, k, RULE, SCALE, X16)
+        x, w = _weighted(d_ptr, base_ptr, stat_ptr, inverse, keys_ptr, seg_start, slot_models_ptr, seg, ints_ptr,
+                         floats_ptr, rows_ptr, offs, i, n, n_seg, k, RULE, SCALE, X16, RANK16)
         if i == 0:
             total = x
         else:
@@ -203,8 +218,8 @@ def _merge_kernel(d_ptr, stat_ptr, keys_ptr, starts_ptr, slot_models_ptr, block_
         mixed = tl.zeros([BLOCK], dtype=tl.float32)
         divisor = tl.zeros([BLOCK], dtype=tl.float32)
         for i in tl.static_range(k):
-            x, w = _weighted(d_ptr, base_ptr, stat_ptr, keys_ptr, seg_start, slot_models_ptr, seg, ints_ptr,
-                             floats_ptr, rows_ptr, offs, i, n, n_seg, k, RULE, SCALE, X16)
+            x, w = _weighted(d_ptr, base_ptr, stat_ptr, inverse, keys_ptr, seg_start, slot_models_ptr, seg, ints_ptr,
+                             floats_ptr, rows_ptr, offs, i, n, n_seg, k, RULE, SCALE, X16, RANK16)
             agreeing = tl.maximum(x * unit, 0.0)
             mixed = mixed + agreeing
             if NORMALIZE:
@@ -241,13 +256,15 @@ def bf16_bits(x):
 
 def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, keys: torch.Tensor | None,
               starts: torch.Tensor, slot_models: torch.Tensor, block_seg: torch.Tensor, ints: torch.Tensor,
-              floats: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+              floats: torch.Tensor, base: torch.Tensor | None = None,
+              row_inverse: torch.Tensor | None = None) -> torch.Tensor:
     """float64 [slots, blocks]: each block's Σ|m⊙δ| in ``l1_norm``'s order (``l1.lane_block_sums``).
 
     ``flat_inputs``: the task vectors (float32), or the fine-tunes' bf16 values with the float32
-    ``base`` they are task vectors of. ``keys``: int64 [slots, segments], each input's random-field
-    key per tensor (``field_seed``; any stand-in for rules without a field); ``starts``: int64
-    [segments], where each tensor starts.
+    ``base`` they are task vectors of. ``stat``: ranks (int32), DELLA's q (float32) or DELLA's
+    16-bit row ranks (int16, with ``row_inverse``: float64 1/(n−1) per segment). ``keys``: int64
+    [slots, segments], each input's random-field key per tensor (``field_seed``; any stand-in for
+    rules without a field); ``starts``: int64 [segments], where each tensor starts.
     """
     k, n = slot_models.numel(), flat_inputs.shape[1]
     n_blocks = n // L1_BLOCK
@@ -255,9 +272,11 @@ def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, k
     grid = (triton.cdiv(n_blocks, LANE_GROUP), k)
     x16 = flat_inputs.dtype == torch.bfloat16
     assert not x16 or base is not None, "bf16 inputs need their base"
+    rank16 = stat is not None and stat.dtype == torch.int16
     _lane_sums_kernel[grid](flat_inputs, base if x16 else flat_inputs, stat if stat is not None else flat_inputs,
-                            keys if keys is not None else starts, starts, slot_models, block_seg, ints, floats, out,
-                            n, ints.shape[-1], n_blocks, k, RULE=rule, GROUP=LANE_GROUP, X16=x16,
+                            row_inverse if rank16 else starts, keys if keys is not None else starts, starts,
+                            slot_models, block_seg, ints, floats, out, n, ints.shape[-1], n_blocks, k, RULE=rule,
+                            GROUP=LANE_GROUP, X16=x16, RANK16=rank16,
                             num_warps=LANE_WARPS, enable_fp_fusion=False)
     return out
 
@@ -309,22 +328,23 @@ def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, keys:
           floats: torch.Tensor,
           rows: torch.Tensor, norm: torch.Tensor, active: torch.Tensor, base: torch.Tensor,
           out: torch.Tensor | None, *, consensus: bool, normalize: bool, scale: bool, lambda_: bool, divide: bool,
-          out16: torch.Tensor | None = None) -> None:
+          out16: torch.Tensor | None = None, row_inverse: torch.Tensor | None = None) -> None:
     """Write the candidate into ``out`` (active segments only), or rounded into the bf16 ``out16`` instead;
     ``rows`` as ``_build_device`` packs them.
 
     ``block_seg``: the segment of each 4096-element block (the buffers' length is a multiple of 4096);
-    ``flat_inputs``, ``keys`` and ``starts`` as for ``lane_sums``.
+    ``flat_inputs``, ``stat``, ``row_inverse``, ``keys`` and ``starts`` as for ``lane_sums``.
     """
     n = base.numel()
     assert n % L1_BLOCK == 0 and L1_BLOCK % MERGE_BLOCK == 0
     grid = (n // MERGE_BLOCK,)
-    _merge_kernel[grid](flat_inputs, stat if stat is not None else flat_inputs,
+    rank16 = stat is not None and stat.dtype == torch.int16
+    _merge_kernel[grid](flat_inputs, stat if stat is not None else flat_inputs, row_inverse if rank16 else starts,
                         keys if keys is not None else starts, starts, slot_models, block_seg, ints, floats, rows,
                         norm, active, base, out if out16 is None else out16.view(torch.int16), n, ints.shape[-1],
                         slot_models.numel(), RULE=rule, CONSENSUS=consensus, NORMALIZE=normalize, SCALE=scale,
                         LAMBDA=lambda_, DIVIDE=divide, OUT16=out16 is not None,
-                        X16=flat_inputs.dtype == torch.bfloat16, BLOCK=MERGE_BLOCK,
+                        X16=flat_inputs.dtype == torch.bfloat16, RANK16=rank16, BLOCK=MERGE_BLOCK,
                         num_warps=MERGE_WARPS, enable_fp_fusion=False)
 
 
