@@ -162,6 +162,8 @@ def test_fused_bf16_recipe(qwen_family, tmp_path, method):
     assert builder.inputs16 and builder.flat_inputs.dtype == torch.bfloat16 and builder._flat_out is None
     if method == "della":  # the kernels compute q from 16-bit row ranks
         assert builder.device_stat.dtype == torch.int16
+    if method == "ties":  # no ranks on the device: the kernels compare with the bound elements
+        assert builder.device_stat is None and builder.magnitude_order is not None
     builder.close()
 
 

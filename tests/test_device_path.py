@@ -172,6 +172,8 @@ def test_resident_bytes_covers_what_the_device_path_holds(llama_family, method):
                                       builder.model_dtype, "device", fused, int(builder.row.max()))
             if method == "della":  # 16-bit row ranks on the fused path, q in float32 on the torch path
                 assert builder.device_stat.dtype == (torch.int16 if fused else torch.float32)
+            if method == "ties":  # ranks on the device for the torch path only (the kernels: bound elements)
+                assert (builder.device_stat is None) == fused
             keys = 8 * 2 * len(builder.names)  # the field keys: a few bytes per tensor, not counted
             assert held <= estimate + keys and estimate <= held + 16 * largest, (dtype, fused)
             builder.close()
@@ -201,5 +203,27 @@ def test_builder_refuses_a_gpu_too_small(llama_family, monkeypatch):
     with pytest.raises(MergeError, match=r"needs about .* GiB .* 2 fine-tune\(s\) \(dare_ties\).*--device cpu"):
         builder._check_device_memory()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 ** 12, 10 ** 12))
+    builder._check_device_memory()  # enough: no error
+    builder.close()
+
+
+def test_builder_refuses_too_little_host_memory_for_the_magnitude_order(llama_family, monkeypatch):
+    """The fused kernels' TIES keeps each fine-tune's magnitude order in host memory: checked first too."""
+    import collections
+
+    import psutil
+
+    from evomerge.engine import MergeError
+    from evomerge.search import builder as builder_module
+
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1")}
+    builder = CandidateBuilder(llama_family["base"], models, method="ties", device="cpu", seed=0, path="device")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 ** 12, 10 ** 12))
+    monkeypatch.setattr(builder_module, "fused_kernels_available", lambda device: True)
+    memory = collections.namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(1000))
+    with pytest.raises(MergeError, match=r"magnitude order in host memory: about .* GiB for ties"):
+        builder._check_device_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(10 ** 12))
     builder._check_device_memory()  # enough: no error
     builder.close()

@@ -32,6 +32,7 @@ from .sparsify import (
     sorted_magnitudes,
     flat_ranks,
     sparsify,
+    stable_order,
 )
 from .task_arithmetic import (
     VARIANTS,
@@ -54,7 +55,7 @@ __all__ = [
     "sparsify", "apply_mask", "magnitude_mask", "magnitude_keep_count", "breadcrumbs_mask", "breadcrumbs_window",
     "dare_mask", "della_mask", "della_ranks", "della_keep_probability", "della_probability_table",
     "della_window_error", "check_della_window", "rank_window_mask", "select_values", "sort_values",
-    "sorted_magnitudes", "flat_ranks",
+    "sorted_magnitudes", "flat_ranks", "stable_order",
     # consensus
     "elect_sign", "agreement_mask", "disjoint_merge", "weighted_sum",
     # other methods

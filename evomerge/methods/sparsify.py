@@ -85,6 +85,11 @@ def sorted_magnitudes(delta: torch.Tensor) -> torch.Tensor:
     return sort_values(magnitudes(delta))
 
 
+def stable_order(delta: torch.Tensor) -> torch.Tensor:
+    """Flat indices of δ's elements in stable ascending order of |δ| (equal magnitudes by flat index; int64)."""
+    return torch.sort(magnitudes(delta), stable=True).indices
+
+
 def flat_ranks(delta: torch.Tensor) -> torch.Tensor:
     """0-based stable ascending rank of every |δ| over the whole tensor (int32, shape of δ).
 
@@ -92,9 +97,8 @@ def flat_ranks(delta: torch.Tensor) -> torch.Tensor:
     (one stable sort), it turns a TIES or breadcrumbs mask into one comparison per element: no
     selection, no tie handling.
     """
-    mags = magnitudes(delta)
-    n = mags.numel()
-    order = torch.sort(mags, stable=True).indices
+    order = stable_order(delta)
+    n = order.numel()
     ranks = torch.empty(n, dtype=torch.int32, device=delta.device)
     ranks[order] = torch.arange(n, dtype=torch.int32, device=delta.device)
     return ranks.reshape(delta.shape)

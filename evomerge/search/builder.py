@@ -25,7 +25,10 @@ model's parameters are views into one of them), the plan is re-used from the fir
 same structure (``fast_plan``), and one compiled pass merges all tensors at once
 (``flat_kernel``). On other devices (CUDA) the same tables drive the device path: buffers laid
 out with every tensor at a multiple of ``L1_BLOCK``, and a candidate as up to three fused Triton
-kernels (``device_kernels``) or, without Triton, batched torch operations (``device_path``). Other
+kernels (``device_kernels``) or, without Triton, batched torch operations (``device_path``). The
+fused kernels keep the GPU lean: a bf16 model's fine-tunes stay bf16 (the kernels form δ), the
+random fields are computed where used, TIES/breadcrumbs windows are compared with their bound
+elements (the stable order lives on the host) and DELLA's rank term is a 16-bit row rank. Other
 methods are merged tensor by tensor.
 
 Everything stays resident, so a builder refuses to start on a GPU whose free memory cannot hold it
@@ -48,7 +51,7 @@ import numpy as np
 
 from evomerge.checkpoint import ModelReader
 from evomerge.engine import MergeError, MergePlan, TensorTask, all_finite, plan_merge, resolve_device
-from evomerge.methods import della_ranks, field_seed, flat_ranks, random_field
+from evomerge.methods import della_ranks, field_seed, flat_ranks, random_field, stable_order
 from evomerge.methods.l1 import L1_BLOCK, l1_norm, lane_block_sums
 from evomerge.methods.task_arithmetic import VARIANTS, merge_task_vectors
 from evomerge.recipe import Recipe
@@ -70,8 +73,10 @@ def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None,
     device path a bf16 model's fine-tunes as they are (2k). On the flat paths a float32 output (4)
     that float32 parameters are views of, besides a 16-bit model's own parameters, except on the
     fused device path for a bf16 model, whose kernels write its parameters directly; else the
-    model's own parameters. 4k for ranks (TIES, breadcrumbs) or DELLA's rank term (2k on the fused
-    path, as 16-bit row ranks, when no row of a tensor, ``max_row``, exceeds 65536). 4k for the random
+    model's own parameters. 4k for ranks (TIES, breadcrumbs; none on the fused path, whose kernels
+    compare with the window's bound elements, the order being held on the host) or DELLA's rank
+    term (2k on the fused path, as 16-bit row ranks, when no row of a tensor, ``max_row``, exceeds
+    65536). 4k for the random
     fields (DARE, DELLA) and, on the device path, the element → tensor index (4), unless the fused
     kernels compute both where they need them (``fused``). And, while ranks are computed, scratch
     for the largest tensor (~16 bytes per element).
@@ -84,8 +89,10 @@ def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None,
     model = numel * itemsize if flat and itemsize != 4 else 0
     stored = not (fused and path == "device")
     per += 4 if path == "device" and stored else 0
-    rank16 = sparsification == "della_magprune" and not stored and max_row <= RANK16_MAX_ROW
-    per += (2 if rank16 else 4) * k if sparsification in ("magnitude", "magnitude_outliers", "della_magprune") else 0
+    if sparsification in ("magnitude", "magnitude_outliers") and stored:
+        per += 4 * k
+    elif sparsification == "della_magprune":
+        per += (2 if not stored and max_row <= RANK16_MAX_ROW else 4) * k
     per += 4 * k if sparsification in ("random", "della_magprune") and stored else 0
     return numel * per + model + 16 * largest
 
@@ -226,6 +233,18 @@ class CandidateBuilder:
                              f"{sum(sizes) / 1e9:.2f}B parameters and {k} fine-tune(s) ({self.method}), but "
                              f"{free / gib:.1f} GiB are free: use fewer fine-tunes, a smaller model, or "
                              f"--device cpu")
+        sparsification = self.variant.sparsification if self.variant else None
+        if self.path == "device" and fused_kernels_available(self.device) \
+                and sparsification in ("magnitude", "magnitude_outliers"):
+            import psutil
+
+            host = 4 * k * laid_out  # the fused magnitude rules' order per tensor, held in host memory
+            available = psutil.virtual_memory().available
+            if host > available:
+                gib = 2 ** 30
+                raise MergeError(f"the candidate builder keeps each fine-tune's magnitude order in host memory: "
+                                 f"about {host / gib:.1f} GiB for {self.method}, but {available / gib:.1f} GiB "
+                                 f"are available: use fewer fine-tunes or a smaller model")
 
     # -- precomputed statistics -------------------------------------------------------------------
     def precompute(self) -> float:
@@ -437,6 +456,7 @@ class CandidateBuilder:
         self.chunks = [(c, min(total, c + step)) for c in range(0, total, step)]
         self.device_stat: torch.Tensor | None = None  # ranks (magnitude rules) or DELLA's q (or row ranks) per model
         self.row_inverse: torch.Tensor | None = None  # DELLA: float64 1/(n − 1) per segment
+        self.magnitude_order: np.ndarray | None = None  # fused magnitude rules: stable order per tensor (host)
         # the random fields: stored per input slot for the batched torch operations; the fused kernels
         # compute them from each slot's key per tensor and the tensor's start
         self.device_fields: torch.Tensor | None = None
@@ -447,8 +467,12 @@ class CandidateBuilder:
         """Stable ranks (TIES, breadcrumbs), DELLA's q = (r/(n−1))·2 from row ranks, and the random fields of
         input slots < ``slots``, on the device, once."""
         sp = self.variant.sparsification
-        if sp in ("magnitude", "magnitude_outliers", "della_magprune") and self.device_stat is None:
-            della = sp == "della_magprune"
+        if sp in ("magnitude", "magnitude_outliers") and self.fused:
+            self._ensure_magnitude_order()
+        elif sp in ("magnitude", "magnitude_outliers") and self.device_stat is None:
+            self._ensure_device_ranks()
+        elif sp == "della_magprune" and self.device_stat is None:
+            della = True
             # DELLA on the fused kernels: the 16-bit row rank r, from which they compute q (``della_q_kernel``)
             rank16 = della and self.fused and int(self.row.max(initial=0)) <= RANK16_MAX_ROW
             dtype = torch.int16 if rank16 else torch.float32 if della else torch.int32
@@ -481,6 +505,44 @@ class CandidateBuilder:
                 self.field_keys = torch.from_numpy(keys.view(np.int64)).to(self.device)
             if not self.fused:
                 self._ensure_stored_fields(slots)
+
+    def _ensure_device_ranks(self) -> None:
+        """Stable ranks of |δ| per tensor and model on the device (int32), for the batched torch path."""
+        ranks = torch.zeros_like(self.flat_inputs, dtype=torch.int32)
+        for n in self.names:
+            a, e = self.offsets[n]
+            for i, p in enumerate(self.model_paths.values()):
+                ranks[i, a:e] = flat_ranks(self.inputs[p][n]).reshape(-1)
+        self.device_stat = ranks
+
+    def _ensure_magnitude_order(self) -> None:
+        """For the fused kernels' magnitude rules: each tensor's elements in stable ascending order of |δ|
+        (the positions in the tensor, int32), per model, held on the host: a candidate looks up the
+        elements at its windows' ends there (``_bound_positions``); the GPU holds nothing per element."""
+        if self.magnitude_order is not None:
+            return
+        order = np.zeros(tuple(self.flat_inputs.shape), dtype=np.int32)
+        for n in self.names:
+            a, e = self.offsets[n]
+            for i, p in enumerate(self.model_paths.values()):
+                order[i, a:e] = stable_order(self.inputs[p][n]).to(torch.int32).cpu().numpy()
+        self.magnitude_order = order
+
+    def _bound_positions(self, ints: np.ndarray, slot_models: list[int]) -> np.ndarray:
+        """int64 [2, slots, segments]: the flat positions of the elements ranked at each rank window's ends
+        (``rule_tables``' [lo, hi)), −1 for an open end, −2 at ``lo`` for an empty window (``device_kernels._keep``)."""
+        self._ensure_magnitude_order()
+        lo, hi = ints[0].astype(np.int64), ints[1].astype(np.int64)
+        n = self.numel[None, :]
+        start = np.array([a for a, _ in self.offsets_array], dtype=np.int64)[None, :]
+        rows = np.asarray(slot_models, dtype=np.int64)[:, None]
+        last = np.maximum(n - 1, 0)
+        at_lo = start + self.magnitude_order[rows, start + np.clip(lo, 0, last)]
+        at_hi = start + self.magnitude_order[rows, start + np.clip(hi, 0, last)]
+        positions = np.empty((2, *lo.shape), dtype=np.int64)
+        positions[0] = np.where(lo >= hi, -2, np.where(lo <= 0, -1, at_lo))
+        positions[1] = np.where(hi >= n, -1, at_hi)
+        return positions
 
     def _ensure_stored_fields(self, slots: int) -> None:
         """The random fields of input slots < ``slots``, stored on the device (the batched torch path reads them)."""
@@ -520,6 +582,8 @@ class CandidateBuilder:
         """Slot i's keep mask (model m) on elements [c0, c1); None when the method keeps everything."""
         if self.variant.sparsification is None:
             return None
+        if self.variant.sparsification in ("magnitude", "magnitude_outliers") and self.device_stat is None:
+            self._ensure_device_ranks()
         stat = self.device_stat[m, c0:c1] if self.device_stat is not None else None
         if stat is not None and stat.dtype == torch.int16:  # 16-bit DELLA ranks: q as the kernels compute it
             stat = ((stat.to(torch.int32) & 0xFFFF).double() * self.row_inverse[seg]).float() * 2
@@ -530,7 +594,7 @@ class CandidateBuilder:
         return dp.keep_mask(self.keep_rule, stat, field, ints[:, i], floats[:, i], seg)
 
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        """Copy small int32 / float32 / bool host tables to the device in one transfer (bool → int32).
+        """Copy small int32 / int64 / float32 / bool host tables to the device in one transfer (bool → int32).
 
         Per layout of tables, a packed host buffer (pinned on CUDA, copied asynchronously) and its
         device twin are made once, with the views the kernels read; later candidates of that
@@ -539,14 +603,18 @@ class CandidateBuilder:
         key = tuple((a.shape, a.dtype.str) for a in arrays)
         entry = self._staging.get(key)
         if entry is None:
-            size = sum(a.size for a in arrays)
+            words = [a.size * (2 if a.dtype == np.int64 else 1) for a in arrays]  # in int32 words
+            size = sum(words)
             host = torch.empty(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
             packed = host if self.device.type == "cpu" else torch.empty(size, dtype=torch.int32, device=self.device)
             views, at = [], 0
-            for a in arrays:
-                v = packed[at: at + a.size].view(a.shape)
-                views.append(v.view(torch.float32) if a.dtype == np.float32 else v)
-                at += a.size
+            for a, w in zip(arrays, words):
+                v = packed[at: at + w]
+                if a.dtype == np.int64:
+                    assert at % 2 == 0, "int64 tables go first (8-byte aligned)"
+                    v = v.view(torch.int64)
+                views.append((v.view(torch.float32) if a.dtype == np.float32 else v).view(a.shape))
+                at += w
             if len(self._staging) >= 16:
                 self._staging.clear()
             entry = self._staging[key] = (host, host.numpy(), packed, views)
@@ -592,6 +660,8 @@ class CandidateBuilder:
         mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda, lam = st["tables"]
         k, slot_models, active = st["slots"], st["slot_models"], st["active"]
         ints_np, floats_np = dp.rule_tables(self.keep_rule, mode, lo, hi, thr, dme, eps)
+        if self.fused and self.keep_rule in (fk.RULE_TOP, fk.RULE_MAGNITUDE):  # rank windows as bound elements
+            ints_np = self._bound_positions(ints_np, slot_models)
         n_seg = len(self.names)
         # the engine rescales each input it masks by ‖δ‖₁/‖m⊙δ‖₁ (factors computed below, 1 elsewhere)
         rescales = (active & rescale)[None, :] & (mode.T != fk.MODE_ALL)  # [slots, segments]

@@ -66,12 +66,23 @@ def _della_q(stat_ptr, offs, inverse, RANK16: tl.constexpr):
 
 
 @triton.jit
-def _keep(stat_ptr, key, index, offs, lo, hi, thr, eps, inverse, RULE: tl.constexpr, RANK16: tl.constexpr):
-    """The method's keep rule (``device_path.keep_mask``) at ``offs``; ``stat_ptr`` at the input's row,
-    ``key`` and ``index`` locate the random field (``_uniform``), ``inverse`` is DELLA's 1/(n−1) (``_della_q``)."""
-    if RULE == 0 or RULE == 3:  # magnitude window / top-k on stable ranks
-        r = tl.load(stat_ptr + offs)
-        keep = (r >= lo) & (r < hi)
+def _keep(d_ptr, base_ptr, delta, stat_ptr, key, index, offs, lo, hi, thr, eps, inverse, RULE: tl.constexpr,
+          RANK16: tl.constexpr, X16: tl.constexpr):
+    """The method's keep rule (``device_path.keep_mask``) for ``delta`` at ``offs``; ``d_ptr`` and ``stat_ptr``
+    at the input's rows, ``key`` and ``index`` locate the random field (``_uniform``), ``inverse`` is DELLA's
+    1/(n−1) (``_della_q``).
+
+    The magnitude rules keep a window [lo, hi) of stable ascending ranks, the order of (|δ|, position).
+    So an element's rank is at least r exactly when (|δ|, position) is at least that of the element
+    ranked r: ``lo`` and ``hi`` are the positions of the elements ranked at the window's ends
+    (−1: that end is open; ``lo`` −2: keep none), and no rank is stored per element."""
+    if RULE == 0 or RULE == 3:  # magnitude window / top-k: compare (|δ|, position) with the bound elements
+        mag = tl.abs(delta)
+        at_lo = tl.abs(_delta(d_ptr, base_ptr, tl.maximum(lo, 0), X16))
+        at_hi = tl.abs(_delta(d_ptr, base_ptr, tl.maximum(hi, 0), X16))
+        above = (lo == -1) | ((lo >= 0) & ((mag > at_lo) | ((mag == at_lo) & (offs >= lo))))
+        below = (hi == -1) | (mag < at_hi) | ((mag == at_hi) & (offs < hi))
+        keep = above & below
     elif RULE == 1:  # DARE: field < density
         keep = _uniform(key, index) < thr
     elif RULE == 2:  # DELLA: field < q·ε + (density − ε)
@@ -112,7 +123,8 @@ def _lane_sums_kernel(d_ptr, base_ptr, stat_ptr, inverse_ptr, keys_ptr, starts_p
     for j in range(0, 512, 4):  # steps j … j+3
         offs = row + j * 8
         delta = _delta(d_ptr + m * n, base_ptr, offs, X16)
-        keep = _keep(stat_ptr + m * n, key, offs - start, offs, lo, hi, thr, eps, inverse, RULE, RANK16)
+        keep = _keep(d_ptr + m * n, base_ptr, delta, stat_ptr + m * n, key, offs - start, offs, lo, hi, thr, eps,
+                     inverse, RULE, RANK16, X16)
         v = tl.where(keep, tl.abs(delta).to(tl.float64), 0.0)
         even, odd = tl.split(tl.permute(tl.reshape(v, [GROUP, 2, 2, 8]), (0, 3, 1, 2)))  # [block, lane, step // 2]
         s0, s2 = tl.split(even)
@@ -177,10 +189,10 @@ def _weighted(d_ptr, base_ptr, stat_ptr, inverse, keys_ptr, start, slot_models_p
     delta = _delta(d_ptr + m * n, base_ptr, offs, X16)
     w = tl.load(rows_ptr + i * n_seg + seg)
     if RULE >= 0:
-        keep = _keep(stat_ptr + m * n, tl.load(keys_ptr + i * n_seg + seg), offs - start, offs,
-                     tl.load(ints_ptr + i * n_seg + seg),
+        keep = _keep(d_ptr + m * n, base_ptr, delta, stat_ptr + m * n, tl.load(keys_ptr + i * n_seg + seg),
+                     offs - start, offs, tl.load(ints_ptr + i * n_seg + seg),
                      tl.load(ints_ptr + (k + i) * n_seg + seg), tl.load(floats_ptr + i * n_seg + seg),
-                     tl.load(floats_ptr + (k + i) * n_seg + seg), inverse, RULE, RANK16)
+                     tl.load(floats_ptr + (k + i) * n_seg + seg), inverse, RULE, RANK16, X16)
         delta = delta * tl.where(keep, 1.0, 0.0)  # δ·keep: a dropped element keeps its sign of zero
     if SCALE:
         delta = delta * tl.load(rows_ptr + (k + i) * n_seg + seg)
@@ -261,8 +273,9 @@ def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, k
     """float64 [slots, blocks]: each block's Σ|m⊙δ| in ``l1_norm``'s order (``l1.lane_block_sums``).
 
     ``flat_inputs``: the task vectors (float32), or the fine-tunes' bf16 values with the float32
-    ``base`` they are task vectors of. ``stat``: ranks (int32), DELLA's q (float32) or DELLA's
-    16-bit row ranks (int16, with ``row_inverse``: float64 1/(n−1) per segment). ``keys``: int64
+    ``base`` they are task vectors of. ``stat``: DELLA's q (float32) or 16-bit row ranks (int16, with
+    ``row_inverse``: float64 1/(n−1) per segment); none for the magnitude rules, whose ``ints`` are
+    the positions of the window's bound elements (int64, ``_keep``). ``keys``: int64
     [slots, segments], each input's random-field key per tensor (``field_seed``; any stand-in for
     rules without a field); ``starts``: int64 [segments], where each tensor starts.
     """
