@@ -288,6 +288,41 @@ def profile_builds(zoo_base, zoo_models: dict, large: Path | None, device: str, 
     return lines
 
 
+def memory_use(large: Path, device: str) -> list[str]:
+    """What a builder holds on the GPU (after precompute and one build) against ``resident_bytes``, for the
+    ~170M models as float32 and bf16 builders."""
+    import gc
+
+    from search_bench import default_candidate
+
+    from evomerge.search.builder import fused_kernels_available, resident_bytes
+
+    lines = ["| method | dtype | estimate GiB | held after a build GiB | peak GiB | bytes / parameter: estimate "
+             "| held |", "|---|---|---:|---:|---:|---:|---:|"]
+    models = {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}
+    gib = 2 ** 30
+    for dtype in ("float32", "bfloat16"):
+        for method in ("ties", "dare_ties", "della"):
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            builder, recipe = default_candidate(large / "base", models, method, device, dtype)
+            builder.build(recipe)
+            torch.cuda.synchronize(device)
+            held = torch.cuda.memory_allocated(device) - before
+            peak = torch.cuda.max_memory_allocated(device) - before
+            numel = builder.flat_base.numel()
+            estimate = resident_bytes(numel, max(v.numel() for v in builder.base.values()), len(models),
+                                      builder.variant.sparsification, builder.model_dtype, "device",
+                                      fused_kernels_available(builder.device), int(builder.row.max()))
+            lines.append(f"| {method} | {dtype} | {estimate / gib:.2f} | {held / gib:.2f} | {peak / gib:.2f} "
+                         f"| {estimate / numel:.1f} | {held / numel:.1f} |")
+            builder.close()
+            del builder
+    return lines
+
+
 def demo_search(device: str, trials: int, work: Path) -> list[str]:
     """``evomerge search configs/demo.yaml`` on ``device`` with ``trials`` trials; its summary."""
     out = work / "demo"
@@ -323,7 +358,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=51, help="timed builds per method on the zoo (170M: 9)")
     ap.add_argument("--work", default="/tmp/evomerge-gpu-check")
     ap.add_argument("--skip", default="",
-                    help="comma-separated parts to skip: correctness,profile,speed,large,sweep,engine,search")
+                    help="comma-separated parts to skip: correctness,profile,memory,speed,large,sweep,engine,"
+                         "search")
     ap.add_argument("--lane-best", action="store_true",
                     help="after the sweep, run the rest with its fastest lane-sum setting (else the defaults)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "gpu_check.md"))
@@ -364,6 +400,13 @@ def main() -> None:
         lines += ["", "## Where a build's time goes (back to back, median; profiler over 10 builds)", "",
                   *launch_costs(args.device), "",
                   *profile_builds(zoo.base, {k: str(v) for k, v in zoo.experts.items()}, large, args.device)]
+        out.write_text(text())
+    if "memory" not in skip and "large" not in skip and dev.type == "cuda":
+        try:
+            memory = memory_use(large_models(work / "large"), args.device)
+        except Exception as e:  # report and go on to the timings
+            memory = [f"failed: {type(e).__name__}: {e}"]
+        lines += ["", "## GPU memory of a builder (~170M models, 2 fine-tunes)", "", *memory]
         out.write_text(text())
     if "speed" not in skip:
         from search_bench import build_speed

@@ -405,3 +405,58 @@ def test_search_recipes_carry_their_structure_and_share_one_plan(builders, llama
     templates = dict(b._templates)
     b.build(r2)
     assert b._templates == templates
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_host_memory_check_refuses_or_drops_the_rescale_tables(llama_family, tmp_path, monkeypatch, method):
+    """On the CPU the builder compares what it will hold with the available memory before loading: too
+    little is refused with the numbers; room for all but the optional rescale-norm tables builds without
+    them (each norm summed over its tensor), with a warning and the engine's bits."""
+    import collections
+
+    import psutil
+
+    from evomerge.engine import MergeError
+    from evomerge.search.builder import host_path_bytes
+
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    probe = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3)
+    sizes = [e - a for a, e in probe.offsets_array]
+    probe.close()
+    need, optional = host_path_bytes(sum(sizes), max(sizes), 3, probe.variant.sparsification, torch.float32)
+    assert optional > 0
+    memory = collections.namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(need // 2))
+    with pytest.raises(MergeError, match=rf"needs about .* GiB of memory .* 3 fine-tune\(s\) \({method}\)"):
+        CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(need + optional // 2))
+    with pytest.warns(RuntimeWarning, match="rescale-norm tables"):
+        builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3)
+    assert not builder.rescale_tables
+    recipe = load_recipe(_recipe(method, llama_family, flip=False))
+    builder.build(recipe)
+    assert builder.prefix_sum.size == 0
+    _assert_live_equals(builder, read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3)),
+                        f"{method} without rescale tables")
+    builder.close()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della"])
+def test_host_path_bytes_covers_what_the_host_path_holds(llama_family, method):
+    """``host_path_bytes`` (held + optional) is at least what a precomputed host-path builder holds, and
+    over it by no more than the sort scratch."""
+    import numpy as np
+
+    from evomerge.search.builder import host_path_bytes
+
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1")}
+    builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=0)
+    builder.precompute()
+    arrays = [builder.flat_base, builder.flat_inputs, builder.flat_out, builder.flat_ranks, builder.flat_fields,
+              builder.flat_q, builder.flat_sorted, builder.prefix_field, builder.prefix_sum]
+    held = sum(a.nbytes if isinstance(a, np.ndarray) else a.numel() * a.element_size()
+               for a in arrays if a is not None)
+    sizes = [e - a for a, e in builder.offsets_array]
+    need, optional = host_path_bytes(sum(sizes), max(sizes), 2, builder.variant.sparsification, torch.float32)
+    assert held <= need + optional <= held + 24 * max(sizes), (held, need, optional)
+    builder.close()

@@ -97,6 +97,30 @@ def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None,
     return numel * per + model + 16 * largest
 
 
+def host_path_bytes(numel: int, largest: int, k: int, sparsification: str | None,
+                    model_dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes the host path holds, bytes of its optional rescale-norm tables) for ``numel`` parameters
+    and ``k`` fine-tunes.
+
+    Held: the float32 base, task vectors and output (4 + 4k + 4 per parameter; a 16-bit model's own
+    parameters besides), the rule's statistics (TIES, breadcrumbs: ranks and sorted magnitudes, 8k;
+    DARE: the fields, 4k; DELLA: row ranks, q and fields, 12k) and sort scratch for the largest
+    tensor. Optional: for DARE and DELLA, the fields in ascending order with running float64 sums
+    of |δ| (12k; DELLA with q and |δ| in that order, 20k), from which rescale norms are read off;
+    without them each norm is summed over its tensor.
+    """
+    itemsize = torch.empty(0, dtype=model_dtype).element_size()
+    per = 8 + 4 * k + (itemsize if itemsize != 4 else 0)
+    optional = 0
+    if sparsification in ("magnitude", "magnitude_outliers"):
+        per += 8 * k
+    elif sparsification == "random":
+        per, optional = per + 4 * k, 12 * k
+    elif sparsification == "della_magprune":
+        per, optional = per + 12 * k, 20 * k
+    return numel * per + 24 * largest, numel * optional
+
+
 def fused_kernels_available(device: torch.device) -> bool:
     """Whether the device path runs the fused Triton kernels: on CUDA with Triton installed, unless
     ``EVOMERGE_DEVICE_KERNELS=torch`` asks for the batched torch operations."""
@@ -147,8 +171,11 @@ class CandidateBuilder:
         for p in self.model_paths.values():
             self.readers[p] = ModelReader(p)
         self.model_dtype = DTYPES[dtype]
+        self.rescale_tables = True  # the host path's rescale-norm tables (``_check_host_memory``)
         if self.device.type == "cuda":
             self._check_device_memory()
+        elif self.path == "host":
+            self._check_host_memory()
         self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=self.model_dtype).to(self.device).eval()
         self.params: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
         self.tokenizer_dir = Path(base_dir)
@@ -214,12 +241,42 @@ class CandidateBuilder:
         elif self.path == "device":
             self._setup_device()
 
-    def _check_device_memory(self) -> None:
-        """Refuse, before loading anything, a model whose resident buffers exceed the GPU's free memory."""
+    def _tensor_sizes(self) -> tuple[list[int], list[int]]:
+        """Element counts and DELLA row lengths of the base model's floating-point tensors, from its headers."""
         reader = self.readers[self.base_dir]
         names = [n for n in reader.tensor_names() if reader.dtype(n).is_floating_point]
         sizes = [int(np.prod(reader.shape(n), dtype=np.int64)) for n in names]
         rows = [reader.shape(n)[1] if len(reader.shape(n)) >= 2 else size for n, size in zip(names, sizes)]
+        return sizes, rows
+
+    def _check_host_memory(self) -> None:
+        """On the host path, before loading anything: refuse a model whose buffers exceed the available
+        memory, and leave out the optional rescale-norm tables (slower DARE/DELLA norms, same bits)
+        when only they do not fit."""
+        import warnings
+
+        import psutil
+
+        sizes, _ = self._tensor_sizes()
+        k = len(self.model_paths)
+        need, optional = host_path_bytes(sum(sizes), max(sizes, default=0), k, self.variant.sparsification,
+                                         self.model_dtype)
+        available = psutil.virtual_memory().available
+        gib = 2 ** 30
+        if need > available:
+            raise MergeError(f"the candidate builder needs about {need / gib:.1f} GiB of memory for "
+                             f"{sum(sizes) / 1e9:.2f}B parameters and {k} fine-tune(s) ({self.method}), but "
+                             f"{available / gib:.1f} GiB are available: use fewer fine-tunes or a smaller model")
+        if optional and need + optional > available:
+            self.rescale_tables = False
+            warnings.warn(f"{self.method}: the rescale-norm tables ({optional / gib:.1f} GiB) do not fit in the "
+                          f"{available / gib:.1f} GiB available besides the {need / gib:.1f} GiB needed: each "
+                          f"candidate sums its rescale norms instead (slower, same result)", RuntimeWarning,
+                          stacklevel=3)
+
+    def _check_device_memory(self) -> None:
+        """Refuse, before loading anything, a model whose resident buffers exceed the GPU's free memory."""
+        sizes, rows = self._tensor_sizes()
         k = len(self.model_paths)
         laid_out = sum(-(-n // L1_BLOCK) * L1_BLOCK for n in sizes) if self.path == "device" else sum(sizes)
         need = resident_bytes(laid_out, max(sizes, default=0), k,
@@ -381,7 +438,7 @@ class CandidateBuilder:
             self.flat_fields = fields
             # per segment, slot i with model i: the field in ascending order (DELLA: with q and |δ| in
             # that order) and the running float64 sums of |δ| in that order (``_prefix_l1``, ``_band_l1``)
-            pairs = min(slots, len(self.model_paths))
+            pairs = min(slots, len(self.model_paths)) if self.rescale_tables else 0
             F, D = fields.numpy(), self.flat_inputs.numpy()
             della = sp == "della_magprune"
             self.prefix_field = np.empty((3 if della else 1, pairs, F.shape[1]), dtype=np.float32)
