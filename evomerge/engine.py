@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from evomerge.checkpoint import CheckpointWriter, ModelReader, copy_tokenizer_files, parse_size
-from evomerge.methods import MergeMethod, random_field
+from evomerge.methods import MergeMethod, RandomFields
 from evomerge.recipe import Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, resolve_source
 
 LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks)\.)(?P<index>\d+)(?P<suffix>\..+)$")
@@ -519,8 +519,7 @@ def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed
             raise MergeError(f"model '{ref.model}': tensor {ref.name} contains NaN or infinite values")
     fields = None
     if plan.method.needs_fields:
-        fields = [random_field(task.shape, seed=seed, tensor_name=task.name, model_index=i, device=device)
-                  for i in range(len(inputs))]
+        fields = RandomFields(task.shape, seed=seed, tensor_name=task.name, count=len(inputs), device=device)
     out = plan.method.merge(base=base, tensors=inputs, model_params=task.model_params, params=task.params,
                             fields=fields)
     out_dtype = plan._out_dtype_of(task)

@@ -407,8 +407,9 @@ def _splitmix_reference(key: int, j: int) -> float:
 
 
 def test_random_field_is_splitmix64_of_the_flat_index():
-    """The compiled field, the NumPy definition and SplitMix64 in Python integers agree element by element
-    (keys above 2⁶³ included), anywhere in a tensor: a kernel can compute any element alone."""
+    """The field (chunked and compiled), the NumPy definition and SplitMix64 in Python integers agree
+    element by element (keys above 2⁶³ included), anywhere in a tensor: a kernel can compute any
+    element alone."""
     from evomerge.methods.fields import field_seed, splitmix_uniform
 
     keys_seen_high = False
@@ -416,7 +417,8 @@ def test_random_field_is_splitmix64_of_the_flat_index():
         key = field_seed(1234, name, 2)
         keys_seen_high |= key >= 1 << 63
         field = random_field((70_000,), seed=1234, tensor_name=name, model_index=2).numpy()
-        assert np.array_equal(field, splitmix_uniform(key, 0, 70_000))
+        compiled = random_field((70_000,), seed=1234, tensor_name=name, model_index=2, compiled=True).numpy()
+        assert np.array_equal(field, splitmix_uniform(key, 0, 70_000)) and np.array_equal(field, compiled)
         assert np.array_equal(field[65_530:65_540], splitmix_uniform(key, 65_530, 10))
         for j in (0, 1, 2, 65_535, 65_536, 69_999):
             assert float(field[j]) == _splitmix_reference(key, j), (name, j)

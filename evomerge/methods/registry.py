@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import sparsify as sp
+from .fields import RandomFields
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .slerp import nuslerp, nuslerp_t, slerp
@@ -205,7 +206,8 @@ class MergeMethod:
                 raise ValueError(f"{self.name}: input {i} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(reference.shape)}")
         if self.needs_fields:
-            if fields is None or len(fields) != len(tensors) or any(f is None for f in fields):
+            drawn = isinstance(fields, RandomFields)  # drawn on access: none is missing
+            if fields is None or len(fields) != len(tensors) or (not drawn and any(f is None for f in fields)):
                 raise ValueError(f"{self.name}: needs one random field per input model (see random_field)")
         resolved_models, resolved_global = self.resolve(model_params, params)
         out_dtype = reference.dtype

@@ -472,7 +472,7 @@ class CandidateBuilder:
             for n in self.names:
                 a, e = self.offsets[n]
                 fields[i, a:e] = random_field(self.base[n].shape, seed=self.seed, tensor_name=n, model_index=i,
-                                              device=self.device).reshape(-1)
+                                              device=self.device, compiled=True).reshape(-1)
         return fields
 
     def _refresh_buffers(self) -> None:
@@ -1070,7 +1070,7 @@ class CandidateBuilder:
         key = (name, index)
         if key not in self._fields:
             self._fields[key] = random_field(self.base[name].shape, seed=self.seed, tensor_name=name,
-                                             model_index=index, device=self.device)
+                                             model_index=index, device=self.device, compiled=True)
         return self._fields[key]
 
     @torch.inference_mode()
