@@ -295,7 +295,7 @@ def memory_use(large: Path, device: str) -> list[str]:
 
     from search_bench import default_candidate
 
-    from evomerge.search.builder import fused_kernels_available, resident_bytes
+    from evomerge.search.memory import fused_kernels_available, resident_bytes
 
     lines = ["| method | dtype | estimate GiB | held after a build GiB | peak GiB | bytes / parameter: estimate "
              "| held |", "|---|---|---:|---:|---:|---:|---:|"]

@@ -150,7 +150,7 @@ def test_device_path_falls_back_when_slices_swap_models(device_builders, llama_f
 def test_resident_bytes_covers_what_the_device_path_holds(llama_family, method):
     """The GPU memory check's estimate is at least what the builder keeps (float32 and bf16 models, with
     the fused kernels and without), and over it by no more than the rank computation's scratch."""
-    from evomerge.search.builder import resident_bytes
+    from evomerge.search.memory import resident_bytes
 
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1")}
     for dtype in ("float32", "bfloat16"):

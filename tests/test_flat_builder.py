@@ -417,7 +417,7 @@ def test_host_memory_check_refuses_or_drops_the_rescale_tables(llama_family, tmp
     import psutil
 
     from evomerge.engine import MergeError
-    from evomerge.search.builder import host_path_bytes
+    from evomerge.search.memory import host_path_bytes
 
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
     probe = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3)
@@ -447,7 +447,7 @@ def test_host_path_bytes_covers_what_the_host_path_holds(llama_family, method):
     over it by no more than the sort scratch."""
     import numpy as np
 
-    from evomerge.search.builder import host_path_bytes
+    from evomerge.search.memory import host_path_bytes
 
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1")}
     builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=0)
