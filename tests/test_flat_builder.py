@@ -251,23 +251,24 @@ def test_consensus_for_one_to_five_inputs(tmp_path_factory, tmp_path, k):
     builder.close()
 
 
-def test_fused_pass_and_block_path_both_match_engine(llama_family, tmp_path):
-    """float32 task vectors: every segment takes the fused pass. bfloat16 ones have many equal
-    magnitudes, so some TIES/breadcrumbs bounds fall inside a run of ties and those segments
-    take the rank-based block path: both paths equal the engine."""
+def test_fused_pass_by_bounds_and_by_ranks_both_match_engine(llama_family, tmp_path):
+    """float32 task vectors: every segment's window becomes magnitude bounds. bfloat16 ones have many
+    equal magnitudes, so some TIES/breadcrumbs bounds fall inside a run of ties and those segments'
+    fused pass compares the stable ranks instead: both equal the engine, and none needs the block path."""
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
     for method in ("ties", "breadcrumbs_ties"):
         b32 = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3)
         recipe = load_recipe(_recipe(method, llama_family, flip=False))
         stats = b32.build(recipe)
-        assert stats.extra["block_segments"] == 0
+        assert stats.extra["block_segments"] == 0 and stats.extra["rank_segments"] == 0
         _assert_live_equals(b32, read_weights(run_merge(recipe, tmp_path / f"{method}32", device="cpu", seed=3)),
                             f"{method} float32")
         b32.close()
         b16 = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3, dtype="bfloat16")
         recipe = load_recipe({**_recipe(method, llama_family, flip=False), "dtype": "bfloat16"})
         stats = b16.build(recipe)
-        assert stats.extra["block_segments"] > 0, "bf16 ties should send some segments to the block path"
+        assert stats.extra["rank_segments"] > 0, "bf16 ties should make some segments compare ranks"
+        assert stats.extra["block_segments"] == 0
         _assert_live_equals(b16, read_weights(run_merge(recipe, tmp_path / f"{method}16", device="cpu", seed=3)),
                             f"{method} bfloat16")
         b16.close()

@@ -894,7 +894,8 @@ class CandidateBuilder:
             blocked = fk.merge_parallel(*args, self.cuts)
         else:
             blocked = fk.merge_segments(*args, 0, len(self.names))
-        stats.extra["block_segments"] = int(blocked)  # merged by blocks, not in one fused pass
+        stats.extra["block_segments"] = int(blocked) & 0xFFFFFFFF  # merged by blocks, not in one fused pass
+        stats.extra["rank_segments"] = int(blocked) >> 32  # fused, comparing stable ranks (ties at a bound)
         if st["rounding"] or not self.aliased or st["leftover"]:
             with torch.inference_mode():
                 self._finish_flat(recipe, st)

@@ -46,6 +46,9 @@ MODE_ALL, MODE_NONE, MODE_RANKS, MODE_FIELD, MODE_DELLA = 0, 1, 2, 3, 4
 # a builder's mask family (``keep_*``): TIES's top-k (no upper bound), any magnitude window
 # (breadcrumbs), DARE's field threshold, DELLA's rank-dependent threshold
 RULE_MAGNITUDE, RULE_FIELD, RULE_DELLA, RULE_TOP = 0, 1, 2, 3
+# the fused pass's own rule for a magnitude segment whose window bounds fall inside runs of equal |δ|:
+# it compares the stable ranks themselves (``_rank_bounds``)
+RULE_RANKS = 4
 # a method's sparsification, for ``segment_tables``
 SPARSIFICATION = {None: 0, "magnitude": 1, "magnitude_outliers": 2, "random": 3, "della_magprune": 4}
 ONE = np.float32(1.0)
@@ -177,8 +180,10 @@ def merge_segments(rule, D, R, Q, F, SM, PF, PS, SB, SQ, base, out, blocks, seg_
 
     Per segment: the rescale factors first (``_rescale_factors``), then the merge. A segment with
     one to four inputs whose masks are all a comparison per element (``_keep_bounds``) is merged by
-    ``_fused_segment`` in one vectorized pass; any other by blocks (``_merge_block``). Returns
-    how many segments took the block path.
+    ``_fused_segment`` in one vectorized pass. So is a TIES/breadcrumbs segment whose window
+    bounds fall inside runs of equal |δ| (common with bf16 models): its pass compares the stable
+    ranks themselves (``RULE_RANKS``). Any other segment goes by blocks (``_merge_block``). Returns
+    the number of block-path segments plus 2³² times the number of segments fused by their ranks.
     ``rule`` is the builder's mask family (``RULE_TOP``, ``RULE_MAGNITUDE``, ``RULE_FIELD`` or ``RULE_DELLA``);
     ``R`` the per-model statistic of the block path (ranks; DELLA's q), ``Q`` DELLA's q for the
     fused pass (any float32 [models, n] stand-in, e.g. ``D``, for the other families), ``SM``
@@ -194,9 +199,11 @@ def merge_segments(rule, D, R, Q, F, SM, PF, PS, SB, SQ, base, out, blocks, seg_
     block = 0
     for b in range(blocks.shape[0]):
         block = max(block, blocks[b, 2] - blocks[b, 1])
+    LA = np.empty(4, dtype=np.int64)
+    LB = np.empty(4, dtype=np.int64)
     W = np.empty((k_max, block), dtype=np.float32)  # scratch, reused by every block
     scratch = np.empty((4, block), dtype=np.float32)
-    blocked = 0
+    blocked = by_rank = 0
     for s in range(s0, s1):
         k = seg_k[s]
         if k < 0:
@@ -204,17 +211,26 @@ def merge_segments(rule, D, R, Q, F, SM, PF, PS, SB, SQ, base, out, blocks, seg_
         b0, b1 = seg_blocks[s, 0], seg_blocks[s, 1]
         start, end = blocks[b0, 1], blocks[b1 - 1, 2]
         fused = 0 < k <= 4 and _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, A, B)
+        if not fused and 0 < k <= 4 and R.shape[0] and (rule == RULE_MAGNITUDE or rule == RULE_TOP):
+            _rank_bounds(end - start, s, k, mode, lo, hi, LA, LB)  # ties at a bound: compare the ranks
+            _rescale_factors(RULE_RANKS, True, LA, LB, D, R, Q, F, PF, PS, SB, SQ, blocks, b0, b1, s, k, slot_model,
+                             mode, lo, hi, thr, dme, eps, rescale, before, sc, scratch[0])
+            _fused_segment(RULE_RANKS, D, Q, R, True, base, out, start, end, s, k, slot_model, LA, LB, sc,
+                           weight[s], consensus, normalize[s], use_total[s], total[s], use_lambda[s], lam[s])
+            by_rank += 1
+            continue
         _rescale_factors(rule, fused, A, B, D, R, Q, F, PF, PS, SB, SQ, blocks, b0, b1, s, k, slot_model, mode, lo, hi,
                          thr, dme, eps, rescale, before, sc, scratch[0])
-        if fused:
-            _fused_segment(rule, D, Q, F, base, out, start, end, s, k, slot_model, A, B, sc, weight[s], consensus,
-                           normalize[s], use_total[s], total[s], use_lambda[s], lam[s])
+        if fused:  # the fields, or δ as a stand-in where the rule reads none
+            _fused_segment(rule, D, Q, F if F.shape[0] else D, F.shape[0] == 0, base, out, start, end, s, k,
+                           slot_model, A, B, sc, weight[s], consensus, normalize[s], use_total[s], total[s],
+                           use_lambda[s], lam[s])
             continue
         blocked += 1
         for b in range(b0, b1):
             _merge_block(D, R, F, base, out, blocks[b, 1], blocks[b, 2], s, k, slot_model, mode, lo, hi, thr, dme,
                          eps, weight, sc, consensus, normalize, use_total, total, use_lambda, lam, W, scratch)
-    return blocked
+    return blocked + (by_rank << 32)
 
 
 @njit(cache=True, nogil=True)
@@ -242,7 +258,9 @@ def _rescale_factors(rule, fused, A, B, D, R, Q, F, PF, PS, SB, SQ, blocks, b0, 
                              SB[i, s], SQ[i, s], dme[s, i], eps[s, i], scratch)
         if after < ZERO and fused:
             field = F[i] if F.shape[0] else D[mi]
-            if rule == RULE_MAGNITUDE or rule == RULE_TOP:
+            if rule == RULE_RANKS:
+                after = _masked_l1_rank(D[mi], R[mi], Q[mi], A[i], B[i], blocks, b0, b1, scratch)
+            elif rule == RULE_MAGNITUDE or rule == RULE_TOP:
                 after = _masked_l1_magnitude(D[mi], field, Q[mi], A[i], B[i], blocks, b0, b1, scratch)
             elif rule == RULE_FIELD:
                 after = _masked_l1_field(D[mi], field, Q[mi], A[i], B[i], blocks, b0, b1, scratch)
@@ -379,6 +397,19 @@ def della_band_tables(field: np.ndarray, q: np.ndarray, mags: np.ndarray, strata
 
 
 @njit(cache=True, nogil=True)
+def _rank_bounds(n, s, k, mode, lo, hi, LA, LB):
+    """Each input's window of stable ranks [LA, LB) for ``keep_rank``: [0, n) keeps all, [0, 0) none."""
+    for i in range(k):
+        md = mode[s, i]
+        if md == MODE_RANKS:
+            LA[i], LB[i] = max(lo[s, i], 0), min(hi[s, i], n)
+        elif md == MODE_NONE:
+            LA[i], LB[i] = 0, 0
+        else:
+            LA[i], LB[i] = 0, n
+
+
+@njit(cache=True, nogil=True)
 def _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, A, B):
     """Each input's mask of segment s as a comparison per element (``keep_*``'s bounds A, B); False if impossible.
 
@@ -428,6 +459,12 @@ def keep_top(x, u, q, a, b):
 
 
 @njit(inline="always")
+def keep_rank(x, u, q, a, b):
+    """TIES / breadcrumbs by the stable rank itself: u (the rank) in [a, b) (``_rank_bounds``)."""
+    return (u >= a) & (u < b)
+
+
+@njit(inline="always")
 def keep_field(x, u, q, a, b):
     """DARE: field < a."""
     return u < a
@@ -440,23 +477,23 @@ def keep_della(x, u, q, a, b):
 
 
 @njit(cache=True, nogil=True)
-def _fused_segment(rule, D, Q, F, base, out, start, end, s, k, slot_model, A, B, sc, w, consensus, normalize,
-                   use_total, total, use_lambda, lam):
+def _fused_segment(rule, D, Q, U, by_model, base, out, start, end, s, k, slot_model, A, B, sc, w, consensus,
+                   normalize, use_total, total, use_lambda, lam):
     """Segment s with 1-4 inputs in one pass per element: the same float32 operations as ``_merge_block``.
 
     vᵢ = ((δᵢ·keepᵢ)·scᵢ)·wᵢ; missing inputs are −0, which adds nothing (x + −0 = x, bit for bit)
     and agrees with no sign. Then the sum in input order, and either the elected sign's disjoint
     merge (÷ agreeing weights when normalizing) or the sum (÷ Σw when normalizing); ×λ; + base.
     Steps a candidate skips are done as ÷1 or ×1, which change no bit, so the loops have no
-    branches and vectorize.
+    branches and vectorize. ``U`` is the per-element statistic the rule reads besides δ and q: the
+    fields (a row per input slot), the stable ranks (a row per model: ``by_model``) or a stand-in.
     """
     r1, r2, r3 = min(1, k - 1), min(2, k - 1), min(3, k - 1)  # missing inputs read input 0's buffers
     m0, m1, m2, m3 = slot_model[s, 0], slot_model[s, r1], slot_model[s, r2], slot_model[s, r3]
     d = (D[m0, start:end], D[m1, start:end], D[m2, start:end], D[m3, start:end])
     q = (Q[m0, start:end], Q[m1, start:end], Q[m2, start:end], Q[m3, start:end])
-    u = d  # stand-ins where the rule reads no field
-    if F.shape[0]:
-        u = (F[0, start:end], F[r1, start:end], F[r2, start:end], F[r3, start:end])
+    i0, i1, i2, i3 = (m0, m1, m2, m3) if by_model else (0, r1, r2, r3)
+    u = (U[i0, start:end], U[i1, start:end], U[i2, start:end], U[i3, start:end])
     c = (sc[0], sc[r1], sc[r2], sc[r3])
     ws = (w[0], w[r1], w[r2], w[r3])
     present = (True, k > 1, k > 2, k > 3)
@@ -466,7 +503,9 @@ def _fused_segment(rule, D, Q, F, base, out, start, end, s, k, slot_model, A, B,
     if consensus:  # missing inputs weigh 0 (so agree with no sign); the divisor sums 0s when not normalizing
         ws = (w[0], w[1] if k > 1 else ZERO, w[2] if k > 2 else ZERO, w[3] if k > 3 else ZERO)
         wd = ws if normalize else (ZERO, ZERO, ZERO, ZERO)
-    if consensus and rule == RULE_TOP:
+    if consensus and rule == RULE_RANKS:
+        _consensus_rank(d, u, q, A, B, c, ws, wd, lm, bas, dst)
+    elif consensus and rule == RULE_TOP:
         _consensus_top(d, u, q, A, B, c, ws, wd, lm, bas, dst)
     elif consensus and rule == RULE_MAGNITUDE:
         _consensus_magnitude(d, u, q, A, B, c, ws, wd, lm, bas, dst)
@@ -474,6 +513,8 @@ def _fused_segment(rule, D, Q, F, base, out, start, end, s, k, slot_model, A, B,
         _consensus_field(d, u, q, A, B, c, ws, wd, lm, bas, dst)
     elif consensus:
         _consensus_della(d, u, q, A, B, c, ws, wd, lm, bas, dst)
+    elif rule == RULE_RANKS:
+        _sum_rank(d, u, q, A, B, c, ws, present, tot, lm, bas, dst)
     elif rule == RULE_MAGNITUDE or rule == RULE_TOP:  # (no variant sums top-k masks: the window loop serves)
         _sum_magnitude(d, u, q, A, B, c, ws, present, tot, lm, bas, dst)
     elif rule == RULE_FIELD:
@@ -574,6 +615,16 @@ def _consensus_field(d, u, q, A, B, c, w, wd, lm, bas, dst):
 
 
 @njit(cache=True, nogil=True)
+def _consensus_rank(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    _consensus_loop(keep_rank, d, u, q, A, B, c, w, wd, lm, bas, dst)
+
+
+@njit(cache=True, nogil=True)
+def _sum_rank(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    _sum_loop(keep_rank, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
+
+
+@njit(cache=True, nogil=True)
 def _consensus_della(d, u, q, A, B, c, w, wd, lm, bas, dst):
     _consensus_loop(keep_della, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
@@ -596,6 +647,11 @@ def _sum_della(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
 @njit(cache=True, nogil=True)
 def _masked_l1_magnitude(delta, field, q, a, b, blocks, b0, b1, scratch):
     return _masked_l1(keep_magnitude, delta, field, q, a, b, blocks, b0, b1, scratch)
+
+
+@njit(cache=True, nogil=True)
+def _masked_l1_rank(delta, ranks, q, a, b, blocks, b0, b1, scratch):
+    return _masked_l1(keep_rank, delta, ranks, q, a, b, blocks, b0, b1, scratch)
 
 
 @njit(cache=True, nogil=True)
