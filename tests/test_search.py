@@ -213,37 +213,67 @@ def _study(run_dir: Path):
     return optuna.load_study(study_name="t", storage=make_storage(None, run_dir))
 
 
+def _finished_trials_once(proc, run_dir: Path, n: int) -> list:
+    """Poll the study of a running ``evomerge search`` until at least ``n`` trials have finished."""
+    deadline = time.time() + 240
+    done = []
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if (run_dir / "study.journal").exists():
+            try:
+                s = _study(run_dir)
+            except KeyError:
+                continue
+            done = [t for t in s.get_trials(deepcopy=False) if t.state.is_finished()]
+            if len(done) >= n:
+                break
+        assert proc.poll() is None, proc.stdout.read()
+    assert len(done) >= n
+    return done
+
+
+def _resume_and_check(cfg: Path, run_dir: Path, before: list, budget: int, reason: str) -> None:
+    """Re-run the command with this budget: every trial finished before the stop is unchanged, the budget
+    is finished, and the stopped trial is marked with ``reason`` and not counted."""
+    res = _cli(["search", str(cfg), "--no-finalize", "--trials", str(budget)])
+    output = res.communicate(timeout=300)[0]
+    assert res.returncode == 0, output
+    after = _study(run_dir).get_trials(deepcopy=False)
+    by_number = {t.number: t for t in after}
+    for t in before:
+        assert by_number[t.number].state == t.state and by_number[t.number].params == t.params
+    counted = [t for t in after if not t.user_attrs.get("interrupted")]
+    assert len([t for t in counted if t.state.is_finished()]) == budget
+    assert not [t for t in after if not t.state.is_finished()]
+    orphans = [t for t in after if t.user_attrs.get("interrupted")]
+    assert all(reason in t.user_attrs["fail_reason"] for t in orphans)
+
+
 def test_sigkill_then_resume_loses_no_finished_trial(tiny_zoo, tmp_path):
     cfg = _config(tmp_path, tiny_zoo, budget={"trials": 12})
     proc = _cli(["search", str(cfg), "--no-finalize"])
-    deadline = time.time() + 240
-    done_before = []
-    while time.time() < deadline:
-        time.sleep(0.5)
-        if (tmp_path / "run" / "study.journal").exists():
-            try:
-                s = _study(tmp_path / "run")
-            except KeyError:
-                continue
-            done_before = [t for t in s.get_trials(deepcopy=False) if t.state.is_finished()]
-            if len(done_before) >= 4:
-                break
-        assert proc.poll() is None, proc.stdout.read()
+    done_before = _finished_trials_once(proc, tmp_path / "run", 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert len(done_before) >= 4
-    before = {t.number: (t.state, t.params) for t in done_before}
-    res = _cli(["search", str(cfg), "--no-finalize"])
-    output = res.communicate(timeout=300)[0]
-    assert res.returncode == 0, output
-    after = _study(tmp_path / "run").get_trials(deepcopy=False)
-    by_number = {t.number: t for t in after}
-    for n, (state, params) in before.items():  # every trial finished before the kill is still there
-        assert by_number[n].state == state and by_number[n].params == params
-    counted = [t for t in after if not t.user_attrs.get("interrupted")]
-    assert len([t for t in counted if t.state.is_finished()]) == 12
-    orphans = [t for t in after if t.user_attrs.get("interrupted")]
-    assert all("worker died" in t.user_attrs["fail_reason"] for t in orphans)
+    _resume_and_check(cfg, tmp_path / "run", done_before, 12, "worker died")
+
+
+def test_ctrl_c_marks_the_running_trial_and_stops_cleanly(tiny_zoo, tmp_path):
+    """SIGINT (Ctrl-C): the process exits with 130 and says how to resume; no trial is left running, the
+    interrupted one is marked and not counted, and re-running finishes the budget."""
+    cfg = _config(tmp_path, tiny_zoo, sampler={"name": "random"})
+    proc = _cli(["search", str(cfg), "--no-finalize", "--trials", "100000"])  # still running when interrupted
+    _finished_trials_once(proc, tmp_path / "run", 3)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "re-run the same command to resume" in output and "Traceback" not in output
+    trials = _study(tmp_path / "run").get_trials(deepcopy=False)
+    assert all(t.state.is_finished() for t in trials)  # nothing left RUNNING for the next start to clean up
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(interrupted) <= 1 and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
+    kept = [t for t in trials if not t.user_attrs.get("interrupted")]
+    _resume_and_check(cfg, tmp_path / "run", kept, len(kept) + 3, "interrupted")
 
 
 def test_two_workers_share_one_journal(tiny_zoo, tmp_path):
@@ -312,3 +342,34 @@ def test_multi_objective_nsga2_per_task(tiny_zoo, tmp_path):
     summary = finalize(run, export_checkpoint=False)
     assert (run.out / "plots" / "pareto_front.png").exists()
     assert "checkpoint" not in summary.files and summary.rows[0].label.startswith("winner")
+
+
+def test_pruned_trials_are_kept_and_reported(tiny_zoo, tmp_path):
+    """With a pruner that stops most trials early, pruned trials count against the budget, keep where they
+    stopped, and appear in trials.csv and summary.md."""
+    from evomerge.search.export import finalize
+    from evomerge.search.run import SearchRun
+
+    cfg = load_config(_config(tmp_path, tiny_zoo, budget={"trials": 8}, sampler={"name": "random"},
+                              export_checkpoint=False,
+                              pruner={"name": "percentile", "percentile": 90.0, "startup_trials": 1,
+                                      "warmup_steps": 0, "chunk_size": 8}))
+    run = SearchRun(cfg)
+    run.run()
+    trials = run.study.get_trials(deepcopy=False)
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(trials) == 8 and pruned
+    assert trials[0].state == optuna.trial.TrialState.COMPLETE  # the startup trial is never pruned
+    chunks = max(len(t.intermediate_values) for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+    for t in pruned:
+        stop = t.user_attrs["pruned_at"]
+        assert 0 < stop["examples"] and 0 <= stop["score"] <= 1
+        assert 0 < len(t.intermediate_values) < chunks  # stopped before scoring the whole search split
+    summary = finalize(run, export_checkpoint=False, log=lambda m: None)
+    rows = {int(r["number"]): r for r in csv.DictReader(open(run.out / "trials.csv"))}
+    for t in pruned:
+        assert rows[t.number]["state"] == "PRUNED"
+        assert int(rows[t.number]["pruned_at_examples"]) == t.user_attrs["pruned_at"]["examples"]
+    assert summary.counts["PRUNED"] == len(pruned)
+    assert f"{len(pruned)} pruned" in (run.out / "summary.md").read_text()
+    assert summary.winner_trial not in {t.number for t in pruned}

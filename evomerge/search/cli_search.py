@@ -66,6 +66,18 @@ class Display:
 
 def run_search_command(config: Path, *, overrides: dict[str, Any], finalize: bool, console: Console,
                        out: Console, fail: Callable[[str], None]) -> None:
+    """``evomerge search``: set up, run the budget, finalize. Ctrl-C at any point exits with status 130 and
+    no traceback: finished trials are in the study (the running one marked), and finalizing writes each
+    file whole or not at all, so re-running the same command resumes."""
+    try:
+        _search(config, overrides=overrides, finalize=finalize, console=console, out=out, fail=fail)
+    except KeyboardInterrupt:
+        console.print("[yellow]stopped; re-run the same command to resume[/]")
+        raise SystemExit(130) from None
+
+
+def _search(config: Path, *, overrides: dict[str, Any], finalize: bool, console: Console,
+            out: Console, fail: Callable[[str], None]) -> None:
     from evomerge.engine import MergeError
     from evomerge.evaluate import TaskError
     from evomerge.recipe import RecipeError
@@ -85,13 +97,9 @@ def run_search_command(config: Path, *, overrides: dict[str, Any], finalize: boo
                       + ", ".join(run.space.off_center()) + "; the default is still the first trial")
     console.print(f"{len(run.distributions)} searched dimensions ({run.space.method}, {run.space.granularity}); "
                   f"setup {run.stats.setup_s:.1f} s; {len(run.study.trials)} trials already in the study")
-    try:
-        with Display(console, cfg.budget.trials, parse_duration(cfg.budget.timeout)) as display:
-            run.on_event = display.event
-            run.run()
-    except KeyboardInterrupt:
-        console.print("[yellow]stopped; re-run the same command to resume[/]")
-        raise SystemExit(130)
+    with Display(console, cfg.budget.trials, parse_duration(cfg.budget.timeout)) as display:
+        run.on_event = display.event
+        run.run()
     if not finalize:
         return
     with _file_lock(run.out / ".finalize.lock"):  # one worker finalizes at a time

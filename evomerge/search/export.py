@@ -15,7 +15,9 @@ split with bootstrap confidence intervals. Written to the run directory:
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +93,7 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
         rows.append(_row("multi-task reference", test.evaluate(builder.model)))
 
     files = {"recipe": str(out / "best_recipe.yaml")}
-    (out / "best_recipe.yaml").write_text(winner_recipe.to_yaml())
+    write_atomic(out / "best_recipe.yaml", winner_recipe.to_yaml())
     if export_checkpoint:
         log(f"writing the merged checkpoint to {out / 'merged'}")
         run_merge(winner_recipe, out / "merged", device=builder.device, seed=cfg.seed, overwrite=True)
@@ -112,33 +114,45 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     except Exception as e:  # plots are a convenience; never lose a finished search over one
         log(f"warning: plots failed: {type(e).__name__}: {e}")
     summary.timing["finalize_s"] = time.perf_counter() - t0
-    (out / "summary.md").write_text(render_summary(run, summary))
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    write_atomic(out / "summary.md", render_summary(run, summary))
+    write_atomic(out / "summary.json", json.dumps(_jsonable(summary), indent=2))
     files["summary"] = str(out / "summary.md")
     return summary
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file beside it, then a rename), so an
+    interrupted finalize never leaves a truncated file behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_trials_csv(study: optuna.Study, path: Path) -> Path:
-    """Every trial of the study: number, state, value(s), per-task scores, durations, params, reason."""
+    """Every trial of the study: number, state, value(s), per-task scores, durations, params, why it failed,
+    and for a pruned trial where it stopped (examples per task scored, running score there)."""
     trials = study.get_trials(deepcopy=False)
     params = sorted({p for t in trials for p in t.params})
     tasks = sorted({k for t in trials for k in (t.user_attrs.get("scores") or {})})
     header = ["number", "state", "value", *[f"score:{k}" for k in tasks], "build_s", "eval_s", "duration_s",
-              "default", "fail_reason", *params]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for t in trials:
-            scores = t.user_attrs.get("scores") or {}
-            value = "" if t.values is None else (t.values[0] if len(t.values) == 1 else
-                                                 sum(t.values) / len(t.values))
-            duration = "" if t.duration is None else round(t.duration.total_seconds(), 3)
-            w.writerow([t.number, t.state.name, value, *[scores.get(k, "") for k in tasks],
-                        t.user_attrs.get("build_s", ""), t.user_attrs.get("eval_s", ""), duration,
-                        bool(t.user_attrs.get("default")), t.user_attrs.get("fail_reason", ""),
-                        *[t.params.get(p, "") for p in params]])
-    tmp.replace(path)
+              "default", "fail_reason", "pruned_at_examples", "pruned_at_score", *params]
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(header)
+    for t in trials:
+        scores = t.user_attrs.get("scores") or {}
+        pruned = t.user_attrs.get("pruned_at") or {}  # examples per task seen and the running score
+        value = "" if t.values is None else (t.values[0] if len(t.values) == 1 else
+                                             sum(t.values) / len(t.values))
+        duration = "" if t.duration is None else round(t.duration.total_seconds(), 3)
+        w.writerow([t.number, t.state.name, value, *[scores.get(k, "") for k in tasks],
+                    t.user_attrs.get("build_s", ""), t.user_attrs.get("eval_s", ""), duration,
+                    bool(t.user_attrs.get("default")), t.user_attrs.get("fail_reason", ""),
+                    pruned.get("examples", ""), pruned.get("score", ""), *[t.params.get(p, "") for p in params]])
+    write_atomic(path, f.getvalue())
     return path
 
 

@@ -27,6 +27,17 @@ def write_plots(run, winner_recipe, out_dir: Path) -> dict[str, str]:
     return files
 
 
+def _save(fig, path: Path) -> None:
+    """Save ``fig`` as a PNG whole or not at all (a temporary file beside it, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
 def _history(study, path: Path) -> str:
     trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     xs = [t.number for t in trials]
@@ -43,8 +54,7 @@ def _history(study, path: Path) -> str:
     ax.set_title("Optimization history")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return str(path)
 
 
@@ -78,8 +88,7 @@ def _layer_heatmap(run, recipe, path: Path) -> str:
             fig.colorbar(im, ax=ax)
     fig.suptitle("Winner: per-layer parameters per model")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return str(path)
 
 
@@ -98,8 +107,7 @@ def _importances(study, path: Path) -> str | None:
     ax.set_xlabel("importance (PED-ANOVA)")
     ax.set_title("Parameter importances")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return str(path)
 
 
@@ -119,6 +127,5 @@ def _pareto(run, path: Path) -> str:
     ax.set_title("Pareto front (first two objectives)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return str(path)

@@ -113,6 +113,7 @@ class SearchRun:
         self.default_point = self.space.default_point(self.model_names, self.num_layers)
         self.study = self._open_study()
         self.stats = LoopStats()
+        self._current: optuna.Trial | None = None  # the trial this process is running, if any
         self.stats.setup_s = time.perf_counter() - t0 + self.builder.precompute()
 
     # -- pieces -----------------------------------------------------------------------------------
@@ -167,20 +168,17 @@ class SearchRun:
         started = time.perf_counter()
         with _sigterm_as_interrupt():
             while self.budget_left(started):
-                trial = self._ask()
-                if self.cfg.budget.trials is not None and _budget_count(self.study) > self.cfg.budget.trials:
-                    # another worker took the last slot between our budget check and ask()
-                    trial.set_user_attr("fail_reason", "over budget (another worker took the last slot)")
-                    trial.set_user_attr("interrupted", True)
-                    self.study.tell(trial, state=TrialState.FAIL)
-                    break
+                self._current = None
                 try:
+                    trial = self._ask()
+                    if self.cfg.budget.trials is not None and _budget_count(self.study) > self.cfg.budget.trials:
+                        # another worker took the last slot between our budget check and ask()
+                        _fail(trial, "over budget (another worker took the last slot)")
+                        break
                     record = self.run_trial(trial)
                 except KeyboardInterrupt:
-                    trial.set_user_attr("fail_reason", "interrupted")
-                    trial.set_user_attr("interrupted", True)
-                    self.study.tell(trial, state=TrialState.FAIL)
-                    self.on_event("interrupted", {"number": trial.number})
+                    if self._current is not None and _fail(self._current, "interrupted"):
+                        self.on_event("interrupted", {"number": self._current.number})
                     raise
                 self.stats.trials.append(record)
                 self.on_event("trial", {"record": record, "study": self.study, "started": started})
@@ -192,7 +190,7 @@ class SearchRun:
         Tagging first keeps the window in which a killed process leaves an untagged RUNNING trial
         (one the next start cannot recognise as orphaned) down to two storage writes.
         """
-        trial = self.study.ask()
+        trial = self._current = self.study.ask()  # from here on, Ctrl-C marks it (``run``)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         for name, dist in self.distributions.items():
             trial.suggest_float(name, dist.low, dist.high, log=dist.log)
@@ -268,6 +266,18 @@ def _budget_count(study: optuna.Study) -> int:
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING):
             n += 1
     return n
+
+
+def _fail(trial: optuna.Trial, reason: str) -> bool:
+    """Tell ``trial`` FAIL with ``reason``, not counted against the budget; False if it had already finished
+    (a Ctrl-C that lands after its ``tell``)."""
+    try:
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("interrupted", True)
+        trial.study.tell(trial, state=TrialState.FAIL)
+    except (RuntimeError, ValueError):  # optuna: "has already finished and can not be updated" / "Cannot tell"
+        return False
+    return True
 
 
 def _fail_orphans(study: optuna.Study) -> None:
