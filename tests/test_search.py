@@ -373,3 +373,23 @@ def test_pruned_trials_are_kept_and_reported(tiny_zoo, tmp_path):
     assert summary.counts["PRUNED"] == len(pruned)
     assert f"{len(pruned)} pruned" in (run.out / "summary.md").read_text()
     assert summary.winner_trial not in {t.number for t in pruned}
+
+
+def test_sqlite_storage_url_resumes_the_study(tiny_zoo, tmp_path):
+    """A storage URL instead of the journal file: the study lives in that database (no journal is written)
+    and a second run with a larger budget resumes it instead of starting over."""
+    from evomerge.search.run import SearchRun
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    first = SearchRun(load_config(_config(tmp_path, tiny_zoo, storage=url, budget={"trials": 3},
+                                          sampler={"name": "tpe"})))
+    first.run()
+    done = {t.number: t.params for t in first.study.get_trials(deepcopy=False)}
+    second = SearchRun(load_config(_config(tmp_path, tiny_zoo, storage=url, budget={"trials": 5},
+                                           sampler={"name": "tpe"})))
+    second.run()
+    trials = optuna.load_study(study_name="t", storage=url).get_trials(deepcopy=False)
+    assert len(trials) == 5 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert {t.number: t.params for t in trials[:3]} == done
+    assert trials[0].user_attrs.get("default") is True and not trials[3].user_attrs.get("default")
+    assert not (tmp_path / "run" / "study.journal").exists()

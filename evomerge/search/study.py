@@ -32,7 +32,8 @@ def make_storage(url: str | None, output_dir: Path) -> optuna.storages.BaseStora
         from optuna.storages.journal import JournalRedisBackend
 
         return JournalStorage(JournalRedisBackend(url))
-    return RDBStorage(url, heartbeat_interval=60, grace_period=180)
+    # no heartbeat: Optuna only beats inside study.optimize(); workers' dead trials are found by pid (run.py)
+    return RDBStorage(url)
 
 
 def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
@@ -50,7 +51,7 @@ def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int) -> optuna.sample
                                             use_separable_cma=cfg.separable, n_startup_trials=0,
                                             warn_independent_sampling=False)
     if name == "tpe":
-        kw: dict[str, Any] = {"seed": seed, "multivariate": True, "warn_independent_sampling": False}
+        kw: dict[str, Any] = {"seed": seed, "multivariate": True}
         if cfg.n_startup_trials is not None:
             kw["n_startup_trials"] = cfg.n_startup_trials
         return optuna.samplers.TPESampler(**kw)
