@@ -319,7 +319,6 @@ class CandidateBuilder:
         self._before: np.ndarray | None = None  # float32 ‖δ‖₁ per segment and model
         self._templates: dict[str, PlanTemplate] = {}
         self._tables: dict[int, dict] = {}
-        self._weight_totals: dict[tuple, tuple[bool, np.float32]] = {}
 
     def _setup_flat(self) -> None:
         """The host path: cache-sized blocks, thread cuts, and numpy views of the buffers."""
@@ -853,12 +852,14 @@ class CandidateBuilder:
         self._tables[key] = table
         return table
 
-    def _weight_total(self, weights: tuple) -> tuple[bool, np.float32]:
-        """Σw as ``weighted_sum`` computes it (float32 torch sum) and whether |Σw| ≥ 1e-8."""
-        if weights not in self._weight_totals:
+    @staticmethod
+    def _weight_total(weights: tuple, seen: dict) -> tuple[bool, np.float32]:
+        """Σw as ``weighted_sum`` computes it (float32 torch sum) and whether |Σw| ≥ 1e-8; ``seen`` holds the
+        candidate's sums so far (segments often share weights; a cache across candidates would grow all night)."""
+        if weights not in seen:
             total = torch.tensor(list(weights), dtype=torch.float32).sum()
-            self._weight_totals[weights] = (bool(total.abs() >= 1e-8), np.float32(total.item()))
-        return self._weight_totals[weights]
+            seen[weights] = (bool(total.abs() >= 1e-8), np.float32(total.item()))
+        return seen[weights]
 
     def _candidate_tables(self, recipe: Recipe) -> dict:
         """The candidate's per-segment tables (``segment_tables``, and Σw where sums are normalized), in its structure's dict."""
@@ -873,8 +874,9 @@ class CandidateBuilder:
         weight, normalize = tables[6], tables[7]
         use_total, total = st["use_total"], st["total"]
         if not self.variant.consensus and normalize.any():
+            seen: dict = {}
             for si in np.flatnonzero(active & normalize):
-                use_total[si], total[si] = self._weight_total(tuple(float(x) for x in weight[si, : seg_k[si]]))
+                use_total[si], total[si] = self._weight_total(tuple(float(x) for x in weight[si, : seg_k[si]]), seen)
         return st
 
     def _build_flat(self, recipe: Recipe, stats: BuildStats) -> None:

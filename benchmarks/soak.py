@@ -1,0 +1,99 @@
+"""Soak test: a long search in one process, watching memory and time per trial as trials accumulate.
+
+An overnight search runs thousands of trials in one process. This runs ``--trials`` of them on a
+zoo (the journal storage in a temporary run directory, as `evomerge search` does) and reports, per
+window of trials: the process's resident memory at the window's end, and the median time per trial
+split into asking the sampler (with the storage round trips), building the candidate and scoring it.
+Memory that keeps growing or a trial time that keeps rising would show here.
+
+    python benchmarks/soak.py [--size tiny] [--trials 2000] [--window 250] [--sampler cmaes]
+        [--space search_spaces/task_arithmetic_per_layer.yaml] [--out results/bench/soak.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import optuna  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rss_mib() -> float:
+    """This process's resident set size (VmRSS), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--trials", type=int, default=2000)
+    ap.add_argument("--window", type=int, default=250)
+    ap.add_argument("--sampler", default="cmaes")
+    ap.add_argument("--space", default=str(ROOT / "search_spaces" / "task_arithmetic_per_layer.yaml"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "soak.md"))
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from evomerge.search.config import load_config
+    from evomerge.search.run import SearchRun
+
+    work = Path(tempfile.mkdtemp(prefix="evomerge-soak-"))
+    cfg_path = work / "run.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump({
+        "name": "soak", "zoo": {"size": args.size}, "search_space": args.space, "budget": {"trials": args.trials},
+        "sampler": {"name": args.sampler}, "pruner": {"name": "none"}, "output_dir": str(work / "run"),
+        "device": "cpu"}))
+    run = SearchRun(load_config(cfg_path))
+    times: list[tuple[float, float, float]] = []  # (ask s, build s, eval s) per trial
+    rows = []
+    last = time.perf_counter()
+
+    def on_event(kind: str, data: dict) -> None:
+        nonlocal last
+        if kind != "trial":
+            return
+        now = time.perf_counter()
+        rec = data["record"]
+        times.append((now - last - rec.build_s - rec.eval_s, rec.build_s, rec.eval_s))
+        last = now
+        if len(times) % args.window == 0:
+            w = times[-args.window:]
+            rows.append((len(times), rss_mib(), *(statistics.median(x[i] for x in w) * 1e3 for i in range(3))))
+            print(f"{rows[-1][0]:6d} trials  RSS {rows[-1][1]:7.1f} MiB  ask+tell {rows[-1][2]:6.2f} ms  "
+                  f"build {rows[-1][3]:6.2f} ms  eval {rows[-1][4]:6.2f} ms", flush=True)
+
+    run.on_event = on_event
+    started = time.perf_counter()
+    run.run()
+    wall = time.perf_counter() - started
+    lines = ["# Soak: one long search in one process", "",
+             f"Machine: {os.cpu_count()} CPU cores, no GPU. Date: {datetime.date.today()}. Zoo `{args.size}`, "
+             f"space `{Path(args.space).name}`, sampler `{args.sampler}`, {args.trials} trials in {wall:.0f} s. "
+             f"Command: `python benchmarks/soak.py --size {args.size} --trials {args.trials} --window {args.window} "
+             f"--sampler {args.sampler}`.", "",
+             "Per window of trials: resident memory at its end; median ms per trial of the rest of the loop "
+             "(the sampler's ask with the storage round trips, tell, the display), the build and the scoring.", "",
+             "| trials | RSS MiB | ask, tell, rest ms | build ms | eval ms |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {r:.1f} | {a:.2f} | {b:.2f} | {e:.2f} |" for n, r, a, b, e in rows]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
