@@ -568,6 +568,27 @@ class WriterStats:
     shards_written: int = 0
 
 
+def staging_dir(target: Path, word: str = "tmp") -> Path:
+    """A new hidden directory beside ``target`` (``.NAME.WORD-XXXX``) to build it in before one rename, with
+    the permissions an ordinary ``mkdir`` gets under the process's umask (``mkdtemp`` makes it 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{word}-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
+def _umask() -> int:
+    """The process's umask, read from /proc (setting it to read it back would race with other threads);
+    022 where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _fsync_path(path: Path) -> None:
     """Flush a file's or directory's data and metadata to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -724,7 +745,7 @@ class CheckpointWriter:
         self._check_target()
         try:
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+            self._tmp = staging_dir(self.out_dir)
         except OSError as e:
             raise CheckpointError(
                 f"{self.out_dir}: cannot create a temporary directory beside it: {e}"

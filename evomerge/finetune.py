@@ -13,7 +13,6 @@ import fnmatch
 import math
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from evomerge.checkpoint import staging_dir
 from evomerge.engine import LAYER_PATTERN, resolve_device
 
 
@@ -144,7 +144,7 @@ def _save_atomic(model, tokenizer, out: Path, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

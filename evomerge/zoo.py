@@ -41,7 +41,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from evomerge.checkpoint import staging_dir
 from evomerge.tiny import SPECIAL_TOKENS, build_tiny_model, make_tokenizer, save_model, tiny_config
 
 ZOO_VERSION = 2  # bump when the data or training code changes what a build produces
@@ -725,9 +725,8 @@ def build_zoo(
         _check_replaceable(root)
     log = progress if callable(progress) else (_stderr if progress else None)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    tmp = staging_dir(root, "building")
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the zoo is an ordinary directory
         start = time.perf_counter()
         with _Deterministic():
             _build_into(tmp, size, seed, spec, log or (lambda _: None))

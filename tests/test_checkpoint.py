@@ -436,6 +436,20 @@ def test_writer_oversized_tensors_get_their_own_shards(tmp_path):
     assert index["weight_map"] == {f"t{i}": f"model-{i + 1:05d}-of-00003.safetensors" for i in range(3)}
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_checkpoint_has_the_umask_permissions(tmp_path, umask):
+    """The output directory is built in a private temporary directory and renamed into place; it ends up
+    with the permissions mkdir gives under the umask (others can read a 022 checkpoint), not 0700."""
+    previous = os.umask(umask)
+    try:
+        with CheckpointWriter(tmp_path / "out") as writer:
+            writer.add_tensor("t", torch.ones(4))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_writer_copies_views_shared_and_reused_tensors(tmp_path):
     """Shared storage (tied embeddings), non-contiguous views and later in-place edits all write correctly."""
     embed = torch.randn(6, 4)
