@@ -10,7 +10,6 @@ several processes pointed at it cooperate as workers.
 from __future__ import annotations
 
 import warnings
-
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,7 @@ def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int) -> optuna.sample
                                     category=optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.CmaEsSampler(**kw)
     if name == "tpe":
-        kw: dict[str, Any] = {"seed": seed, "multivariate": True}
+        kw = {"seed": seed, "multivariate": True}
         if cfg.n_startup_trials is not None:
             kw["n_startup_trials"] = cfg.n_startup_trials
         return optuna.samplers.TPESampler(**kw)
