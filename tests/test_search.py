@@ -424,3 +424,44 @@ def test_every_sampler_drives_a_study_from_the_default_point(sampler):
     assert trials[0].params == pytest.approx(default)
     assert all(dists[k].low <= v <= dists[k].high for t in trials for k, v in t.params.items())
     assert study.best_value > trials[0].value  # the default (weights 1) is not the optimum
+
+
+@pytest.mark.parametrize("failure", ["nan", "oom", "evaluation"])
+def test_nan_oom_and_evaluation_errors_fail_one_trial_not_the_search(tiny_zoo, tmp_path, failure):
+    """The third candidate gets NaN weights / runs out of memory while building / its evaluation raises:
+    that trial is recorded as FAIL with the reason, counts against the budget, and the search goes on."""
+    from evomerge.search.run import SearchRun
+
+    cfg = load_config(_config(tmp_path, tiny_zoo, budget={"trials": 5}, sampler={"name": "random"}))
+    run = SearchRun(cfg)
+    calls = {"n": 0}
+    real_build, evaluator = run.builder.build, run.evaluator("search")
+    real_evaluate = evaluator.evaluate
+
+    def build(recipe):
+        stats = real_build(recipe)
+        calls["n"] += 1
+        if calls["n"] == 3 and failure == "nan":
+            with torch.no_grad():
+                next(iter(run.builder.params.values())).view(-1)[0] = float("nan")
+        if calls["n"] == 3 and failure == "oom":
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return stats
+
+    def evaluate(model):
+        if calls["n"] == 3 and failure == "evaluation":
+            raise RuntimeError("scorer crashed (simulated)")
+        return real_evaluate(model)
+
+    run.builder.build, evaluator.evaluate = build, evaluate
+    run.run()
+    trials = run.study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    assert len(trials) == 5 and states[2] == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+    reason = trials[2].user_attrs["fail_reason"]
+    expected = {"nan": "FloatingPointError: candidate has NaN or infinite values in ",
+                "oom": "OutOfMemoryError: out of memory (simulated)",
+                "evaluation": "RuntimeError: scorer crashed (simulated)"}[failure]
+    assert reason.startswith(expected), reason
+    assert "Traceback" in trials[2].user_attrs["traceback"] and not trials[2].user_attrs.get("interrupted")
