@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -368,74 +369,82 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "no GPU"
+    cuda = dev.type == "cuda"
+    name = torch.cuda.get_device_name(dev) if cuda else "no GPU"
     lines = ["# GPU checks", "",
              f"Device: {args.device} ({name}); torch {torch.__version__}, Triton {_triton_version()}; "
              f"{os.cpu_count()} CPU cores. Date: {datetime.date.today()}. "
              f"Command: `python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`."]
-    text = lambda: "\n".join(lines) + "\n"  # noqa: E731
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if "correctness" not in skip:
-        t0 = time.perf_counter()
-        lines += ["", "## Builder vs `evomerge merge` on the device", "", *correctness(args.device, work)]
-        lines.append(f"\n({time.perf_counter() - t0:.0f} s)")
-        out.write_text(text())
-    sweep = []
-    if "large" not in skip and "sweep" not in skip and dev.type == "cuda":
-        from evomerge.search import device_kernels as dk
 
-        sweep, best = lane_sweep(large_models(work / "large"), args.device)
-        if args.lane_best:
-            dk.LANE_GROUP, dk.LANE_WARPS = best
-        sweep.append(f"\nFastest over both (LANE_GROUP, LANE_WARPS): {best}; the rest of this run uses "
-                     f"{(dk.LANE_GROUP, dk.LANE_WARPS)}.")
-        lines += ["", "## The lane-sum kernel's launch settings (~170M models, median of 20 launches)", "", *sweep]
-        out.write_text(text())
-    if "profile" not in skip and dev.type == "cuda":
+    def section(title: str, body) -> None:
+        """Run one part, append its table (or its error: one part's failure must not hide the rest), save."""
+        t0 = time.perf_counter()
+        try:
+            rows = body()
+        except Exception:  # noqa: BLE001 - reported in the output
+            rows = ["```", traceback.format_exc()[-3000:], "```"]
+        lines.extend(["", f"## {title}", "", *rows, "", f"({time.perf_counter() - t0:.0f} s)"])
+        out.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines[-len(rows) - 6:]), flush=True)
+
+    def zoo_models():
         from evomerge.zoo import build_zoo
 
         zoo = build_zoo(None, size="small", seed=0)
-        large = None if "large" in skip else large_models(work / "large")
-        lines += ["", "## Where a build's time goes (back to back, median; profiler over 10 builds)", "",
-                  *launch_costs(args.device), "",
-                  *profile_builds(zoo.base, {k: str(v) for k, v in zoo.experts.items()}, large, args.device)]
-        out.write_text(text())
-    if "memory" not in skip and "large" not in skip and dev.type == "cuda":
-        try:
-            memory = memory_use(large_models(work / "large"), args.device)
-        except Exception as e:  # report and go on to the timings
-            memory = [f"failed: {type(e).__name__}: {e}"]
-        lines += ["", "## GPU memory of a builder (~170M models, 2 fine-tunes)", "", *memory]
-        out.write_text(text())
-    if "speed" not in skip:
+        return zoo.base, {k: str(v) for k, v in zoo.experts.items()}
+
+    large = (lambda: large_models(work / "large")) if "large" not in skip else None
+
+    def speed() -> list[str]:
         from search_bench import build_speed
 
-        from evomerge.zoo import build_zoo
+        base, experts = zoo_models()
+        timed = {"`small` zoo (4 experts)": build_speed(base, experts, args.repeats, 15, device=args.device)}
+        if large is not None:
+            big = large()
+            timed["~170M Llama, bf16 files, float32 resident (2 fine-tunes)"] = build_speed(
+                big / "base", {"ft0": str(big / "ft0"), "ft1": str(big / "ft1")}, 9, 3, device=args.device)
+        rows = ["| models | method | build ms | planning ms | floor ms (flat Σδ + base) | build / floor "
+                "| per-tensor floor ms | mergekit ms | speed-up vs mergekit |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for label, got in timed.items():
+            for m, b, pl, f, ef, mk in got:
+                rows.append(f"| {label} | {m} | {b:.2f} | {pl:.2f} | {f:.3f} | {b / f:.1f}x | {ef:.2f} "
+                            f"| {mk:.1f} | {mk / b:.1f}x |")
+        return rows
 
-        zoo = build_zoo(None, size="small", seed=0)
-        speed = {"`small` zoo (4 experts)": build_speed(zoo.base, {k: str(v) for k, v in zoo.experts.items()},
-                                                        args.repeats, 15, device=args.device)}
-        if "large" not in skip:
-            large = large_models(work / "large")
-            speed["~170M Llama, bf16 files, float32 resident (2 fine-tunes)"] = build_speed(
-                large / "base", {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}, 9, 3, device=args.device)
-        engine = [] if "large" in skip or "engine" in skip else engine_speed(work / "large", args.device, work)
-        lines += ["", "## Per-candidate build time on the device (median)", "",
-                  "| models | method | build ms | planning ms | floor ms (flat Σδ + base) | build / floor "
-                  "| per-tensor floor ms | mergekit ms | speed-up vs mergekit |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for label, rows in speed.items():
-            for m, b, pl, f, ef, mk in rows:
-                lines.append(f"| {label} | {m} | {b:.2f} | {pl:.2f} | {f:.3f} | {b / f:.1f}x | {ef:.2f} "
-                             f"| {mk:.1f} | {mk / b:.1f}x |")
-        if engine:
-            lines += ["", "## `evomerge merge` on the ~170M models (bf16 recipe), device and CPU", "", *engine]
-        out.write_text(text())
+    def sweep() -> list[str]:
+        from evomerge.search import device_kernels as dk
+
+        rows, best = lane_sweep(large(), args.device)
+        if args.lane_best:
+            dk.LANE_GROUP, dk.LANE_WARPS = best
+        return [*rows, "", f"Fastest over both (LANE_GROUP, LANE_WARPS): {best}; the rest of this run uses "
+                           f"{(dk.LANE_GROUP, dk.LANE_WARPS)}."]
+
+    def profile() -> list[str]:
+        base, experts = zoo_models()
+        return [*launch_costs(args.device), "",
+                *profile_builds(base, experts, large() if large is not None else None, args.device)]
+
+    if "correctness" not in skip:
+        section("Builder vs `evomerge merge` on the device", lambda: correctness(args.device, work))
+    if "speed" not in skip:
+        section("Per-candidate build time on the device (median, timed in turn with the floor)", speed)
+    if "memory" not in skip and large is not None and cuda:
+        section("GPU memory of a builder (~170M models, 2 fine-tunes)", lambda: memory_use(large(), args.device))
+    if "profile" not in skip and cuda:
+        section("Where a build's time goes (back to back, median; profiler over 10 builds)", profile)
+    if "sweep" not in skip and large is not None and cuda:
+        section("The lane-sum kernel's launch settings (~170M models, median of 20 launches)", sweep)
+    if "engine" not in skip and large is not None:
+        section("`evomerge merge` on the ~170M models (bf16 recipe), device and CPU",
+                lambda: engine_speed(large(), args.device, work))
     if "search" not in skip:
-        lines += ["", "## Demo search on the device", "", *demo_search(args.device, args.trials, work)]
-        out.write_text(text())
-    print("\n" + text())
+        section("Demo search on the device", lambda: demo_search(args.device, args.trials, work))
+    print(f"\nwritten: {out}")
 
 
 if __name__ == "__main__":
