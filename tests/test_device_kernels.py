@@ -202,3 +202,46 @@ def test_bf16_bits_round_as_torch():
     y = torch.empty(x.numel(), dtype=torch.bfloat16)
     _round_to_bf16[(1,)](x, y.view(torch.int16), x.numel(), BLOCK=8192)
     assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+
+
+def test_launched_kernels_compile_for_hopper(llama_family, qwen_family):
+    """Every kernel specialization a builder launches (each method, float32 and bf16 models) compiles
+    for sm_90 with Triton's compiler, not only its interpreter (``tests/kernel_compile.py``)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.kernel_compile import record_launches
+
+    seen: set[str] = set()
+    with record_launches(seen):
+        models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+        for method in VARIANT_NAMES:
+            builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3,
+                                       path="device")
+            builder.fused = True
+            builder.build(load_recipe(_recipe(method, llama_family, flip=False)))
+            builder.close()
+        models = {"a": str(qwen_family["ft0"]), "b": str(qwen_family["ft1"])}
+        for method in ("ties", "dare_ties", "della"):
+            params = {"weight": [1.0, 0.4], "density": 0.5, **({"epsilon": 0.1} if method == "della" else {})}
+            recipe = load_recipe({"merge_method": method, "base_model": str(qwen_family["base"]), "dtype": "bfloat16",
+                                  "models": [{"model": m, "parameters": params} for m in models.values()]})
+            builder = CandidateBuilder(qwen_family["base"], models, method=method, device="cpu", seed=0,
+                                       dtype="bfloat16", path="device")
+            builder.fused = True
+            builder.build(recipe)
+            assert builder.inputs16 and builder.flat_out16 is not None
+            builder.close()
+    specs = [json.loads(s) for s in sorted(seen)]
+    kernels = {s["kernel"] for s in specs}
+    assert kernels == {"_lane_sums_kernel", "_rescale_kernel", "_merge_kernel"}, kernels
+    merges = [s["constexprs"] for s in specs if s["kernel"] == "_merge_kernel"]
+    assert {m["RULE"] for m in merges} == {-1, 0, 1, 2, 3}
+    assert any(m["X16"] and m["OUT16"] for m in merges) and any(m["RANK16"] for m in merges)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "tests.kernel_compile"], input=json.dumps(specs), env=env,
+                          capture_output=True, text=True, timeout=600,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("OK ") == len(specs)

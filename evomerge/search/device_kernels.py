@@ -48,9 +48,12 @@ def _uniform(key, index):
 def _delta(d_ptr, base_ptr, offs, X16: tl.constexpr):
     """The task vector δ at ``offs`` (``d_ptr`` at the input's row): stored, or with ``X16`` formed from the
     fine-tune's bf16 values as the engine forms it, float32(x) − base (one rounding; bf16 → float32 is exact)."""
+    # One return: Triton compiles every return, even under a constexpr `if`, and they must agree in type.
     if X16:
-        return tl.load(d_ptr + offs).to(tl.float32) - tl.load(base_ptr + offs)
-    return tl.load(d_ptr + offs)
+        delta = tl.load(d_ptr + offs).to(tl.float32) - tl.load(base_ptr + offs)
+    else:
+        delta = tl.load(d_ptr + offs)
+    return delta
 
 
 @triton.jit
@@ -61,8 +64,10 @@ def _della_q(stat_ptr, offs, inverse, RANK16: tl.constexpr):
     ``tests/test_device_kernels.py`` checks every r and n), and ·2 is exact."""
     if RANK16:
         r = tl.load(stat_ptr + offs).to(tl.uint16, bitcast=True).to(tl.float64)
-        return (r * inverse).to(tl.float32) * 2.0
-    return tl.load(stat_ptr + offs)
+        q = (r * inverse).to(tl.float32) * 2.0
+    else:
+        q = tl.load(stat_ptr + offs)
+    return q
 
 
 @triton.jit
