@@ -140,10 +140,10 @@ def engine_speed(large: Path, device: str, work: Path) -> list[str]:
     return lines
 
 
-LANE_SETTINGS = [(16, 2), (8, 1), (16, 4), (32, 4), (64, 4), (4, 1)]  # (LANE_GROUP, LANE_WARPS)
+LANE_SETTINGS = [(4, 1), (2, 1), (4, 2), (8, 1), (16, 2), (64, 4)]  # (LANE_GROUP, LANE_WARPS)
 
 
-def lane_sweep(large: Path, device: str, repeats: int = 20) -> tuple[list[str], tuple]:
+def lane_sweep(large: Path, device: str, repeats: int = 50) -> tuple[list[str], tuple]:
     """The lane-sum kernel alone on the ~170M models (dare_ties, della): time per launch setting, same sums.
 
     Returns the table and the setting with the least total time over both methods."""
@@ -438,7 +438,7 @@ def main() -> None:
     if "profile" not in skip and cuda:
         section("Where a build's time goes (back to back, median; profiler over 10 builds)", profile)
     if "sweep" not in skip and large is not None and cuda:
-        section("The lane-sum kernel's launch settings (~170M models, median of 20 launches)", sweep)
+        section("The lane-sum kernel's launch settings (~170M models, median of 50 launches)", sweep)
     if "engine" not in skip and large is not None:
         section("`evomerge merge` on the ~170M models (bf16 recipe), device and CPU",
                 lambda: engine_speed(large(), args.device, work))

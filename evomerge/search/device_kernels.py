@@ -26,8 +26,8 @@ import triton.language as tl
 from evomerge.methods.l1 import L1_BLOCK
 from evomerge.search import flat_kernel as fk
 
-LANE_GROUP = 16  # blocks per lane-sum program (16·8 lanes)
-LANE_WARPS = 2
+LANE_GROUP = 4  # blocks per lane-sum program (4·8 lanes): fastest in the H200 sweep of 2026-11-28
+LANE_WARPS = 1
 MERGE_BLOCK = 1024  # elements per merge program (divides 4096: one segment per program)
 MERGE_WARPS = 4
 NO_RULE = -1  # task arithmetic: no sparsifier, every δ kept
