@@ -109,7 +109,12 @@ class CandidateBuilder:
             self._check_device_memory()
         elif self.path == "host":
             self._check_host_memory()
-        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=self.model_dtype).to(self.device).eval()
+        # the flat paths move the model to the device only once its parameters are views of their output
+        # buffer (``_setup_segments``): moved first, its own parameters would sit beside the buffers until
+        # replaced, a peak of one more model (14 GB for a bf16 7B) that no memory check counts
+        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=self.model_dtype).eval()
+        if self.path not in ("host", "device"):
+            self.model.to(self.device)
         self.params: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
         self.tokenizer_dir = Path(base_dir)
         self.num_layers = self.readers[self.base_dir].num_layers
@@ -291,7 +296,7 @@ class CandidateBuilder:
         self.row = np.array([self.base[n].shape[1] if self.base[n].dim() >= 2 else self.base[n].numel()
                              for n in self.names], dtype=np.int64)
         params = [self.params[n] for n in self.names]
-        own = len({id(p) for p in params}) == len(params) and all(p.device == self.device for p in params)
+        own = len({id(p) for p in params}) == len(params)  # no tied parameters
         self.aliased = own and self.model_dtype == torch.float32
         # a bf16 model on the device path: its parameters are views of a bf16 twin of the output, which
         # the fused merge kernel writes directly (rounded as torch rounds), with no copy afterwards; the
@@ -311,6 +316,7 @@ class CandidateBuilder:
             self._flat_out[a:e].copy_(p.detach().reshape(-1))
             if self.aliased:
                 p.data = self._flat_out[a:e].view(p.shape)
+        self.model.to(self.device)  # what is not a view yet: buffers, tied or other parameters (views stay)
         self.offsets_array = [self.offsets[n] for n in self.names]
         self.keep_rule = {"magnitude": fk.RULE_TOP, "magnitude_outliers": fk.RULE_MAGNITUDE,
                           "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
