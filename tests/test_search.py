@@ -326,6 +326,26 @@ def test_failed_candidate_is_recorded_and_search_goes_on(tiny_zoo, tmp_path):
     assert any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
 
 
+def test_importances_are_for_high_scores():
+    """Importances rank parameters by what makes scores high, for one objective and for several (whose
+    mean counts): here only x separates the best trials and only y the worst, so x must come first."""
+    import numpy as np
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.search.plots import param_importances
+
+    rng = np.random.default_rng(0)
+    dist = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1)}
+    for directions in (["maximize"], ["maximize", "maximize"]):
+        study = optuna.create_study(directions=directions)
+        for x, y in rng.random((200, 2)):
+            score = (10.0 if x > 0.8 else 0.0) - (10.0 if y > 0.8 else 0.0) + rng.random()
+            study.add_trial(optuna.trial.create_trial(params={"x": x, "y": y}, distributions=dist,
+                                                      values=[score] * len(directions)))
+        imp = param_importances(study)
+        assert imp["x"] > 2 * imp["y"], (directions, imp)
+
+
 def test_multi_objective_nsga2_per_task(tiny_zoo, tmp_path):
     """One objective per task with NSGA-II: every trial records a value per task; a Pareto plot is written."""
     from evomerge.search.export import finalize

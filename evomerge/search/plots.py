@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -92,15 +93,27 @@ def _layer_heatmap(run, recipe, path: Path) -> str:
     return str(path)
 
 
-def _importances(study, path: Path) -> str | None:
+def param_importances(study) -> dict[str, float] | None:
+    """PED-ANOVA importances of the searched parameters for a high score (for several objectives, a
+    high mean score); None with fewer than four complete trials."""
     import optuna
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if len(complete) < 4:
         return None
-    target = None if len(complete[0].values) == 1 else (lambda t: float(np.mean(t.values)))
-    imp = optuna.importance.get_param_importances(
-        study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target=target)
+    # PED-ANOVA takes a target as lower-is-better (and warns that it does): several objectives are
+    # ranked by their negated mean; one objective goes by the study's direction
+    target = None if len(complete[0].values) == 1 else (lambda t: -float(np.mean(t.values)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low")
+        return optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target=target)
+
+
+def _importances(study, path: Path) -> str | None:
+    imp = param_importances(study)
+    if imp is None:
+        return None
     items = list(imp.items())[:25][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(items) + 1.2))
     ax.barh([k for k, _ in items], [v for _, v in items])
