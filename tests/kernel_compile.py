@@ -5,11 +5,11 @@ kernels' Python, so code it accepts can still fail Triton's compiler: a kernel o
 interpreter test and did not compile on the H200 (two ``return`` statements of different types
 under a ``constexpr`` ``if``). Compiling needs no GPU: Triton's front end and its bundled ``ptxas``
 run on the CPU. ``record_launches`` notes the specializations a builder launches (argument types,
-``constexpr`` values, launch options); ``main`` compiles each one for the target.
+``constexpr`` values, launch options); ``main`` compiles each one for the targets.
 
     python -m tests.kernel_compile < specs.json   # [{"kernel", "signature", "constexprs", "options"}]
 
-Prints a line per specialization and exits with 1 if any failed. Run it without
+Prints a line per specialization and target and exits with 1 if any failed. Run it without
 ``TRITON_INTERPRET`` (the interpreter replaces the kernels' callees with Python functions).
 """
 
@@ -21,7 +21,7 @@ import json
 import sys
 
 KERNELS = ("_lane_sums_kernel", "_rescale_kernel", "_merge_kernel")
-TARGET = ("cuda", 90, 32)  # Hopper (H100, H200): the GPUs evomerge is checked on
+TARGETS = [("cuda", 90, 32), ("cuda", 80, 32)]  # Hopper (H100, H200: checked on one), Ampere (A100)
 _POINTER = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16", "int8": "i8",
             "uint8": "u8", "int16": "i16", "int32": "i32", "int64": "i64", "bool": "i1"}
 
@@ -85,8 +85,8 @@ def record_launches(seen: set[str]):
             setattr(dk, name, kernel)
 
 
-def compile_spec(spec: dict) -> None:
-    """Compile one spec for ``TARGET`` (raises Triton's error if it does not compile)."""
+def compile_spec(spec: dict, target: tuple) -> None:
+    """Compile one spec for ``target`` (raises Triton's error if it does not compile)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -97,15 +97,16 @@ def compile_spec(spec: dict) -> None:
     names = kernel.arg_names  # the parameters in order (a spec's JSON keys are sorted)
     source = ASTSource(fn=kernel, signature={name: spec["signature"][name] for name in names},
                        constexprs={(names.index(k),): v for k, v in spec["constexprs"].items()})
-    triton.compile(source, target=GPUTarget(*TARGET), options=spec["options"])
+    triton.compile(source, target=GPUTarget(*target), options=spec["options"])
 
 
 def main() -> int:
+    specs = json.load(sys.stdin)
     failed = 0
-    for spec in json.load(sys.stdin):
-        label = f"{spec['kernel']} {spec['constexprs']} {spec['signature']}"
+    for target, spec in ((t, s) for s in specs for t in TARGETS):
+        label = f"sm_{target[1]} {spec['kernel']} {spec['constexprs']} {spec['signature']}"
         try:
-            compile_spec(spec)
+            compile_spec(spec, target)
             print(f"OK   {label}")
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status says so
             failed += 1
