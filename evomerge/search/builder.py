@@ -56,7 +56,8 @@ from evomerge.recipe import Recipe
 from evomerge.search import device_path as dp
 from evomerge.search import flat_kernel as fk
 from evomerge.search.fast_plan import PlanTemplate, structure_signature
-from evomerge.search.memory import RANK16_MAX_ROW, fused_kernels_available, host_path_bytes, resident_bytes
+from evomerge.search.memory import (RANK16_MAX_ROW, SCRATCH_CHUNK, fused_kernels_available, host_path_bytes,
+                                    resident_bytes)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -714,9 +715,11 @@ class CandidateBuilder:
 
         self._before_t = torch.from_numpy(self._before_norms()).to(self.device)
         limits = []
+        total, step = self.flat_base.numel(), SCRATCH_CHUNK  # small steps: ~60 bytes of scratch per element
         for m in range(self.flat_inputs.shape[0]):  # over chunks of δ, each a whole number of blocks
-            per_chunk = [dk.exact_sum_limits(self._delta_chunk(m, c0, c1), self.block_seg[c0 // L1_BLOCK: c1 // L1_BLOCK],
-                                             len(self.names)) for c0, c1 in self.chunks]
+            per_chunk = [dk.exact_sum_limits(self._delta_chunk(m, c0, min(total, c0 + step)),
+                                             self.block_seg[c0 // L1_BLOCK: min(total, c0 + step) // L1_BLOCK],
+                                             len(self.names)) for c0 in range(0, total, step)]
             limits.append(torch.stack(per_chunk).amin(0))
         self._exact_t = torch.stack(limits, dim=1).contiguous()
 

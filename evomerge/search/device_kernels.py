@@ -25,6 +25,7 @@ import triton.language as tl
 
 from evomerge.methods.l1 import L1_BLOCK
 from evomerge.search import flat_kernel as fk
+from evomerge.search.memory import SCRATCH_CHUNK
 
 LANE_GROUP = 4  # blocks per lane-sum program (4·8 lanes): fastest in the H200 sweep of 2026-11-28
 LANE_WARPS = 1
@@ -300,7 +301,7 @@ def lane_sums(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, k
 
 
 def exact_sum_limits(x: torch.Tensor, block_seg: torch.Tensor, n_seg: int, block: int = L1_BLOCK,
-                     chunk: int = 1 << 24) -> torch.Tensor:
+                     chunk: int = SCRATCH_CHUNK) -> torch.Tensor:
     """float64 [segments]: a total below which every float64 sum of a segment's |x| (any subset, any order) is exact.
 
     Each nonzero float32 |x| is a multiple of g, its lowest set bit (2^(e−24)·(M & −M) for

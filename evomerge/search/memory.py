@@ -9,6 +9,9 @@ import os
 import torch
 
 RANK16_MAX_ROW = 1 << 16  # DELLA rows up to this length keep 16-bit ranks on the fused path
+SCRATCH_CHUNK = 1 << 22  # elements per step of the device path's setup passes over the whole model
+SORT_SCRATCH = 48  # bytes per element of the largest tensor while it is ranked on the GPU (see resident_bytes)
+CHUNK_SCRATCH = 64  # bytes per element of a SCRATCH_CHUNK step (exact_sum_limits' temporaries and δ)
 
 
 def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None, model_dtype: torch.dtype,
@@ -24,8 +27,11 @@ def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None,
     term (2k on the fused path, as 16-bit row ranks, when no row of a tensor, ``max_row``, exceeds
     65536). 4k for the random
     fields (DARE, DELLA) and, on the device path, the element → tensor index (4), unless the fused
-    kernels compute both where they need them (``fused``). And, while ranks are computed, scratch
-    for the largest tensor (~16 bytes per element).
+    kernels compute both where they need them (``fused``). And the largest transient of setup:
+    ranking the largest tensor (a stable sort with int64 indices: ~44 bytes per element; on an H200
+    a bf16 TIES builder of a ~170M model peaked 0.9 GiB above what it then held, 40 bytes per
+    element of its 24.6M-element embedding), or a chunk of the exact-sum limits (~60 bytes per
+    element of ``SCRATCH_CHUNK``), whichever is larger.
     """
     itemsize = torch.empty(0, dtype=model_dtype).element_size()
     flat = path in ("host", "device")
@@ -40,7 +46,7 @@ def resident_bytes(numel: int, largest: int, k: int, sparsification: str | None,
     elif sparsification == "della_magprune":
         per += (2 if not stored and max_row <= RANK16_MAX_ROW else 4) * k
     per += 4 * k if sparsification in ("random", "della_magprune") and stored else 0
-    return numel * per + model + 16 * largest
+    return numel * per + model + max(SORT_SCRATCH * largest, CHUNK_SCRATCH * SCRATCH_CHUNK)
 
 
 def host_path_bytes(numel: int, largest: int, k: int, sparsification: str | None,
