@@ -299,7 +299,7 @@ def memory_use(large: Path, device: str) -> list[str]:
     from evomerge.search.memory import fused_kernels_available, resident_bytes
 
     lines = ["| method | dtype | estimate GiB | held after a build GiB | peak GiB | bytes / parameter: estimate "
-             "| held |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| held | peak within the estimate |", "|---|---|---:|---:|---:|---:|---:|---|"]
     models = {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}
     gib = 2 ** 30
     for dtype in ("float32", "bfloat16"):
@@ -318,7 +318,7 @@ def memory_use(large: Path, device: str) -> list[str]:
                                       builder.variant.sparsification, builder.model_dtype, "device",
                                       fused_kernels_available(builder.device), int(builder.row.max()))
             lines.append(f"| {method} | {dtype} | {estimate / gib:.2f} | {held / gib:.2f} | {peak / gib:.2f} "
-                         f"| {estimate / numel:.1f} | {held / numel:.1f} |")
+                         f"| {estimate / numel:.1f} | {held / numel:.1f} | {'yes' if peak <= estimate else 'NO'} |")
             builder.close()
             del builder
     return lines
