@@ -5,7 +5,8 @@ zoo (the journal storage in a temporary run directory, as `evomerge search` does
 window of trials: the process's resident memory at the window's end, and the median time per trial
 split into asking the sampler (with the storage round trips), building the candidate and scoring it.
 Memory that keeps growing or a trial time that keeps rising would show here. Then, without a model,
-what the storage costs per trial for 8, 64 and 192 searched dimensions (journal file, sqlite, memory).
+what the storage costs per trial for 8, 64 and 192 searched dimensions (journal file, sqlite, memory),
+and what resuming a long study costs.
 
     python benchmarks/soak.py [--size tiny] [--trials 2000] [--window 250] [--sampler cmaes]
         [--space search_spaces/task_arithmetic_per_layer.yaml] [--out results/bench/soak.md]
@@ -65,6 +66,43 @@ def storage_overhead(dims: tuple[int, ...] = (8, 64, 192), trials: int = 20) -> 
             per[kind] = statistics.median(times) * 1e3
         rows.append((n, per))
         print(f"{n:4d} dimensions: " + "  ".join(f"{k} {v:.1f} ms" for k, v in per.items()), flush=True)
+    return rows
+
+
+def resume_cost(shapes: tuple[tuple[int, int], ...] = ((2000, 8), (500, 192), (2000, 192))) -> list[tuple]:
+    """What re-running a search costs before its first new trial: a journal file written as evomerge
+    writes it (ask, one suggest per dimension, a recipe attribute, tell), reopened in a fresh storage
+    object (Optuna replays the whole log), and the first ask with its suggestions (CMA-ES).
+
+    Returns (trials, dimensions, journal MB, reopen s, first ask s) per shape.
+    """
+    from evomerge.search.study import make_storage
+
+    rows = []
+    for n_trials, dims in shapes:
+        work = Path(tempfile.mkdtemp(prefix="evomerge-resume-"))
+        study = optuna.create_study(storage=make_storage(None, work), study_name="s", direction="maximize",
+                                    sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(n_trials):
+            trial = study.ask()
+            values = [trial.suggest_float(f"x{k}", 0.0, 1.0) for k in range(dims)]
+            trial.set_user_attr("recipe", {"weights": values})
+            study.tell(trial, sum(values))
+        size = (work / "study.journal").stat().st_size / 1e6
+        t0 = time.perf_counter()
+        reopened = optuna.load_study(study_name="s", storage=make_storage(None, work),
+                                     sampler=optuna.samplers.CmaEsSampler(seed=0, n_startup_trials=0,
+                                                                          warn_independent_sampling=False))
+        reopened.get_trials(deepcopy=False)
+        reopen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        trial = reopened.ask()
+        for k in range(dims):
+            trial.suggest_float(f"x{k}", 0.0, 1.0)
+        first = time.perf_counter() - t0
+        rows.append((n_trials, dims, size, reopen, first))
+        print(f"{n_trials} trials x {dims} dimensions: journal {size:.1f} MB, reopen {reopen:.2f} s, "
+              f"first ask {first:.2f} s", flush=True)
     return rows
 
 
@@ -128,6 +166,11 @@ def main() -> None:
               "| dimensions | in memory | journal file (default) | sqlite |", "|---:|---:|---:|---:|"]
     lines += [f"| {n} | {p['in memory']:.1f} | {p['journal file']:.1f} | {p['sqlite']:.1f} |"
               for n, p in storage_overhead()]
+    lines += ["", "## Resuming", "",
+              "A journal written as evomerge writes it, reopened by a new process (Optuna replays the whole log), "
+              "and the first ask with its suggestions (CMA-ES) (`resume_cost`).", "",
+              "| trials | dimensions | journal MB | reopen s | first ask s |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {d} | {mb:.1f} | {r:.2f} | {a:.2f} |" for n, d, mb, r, a in resume_cost()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
