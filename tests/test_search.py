@@ -77,6 +77,8 @@ def test_duration_parsing():
     ("zoo: {size: tiny}\nsearch_space: x.yaml\nbudget: {trals: 3}\n", r"unknown key 'budget\.trals'"),
     ("search_space: x.yaml\n", r"without 'zoo:' the config must give base_model, models, tasks"),
     ("zoo: {size: tiny}\nsearch_space: x.yaml\nobjectives: per_task\n", r"multi-objective.*nsga2"),
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\nobjectives: per_task\nsampler: {name: nsga2}\n"
+     "pruner: {name: median}\n", r"pruner: 'median' cannot be used with objectives: per_task"),
     ("zoo: {size: huge}\nsearch_space: x.yaml\n", r"zoo\.size"),
     ("zoo: {size: tiny}\nsearch_space: x.yaml\nsampler: {name: cma}\n", r"sampler\.name"),
     ("zoo: [\n", r"malformed YAML"),

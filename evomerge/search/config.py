@@ -126,6 +126,10 @@ class RunConfig(_Strict):
         if self.objectives == "per_task" and self.sampler.name not in ("nsga2", "tpe", "random", "gp"):
             raise ValueError(f"objectives: per_task is multi-objective; sampler '{self.sampler.name}' supports one "
                              f"objective; use nsga2 (or tpe/random/gp)")
+        if self.objectives == "per_task" and "pruner" in self.model_fields_set and self.pruner.name != "none":
+            raise ValueError(f"pruner: '{self.pruner.name}' cannot be used with objectives: per_task (Optuna prunes "
+                             f"single-objective studies only; every candidate is scored in full): set pruner: "
+                             f"{{name: none}} or leave it out")
         return self
 
     # -- resolution of paths ----------------------------------------------------------------------
