@@ -151,7 +151,7 @@ def export_cmd(
 @app.command("finetune")
 def finetune_cmd(
     model_dir: Path = typer.Argument(..., help="Hugging Face model directory (e.g. a search's merged/)"),
-    tasks: Path = typer.Option(..., "--tasks", help="task YAML: trains on its search split, reports test"),
+    tasks: Path = typer.Option(..., "--tasks", help="task YAML: trains on each task's train split (else search), reports test"),
     out_dir: Path = typer.Option(..., "--out", help="where to write the fine-tuned checkpoint"),
     steps: int = typer.Option(50),
     lr: float = typer.Option(1e-4),
@@ -174,10 +174,11 @@ def finetune_cmd(
         cfg = Finetune(steps=steps, lr=lr, batch_size=batch_size, train=train, layers=layer_range, data=str(tasks))
         if out_dir.exists() and not overwrite:
             _fail(f"{out_dir} exists; pass --overwrite to replace it")
-        finetune_and_report(model_dir, out_dir, cfg, tasks=None, device=device, overwrite=overwrite,
-                            log=lambda m: console.print(m))
+        res = finetune_and_report(model_dir, out_dir, cfg, tasks=None, device=device, overwrite=overwrite,
+                                  log=lambda m: console.print(m))
     except (TaskError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    console.print(f"[green]wrote[/] {res.out_dir} (report: {res.out_dir / 'finetune_report.md'})")
 
 
 @zoo_app.command("build")

@@ -2,9 +2,11 @@
 
 Which tensors train is chosen by name patterns (``fnmatch``, e.g. ``*.mlp.*``) and an optional
 layer range ``[start, end)``; everything else is frozen. The loss is the causal-LM loss on the
-target tokens only (prompt tokens are masked), on examples of the tasks' ``search`` split (never
-``validation`` or ``test``). Test scores are reported before and after, and the result is written
-atomically as a Hugging Face checkpoint.
+target tokens only (prompt tokens are masked), on each task's ``train`` split where its task YAML
+gives one (the demo zoo's tasks do: the examples its models were trained on), else on its
+``search`` split; never on ``validation`` or ``test``. Test scores are reported before and after,
+and the result is written atomically as a Hugging Face checkpoint with ``finetune_report.md`` (what
+was trained, on what, the losses and the test table) beside the weights.
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ from evomerge.checkpoint import staging_dir
 from evomerge.engine import LAYER_PATTERN, resolve_device
 
 
+REPORT_NAME = "finetune_report.md"
+
+
 @dataclass
 class FinetuneResult:
     trainable: list[str]
+    n_params: int  # trainable parameters
+    sources: dict[str, str]  # task -> the split it trained on
     losses: list[float]
     before: object  # EvalResult on the test split
     after: object
@@ -48,17 +55,20 @@ def select_trainable(names: Sequence[str], patterns: Sequence[str], layers: tupl
     return chosen
 
 
-def training_pairs(tasks, split: str = "search") -> list[tuple[str, str]]:
-    """(prompt, target) pairs of every task's ``split``; multiple choice trains on the gold choice."""
-    pairs = []
+def training_pairs(tasks) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(prompt, target) pairs of every native task's ``train`` split, or its ``search`` split where it has
+    none (multiple choice trains on the gold choice), and {task: the split used}."""
+    pairs, sources = [], {}
     for spec in tasks:
         if not hasattr(spec, "examples"):
             continue  # lm-eval tasks carry no local training examples
+        split = "train" if spec.has_split("train") else "search"
+        sources[spec.name] = split
         for ex in spec.examples(split):
             pairs.append((ex.prompt, ex.continuations[ex.label]))
     if not pairs:
-        raise ValueError("no training examples: the tasks have no native examples in the search split")
-    return pairs
+        raise ValueError("no training examples: no task has native examples in a train or search split")
+    return pairs, sources
 
 
 def _batch(tokenizer, pairs: Sequence[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,19 +138,41 @@ def finetune_and_report(model_dir: str | Path, out_dir: str | Path | None, cfg, 
     before = test.evaluate(model)
     trainable = select_trainable([n for n, _ in model.named_parameters()], cfg.train, cfg.layers)
     n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
-    log(f"fine-tuning {len(trainable)} tensors ({n_params / 1e6:.2f}M parameters) for {cfg.steps} steps")
-    losses = finetune(model, tokenizer, training_pairs(specs), trainable=trainable, steps=cfg.steps,
+    pairs, sources = training_pairs(specs)
+    log(f"fine-tuning {len(trainable)} tensors ({n_params / 1e6:.2f}M parameters) for {cfg.steps} steps on "
+        f"{len(pairs)} examples (" + ", ".join(f"{t}: {s}" for t, s in sources.items()) + ")")
+    losses = finetune(model, tokenizer, pairs, trainable=trainable, steps=cfg.steps,
                       lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
     after = test.evaluate(model)
     log(f"test aggregate before {before.aggregate:.4f} -> after {after.aggregate:.4f} "
         f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})")
-    saved = None
+    result = FinetuneResult(trainable, n_params, sources, losses, before, after, time.perf_counter() - t0, None)
     if out_dir is not None:
-        saved = _save_atomic(model, tokenizer, Path(out_dir), overwrite=overwrite)
-    return FinetuneResult(trainable, losses, before, after, time.perf_counter() - t0, saved)
+        result.out_dir = _save_atomic(model, tokenizer, Path(out_dir), overwrite=overwrite,
+                                      report=render_report(result, cfg, Path(model_dir)))
+    return result
 
 
-def _save_atomic(model, tokenizer, out: Path, overwrite: bool) -> Path:
+def render_report(res: FinetuneResult, cfg, model_dir: Path) -> str:
+    """Markdown: what was trained, on which split of each task, the losses, and the test table before/after."""
+    tasks = list(res.before.per_task)
+    layers = "" if cfg.layers is None else f", layers [{cfg.layers[0]}, {cfg.layers[1]})"
+    lines = [f"# Fine-tune of {model_dir}", "",
+             f"{cfg.steps} AdamW steps (lr {cfg.lr:g}, batch {cfg.batch_size}, seed {cfg.seed}) on "
+             f"{len(res.trainable)} tensors matching {', '.join(f'`{p}`' for p in cfg.train)}{layers}: "
+             f"{res.n_params:,} parameters; everything else frozen.",
+             "Training examples: " + ", ".join(f"{t} ({s} split)" for t, s in res.sources.items()) + ".",
+             f"Loss {res.losses[0]:.4f} at the first step, {res.losses[-1]:.4f} at the last; {res.seconds:.1f} s "
+             "in all.", "", "## Test split", "",
+             "| model | aggregate | 95% CI | " + " | ".join(tasks) + " |", "|---|---:|---|" + "---:|" * len(tasks)]
+    for label, r in (("before", res.before), ("after", res.after)):
+        ci = "" if r.ci is None else f"[{r.ci[0]:.3f}, {r.ci[1]:.3f}]"
+        lines.append(f"| {label} | {r.aggregate:.3f} | {ci} | "
+                     + " | ".join(f"{r.per_task[t]:.3f}" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_atomic(model, tokenizer, out: Path, overwrite: bool, report: str | None = None) -> Path:
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +180,8 @@ def _save_atomic(model, tokenizer, out: Path, overwrite: bool) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_NAME).write_text(report)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -52,7 +52,8 @@ import yaml
 from evomerge.checkpoint import staging_dir
 from evomerge.tiny import SPECIAL_TOKENS, build_tiny_model, make_tokenizer, save_model, tiny_config
 
-ZOO_VERSION = 2  # bump when the data or training code changes what a build produces
+ZOO_VERSION = 3  # bump when the data, training code or written files change what a build produces
+# (3: the task YAMLs list each task's train split, for `evomerge finetune`; models and data as in 2)
 MARKER_NAME = "zoo.json"
 REPORT_NAME = "zoo_report.md"
 _ZOO_ENTRIES = {"base", "experts", "multitask", "data", "tasks", "tasks.yaml", REPORT_NAME, MARKER_NAME}
@@ -497,7 +498,7 @@ def write_zoo_data(data, out_dir: str | Path) -> tuple[Path, dict[str, Path]]:
         for split, rows in splits.items():
             with open(root / "data" / f"{name}_{split}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        files = {s: f"{name}_{s}.jsonl" for s in ("search", "validation", "test")}
+        files = {s: f"{name}_{s}.jsonl" for s in ("search", "validation", "test", "train")}
         entries.append(_task_entry(name, {s: f"data/{p}" for s, p in files.items()}))
         per_task[name] = root / "tasks" / f"{name}.yaml"
         _write_yaml(per_task[name], _task_entry(name, {s: f"../data/{p}" for s, p in files.items()}),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
-from evomerge.finetune import finetune_and_report, select_trainable
+from evomerge.finetune import REPORT_NAME, finetune_and_report, select_trainable
 from evomerge.search.config import Finetune
 from tests.conftest import read_weights
 
@@ -33,8 +36,43 @@ def test_finetune_trains_only_the_selection(tiny_zoo, tmp_path):
     before, after = read_weights(model_dir), read_weights(tmp_path / "ft")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == set(res.trainable)
-    assert set(res.before.per_task) == set(res.after.per_task) == {t.name for t in load_tasks(tiny_zoo.tasks_yaml)}
+    tasks = {t.name for t in load_tasks(tiny_zoo.tasks_yaml)}
+    assert set(res.before.per_task) == set(res.after.per_task) == tasks
+    assert res.sources == {t: "train" for t in tasks}  # the zoo's tasks list the split its models trained on
+    report = (tmp_path / "ft" / REPORT_NAME).read_text()
+    assert "1 tensors" not in report and f"{len(res.trainable)} tensors matching `*.mlp.*`, layers [1, 2)" in report
+    assert f"| after | {res.after.aggregate:.3f} |" in report and "(train split)" in report
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ft.tmp")]
+
+
+def test_training_examples_come_from_the_train_split_else_search(tiny_zoo, tmp_path):
+    """A task with a `train:` file trains on it; one without trains on its search split; neither is ever
+    validation or test. A train file overlapping an evaluation split is an error naming both lines."""
+    from evomerge.evaluate import TaskError, load_tasks
+    from evomerge.finetune import training_pairs
+
+    doc = yaml.safe_load(tiny_zoo.tasks_yaml.read_text())
+    for task in doc["tasks"]:
+        task["splits"] = {k: str(tiny_zoo.tasks_yaml.parent / v) for k, v in task["splits"].items()}
+    first, second = doc["tasks"][0], doc["tasks"][1]
+    del second["splits"]["train"]
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(doc))
+    specs = load_tasks(tmp_path / "tasks.yaml")
+    pairs, sources = training_pairs(specs)
+    assert sources[first["name"]] == "train" and sources[second["name"]] == "search"
+    expected = [(e.prompt, e.continuations[e.label]) for spec in specs
+                for e in spec.examples("train" if spec.has_split("train") else "search")]
+    assert pairs == expected
+    evaluation = {e.prompt for spec in specs for split in ("validation", "test") for e in spec.examples(split)}
+    assert not {prompt for prompt, _ in pairs} & evaluation
+
+    train = Path(first["splits"]["train"])
+    leaked = tmp_path / "leaked_train.jsonl"
+    leaked.write_text(train.read_text() + Path(first["splits"]["test"]).read_text().splitlines(keepends=True)[0])
+    first["splits"]["train"] = str(leaked)
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(TaskError, match=r"splits overlap: .*_test.jsonl:1 \(test\) and .*leaked_train.jsonl:\d+ \(train\)"):
+        load_tasks(tmp_path / "tasks.yaml")
 
 
 def test_finetune_selection_matching_nothing_is_an_error(tiny_zoo, tmp_path):

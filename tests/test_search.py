@@ -82,6 +82,16 @@ def test_duration_parsing():
     ("zoo: {size: huge}\nsearch_space: x.yaml\n", r"zoo\.size"),
     ("zoo: {size: tiny}\nsearch_space: x.yaml\nsampler: {name: cma}\n", r"sampler\.name"),
     ("zoo: [\n", r"malformed YAML"),
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\nexport_checkpoint: false\nfinetune: {steps: 2}\n",
+     r"finetune: trains the winner's exported checkpoint; it needs export_checkpoint: true"),
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\nsampler: {name: tpe, popsize: 8}\n",
+     r"sampler option 'popsize' does not apply to sampler 'tpe' \(only to cmaes / nsga2\)"),
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\nsampler: {name: random, n_startup_trials: 3}\n",
+     r"sampler option 'n_startup_trials' does not apply to sampler 'random'"),
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\npruner: {name: successive_halving, warmup_steps: 2}\n",
+     r"pruner option 'warmup_steps' does not apply to pruner 'successive_halving'"),
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\npruner: {name: median, percentile: 10}\n",
+     r"pruner option 'percentile' does not apply to pruner 'median' \(only to percentile\)"),
 ])
 def test_bad_configs(tmp_path, body, pattern):
     p = tmp_path / "run.yaml"
@@ -89,6 +99,33 @@ def test_bad_configs(tmp_path, body, pattern):
     with pytest.raises(ConfigError, match=pattern) as e:
         load_config(p)
     assert str(p) in str(e.value)
+
+
+def test_eta_counts_trials_left_or_time_left_whichever_ends_first():
+    from evomerge.search.cli_search import eta_seconds
+
+    assert eta_seconds(100, 40, 2.0, None, 80.0) == 120.0  # 60 trials left at 2 s
+    assert eta_seconds(100, 40, 2.0, 150.0, 80.0) == 70.0  # the timeout ends first
+    assert eta_seconds(None, 40, 2.0, 3600.0, 600.0) == 3000.0  # a timeout alone
+    assert eta_seconds(100, 120, 2.0, None, 10.0) == 0.0  # other workers overshot the budget
+    assert eta_seconds(None, 3, 2.0, None, 10.0) is None
+
+
+def test_config_paths_are_relative_to_the_file_and_command_line_paths_to_the_cwd(tmp_path, monkeypatch):
+    """In the file, output_dir and a journal or sqlite storage are relative to the config's folder; the
+    same options given on the command line (``overrides``) are relative to the current directory."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    p = tmp_path / "configs" / "run.yaml"
+    p.write_text("zoo: {size: tiny}\nsearch_space: x.yaml\noutput_dir: out\nstorage: studies/s.journal\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(p)
+    assert cfg.output_dir == str(tmp_path / "configs" / "out")
+    assert cfg.storage == f"journal:{tmp_path / 'configs' / 'studies' / 's.journal'}"
+    cfg = load_config(p, {"output_dir": "mine", "storage": "sqlite:///db/s.db"})
+    assert cfg.output_dir == str(tmp_path / "elsewhere" / "mine")
+    assert cfg.storage == f"sqlite:///{tmp_path / 'elsewhere' / 'db' / 's.db'}"
+    assert load_config(p, {"storage": "sqlite:////abs/s.db"}).storage == "sqlite:////abs/s.db"
 
 
 # --------------------------------------------------------------------------------------- end to end
@@ -141,16 +178,23 @@ def test_search_outputs(finished_run):
     run, summary = finished_run
     out = run.out
     for f in ("best_recipe.yaml", "trials.csv", "summary.md", "summary.json", "merged/config.json",
-              "plots/optimization_history.png", "plots/winner_layers.png"):
+              "plots/optimization_history.png", "plots/winner_layers.png", "plots/param_importances.png"):
         assert (out / f).exists(), f
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 14 and rows[0]["default"] == "True"
+    # the whole study's time (from what every trial records), not only this process's
+    t = summary.timing
+    assert t["study_trials"] == 14 and t["study_workers"] == 1
+    assert t["study_build_s"] == pytest.approx(sum(float(r["build_s"]) for r in rows), abs=1e-3)
+    assert t["study_eval_s"] == pytest.approx(sum(float(r["eval_s"]) for r in rows), abs=1e-3)
+    assert t["study_build_s"] + t["study_eval_s"] <= t["study_trial_s"] + 1e-3 <= t["study_wall_s"] + 2e-3
     labels = [r.label for r in summary.rows]
     assert labels[0].startswith("winner") and "base" in labels and "multi-task reference" in labels
     assert sum(l.startswith("fine-tune") for l in labels) == len(run.inputs.models)
     assert all(r.ci is not None and r.ci[0] <= r.aggregate <= r.ci[1] for r in summary.rows)
     md = (out / "summary.md").read_text()
     assert "merging candidates" in md and "evaluating candidates" in md
+    assert "## Where the time went (the whole study)" in md and "14 finished trials by 1 worker process," in md
     assert json.loads((out / "summary.json").read_text())["winner_trial"] == summary.winner_trial
 
 
@@ -181,6 +225,42 @@ def test_mergekit_accepts_exported_recipe(finished_run, tmp_path):
     assert sorted(theirs) == sorted(ours)
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("space", [
+    "ties_per_block_attn_mlp.yaml",  # per-block values, attention and MLP filters
+    "ties_per_block.yaml",  # smooth: per-block values as gradients over layers
+    "task_arithmetic_per_layer.yaml",  # a value per layer, and lambda
+    {"method": "breadcrumbs", "granularity": "layer",  # both magnitude bounds, per layer
+     "search": {"weight": {"low": 0.0, "high": 2.0, "default": 1.0},
+                "density": {"low": 0.3, "high": 0.9, "default": 0.6}, "gamma": {"low": 0.0, "high": 0.2, "default": 0.05}}},
+    {"method": "slerp", "granularity": "block", "block_size": 1, "search": {"t": {"low": 0.0, "high": 1.0, "default": 0.5}}},
+])
+def test_mergekit_merges_searched_recipes_to_the_candidates_tensors(tiny_zoo, tmp_path, space):
+    """Recipes as the search decodes them (per-layer lists, per-block gradients, attention / MLP filters)
+    go through mergekit 0.1.5 unchanged and give, bit for bit, the candidate the builder made of them."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge as mk_run
+
+    from evomerge.search.builder import CandidateBuilder
+
+    space = load_space(SPACES / space if isinstance(space, str) else space)
+    models = {k: str(v) for k, v in tiny_zoo.experts.items()}
+    if space.method == "slerp":
+        models = dict(list(models.items())[:1])  # slerp: the base and one model
+    builder = CandidateBuilder(tiny_zoo.base, models, method=space.method, device="cpu", seed=0)
+    rng = torch.Generator().manual_seed(1)
+    dists = space.distributions(list(models), builder.num_layers)
+    point = {k: d.low + (d.high - d.low) * torch.rand(1, generator=rng).item() for k, d in dists.items()}
+    recipe = space.to_recipe(point, base_model=str(tiny_zoo.base), models=models,
+                             num_layers=builder.num_layers, dtype="float32")
+    builder.build(recipe)
+    mk_run(MergeConfiguration.model_validate(yaml.safe_load(recipe.to_yaml())), str(tmp_path / "mk"),
+           MergeOptions(quiet=True))
+    theirs, live = read_weights(tmp_path / "mk"), builder.model.state_dict()
+    assert theirs and set(theirs) <= set(live)
+    for k, v in theirs.items():
+        assert torch.equal(v, live[k]), k
 
 
 def test_builder_matches_engine_for_stochastic_methods(tiny_zoo, tmp_path):
@@ -278,19 +358,26 @@ def test_ctrl_c_marks_the_running_trial_and_stops_cleanly(tiny_zoo, tmp_path):
     _resume_and_check(cfg, tmp_path / "run", kept, len(kept) + 3, "interrupted")
 
 
-def test_two_workers_share_one_journal(tiny_zoo, tmp_path):
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_two_workers_share_one_study(tiny_zoo, tmp_path, storage):
+    """Two `evomerge search` processes on one storage (the default journal file, or an sqlite database)
+    finish the budget together, every trial recorded once."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}" if storage == "sqlite" else None
     # enough trials that both processes are past start-up while trials remain
-    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 150}, sampler={"name": "random"})
+    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 150}, sampler={"name": "random"}, storage=url)
     procs = [_cli(["search", str(cfg), "--no-finalize"]) for _ in range(2)]
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    trials = _study(tmp_path / "run").get_trials(deepcopy=False)
+    study = _study(tmp_path / "run") if url is None else optuna.load_study(study_name="t", storage=url)
+    trials = study.get_trials(deepcopy=False)
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     counted = [t for t in trials if not t.user_attrs.get("interrupted")]
     assert len(counted) == 150 and all(t.state.is_finished() for t in counted)
     workers = {t.user_attrs.get("worker") for t in counted}
     assert len(workers) == 2  # both processes did work
+    from evomerge.search.export import study_timing
+    assert study_timing(study)["workers"] == 2  # what summary.md reports
     recipes = [t.user_attrs["recipe"] for t in counted]
     assert len(set(recipes)) == len(recipes)  # every trial recorded once
 
@@ -308,6 +395,29 @@ def test_export_command_reexports_a_trial(finished_run, tmp_path):
     assert load_recipe((tmp_path / "t3" / "mergekit_config.yml").read_text()) == load_recipe(t3.user_attrs["recipe"])
     res = CliRunner().invoke(app, ["export", str(run.out), str(tmp_path / "t99"), "--trial", "99"])
     assert res.exit_code == 2 and "no trial 99" in res.output
+
+
+def test_search_with_finetune_section_trains_the_winner_and_reports_it(tiny_zoo, tmp_path):
+    """`finetune:` in the run config: after the export, the winner's checkpoint is fine-tuned into
+    finetuned/ (only the chosen tensors change) and summary.md gains its before/after test table."""
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 3}, sampler={"name": "random"},
+                  finetune={"steps": 3, "batch_size": 8, "lr": 1e-3, "train": ["*.mlp.*"], "layers": [1, 2]})
+    res = CliRunner().invoke(app, ["search", str(cfg)])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    merged, tuned = read_weights(run / "merged"), read_weights(run / "finetuned")
+    changed = {k for k in merged if not torch.equal(merged[k], tuned[k])}
+    assert changed and all(".layers.1.mlp." in k for k in changed)
+    md = (run / "summary.md").read_text()
+    section = md[md.index("## Fine-tune of the winner (`finetuned/`)"):]
+    assert "### Test split" in section and "| before |" in section and "| after |" in section
+    assert section.strip() == ("## Fine-tune of the winner (`finetuned/`)\n"
+                               + (run / "finetuned" / "finetune_report.md").read_text().split("\n", 1)[1]
+                               .replace("\n## ", "\n### ")).strip()
 
 
 def test_failed_candidate_is_recorded_and_search_goes_on(tiny_zoo, tmp_path):
@@ -415,6 +525,35 @@ def test_sqlite_storage_url_resumes_the_study(tiny_zoo, tmp_path):
     assert {t.number: t.params for t in trials[:3]} == done
     assert trials[0].user_attrs.get("default") is True and not trials[3].user_attrs.get("default")
     assert not (tmp_path / "run" / "study.journal").exists()
+
+
+def test_storage_creation_retries_while_another_worker_creates_the_schema(tmp_path, monkeypatch):
+    """Two workers starting on a new database race to create its tables; the loser's IntegrityError (seen
+    in 1 of 4 two-worker sqlite runs before this retry) is retried, and a persistent error still surfaces."""
+    import optuna.storages
+    from sqlalchemy.exc import IntegrityError
+
+    from evomerge.search import study as study_mod
+
+    real, calls = optuna.storages.RDBStorage, {"n": 0}
+
+    def racing(url):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+        return real(url)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert isinstance(study_mod.make_storage(url, tmp_path), real) and calls["n"] == 2
+
+    def broken(url):
+        raise IntegrityError("INSERT", {}, Exception("always"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(IntegrityError):
+        study_mod.make_storage(url, tmp_path)
 
 
 @pytest.mark.parametrize("sampler", [

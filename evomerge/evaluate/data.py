@@ -14,7 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-SPLITS = ("search", "validation", "test")
+SPLITS = ("search", "validation", "test")  # the evaluation splits
+TRAIN = "train"  # an optional fourth split of native tasks: training examples (``evomerge finetune``), never scored
 
 
 class TaskError(ValueError):

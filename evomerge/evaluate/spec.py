@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .data import (
     SPLITS,
+    TRAIN,
     Example,
     TaskError,
     check_disjoint,
@@ -62,11 +63,13 @@ class SplitFractions(_Strict):
 
 
 class SplitFiles(_Strict):
-    """Three JSONL files, one per split (paths relative to the task YAML)."""
+    """Three JSONL files, one per split (paths relative to the task YAML), and optionally a fourth with
+    training examples for ``evomerge finetune`` (disjoint from the other three; never scored)."""
 
     search: str
     validation: str
     test: str
+    train: str | None = None
 
 
 class SplitNames(_Strict):
@@ -119,11 +122,17 @@ class _NativeTask(_TaskBase):
 
     def examples(self, split: str) -> list[Example]:
         """The rendered examples of `split` (requires the spec to come from `load_tasks`)."""
-        if split not in SPLITS:
-            raise TaskError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        if split not in (*SPLITS, TRAIN):
+            raise TaskError(f"unknown split {split!r}; expected one of {', '.join((*SPLITS, TRAIN))}")
         if not self._examples:
             raise TaskError(f"task {self.name!r} has no data loaded; build specs with load_tasks()")
+        if split not in self._examples:
+            raise TaskError(f"task {self.name!r} has no {split} split (give `splits: {{{split}: FILE}}`)")
         return self._examples[split]
+
+    def has_split(self, split: str) -> bool:
+        """Whether `split` has examples loaded (the evaluation splits always do; `train` when it is given)."""
+        return split in self._examples
 
     def render_row(self, row: dict[str, Any], source: str) -> Example:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -132,7 +141,8 @@ class _NativeTask(_TaskBase):
         """Read, render, split and overlap-check the data files."""
         self._base_dir = base_dir
         if self.splits is not None:
-            files = {s: _resolve(base_dir, getattr(self.splits, s)) for s in SPLITS}
+            named = (*SPLITS, TRAIN) if self.splits.train is not None else SPLITS
+            files = {s: _resolve(base_dir, getattr(self.splits, s)) for s in named}
             self._examples = {s: read_split_file(p, self.render_row) for s, p in files.items()}
         else:
             path = _resolve(base_dir, self.data)

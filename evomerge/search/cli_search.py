@@ -11,13 +11,27 @@ from rich.live import Live
 from rich.table import Table
 
 
+def eta_seconds(budget: int | None, done: int, per_trial_s: float, timeout_s: float | None,
+                elapsed_s: float) -> float | None:
+    """Seconds until the budget is spent: the trials left at the recent time per trial, or the time left
+    of the timeout, whichever comes first; None with neither a trial budget nor a timeout."""
+    left = [max(0, budget - done) * per_trial_s] if budget else []
+    if timeout_s:
+        left.append(max(0.0, timeout_s - elapsed_s))
+    return min(left) if left else None
+
+
 class Display:
-    """Live status: trial i of N, best so far, last score, time per trial, ETA (plain lines without a TTY)."""
+    """Live status: trial i of N, best so far, last score, time per trial, ETA (plain lines without a TTY).
+
+    The time per trial is the wall time between this process's finished trials (merge, evaluation,
+    sampler and storage), averaged over the last ten."""
 
     def __init__(self, console: Console, budget_trials: int | None, timeout_s: float | None):
         self.console, self.budget, self.timeout = console, budget_trials, timeout_s
         self.live: Live | None = None
         self.times: list[float] = []
+        self.last_event: float | None = None
 
     def __enter__(self):
         if self.console.is_terminal:
@@ -35,19 +49,17 @@ class Display:
                                f"('interrupted'); finished trials are kept in the study[/]")
             return
         rec, study = data["record"], data["study"]
-        self.times.append(rec.build_s + rec.eval_s)
+        now = time.perf_counter()
+        self.times.append(now - (self.last_event if self.last_event is not None else data["started"]))
+        self.last_event = now
         from evomerge.search.run import _budget_count, best_trials, trial_score
 
         done = _budget_count(study)
         best = best_trials(study, 1)
         best_s = f"{trial_score(best[0]):.4f} (trial {best[0].number})" if best else "-"
         per = sum(self.times[-10:]) / len(self.times[-10:])
-        eta = "-"
-        if self.budget:
-            eta_s = max(0, self.budget - done) * per
-            if self.timeout:
-                eta_s = min(eta_s, max(0.0, self.timeout - (time.perf_counter() - data["started"])))
-            eta = f"{eta_s / 60:.1f} min"
+        eta_s = eta_seconds(self.budget, done, per, self.timeout, now - data["started"])
+        eta = "-" if eta_s is None else f"{eta_s / 60:.1f} min"
         last = f"{rec.value:.4f}" if rec.value is not None else rec.state.lower()
         if rec.state == "FAIL":
             last += f" ({rec.reason[:60]})"
@@ -108,10 +120,15 @@ def _search(config: Path, *, overrides: dict[str, Any], finalize: bool, console:
     for k, v in summary.files.items():
         console.print(f"  {k}: {v}")
     if cfg.finetune:
-        from evomerge.finetune import finetune_and_report
+        from evomerge.finetune import REPORT_NAME, finetune_and_report
+        from evomerge.search.export import append_section
 
-        finetune_and_report(Path(summary.files["checkpoint"]), run.out / "finetuned", cfg.finetune,
-                            tasks=run.task_specs, device=cfg.device, log=lambda m: console.print(m))
+        res = finetune_and_report(Path(summary.files["checkpoint"]), run.out / "finetuned", cfg.finetune,
+                                  tasks=run.task_specs, device=cfg.device, log=lambda m: console.print(m))
+        report = (res.out_dir / REPORT_NAME).read_text()
+        append_section(run.out / "summary.md", "## Fine-tune of the winner (`finetuned/`)\n"
+                       + report.split("\n", 1)[1].replace("\n## ", "\n### "))
+        console.print(f"  finetuned: {res.out_dir}")
 
 
 def _table(summary) -> Table:

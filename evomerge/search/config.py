@@ -65,12 +65,26 @@ class Budget(_Strict):
         return self
 
 
+def _only_for(section: str, model: BaseModel, name: str, options: dict[str, tuple[str, ...]]) -> None:
+    """Refuse an option set in the config that the chosen ``name`` does not use (it would be silently ignored)."""
+    for option, names in options.items():
+        if option in model.model_fields_set and name not in names:
+            raise ValueError(f"{section} option '{option}' does not apply to {section} '{name}' (only to "
+                             f"{' / '.join(names)}); remove it")
+
+
 class Sampler(_Strict):
     name: Literal["cmaes", "tpe", "gp", "random", "nsga2"] = "cmaes"
     popsize: int | None = Field(None, ge=2)  # CMA-ES population (or NSGA-II population)
     separable: bool = False  # sep-CMA-ES
     sigma0: float | None = Field(None, gt=0)
     n_startup_trials: int | None = Field(None, ge=0)  # TPE/GP random start
+
+    @model_validator(mode="after")
+    def _applies(self):
+        _only_for("sampler", self, self.name, {"popsize": ("cmaes", "nsga2"), "separable": ("cmaes",),
+                                               "sigma0": ("cmaes",), "n_startup_trials": ("tpe", "gp")})
+        return self
 
 
 class Pruner(_Strict):
@@ -80,6 +94,14 @@ class Pruner(_Strict):
     startup_trials: int = Field(5, ge=0)
     percentile: float = Field(25.0, gt=0, lt=100)
 
+    @model_validator(mode="after")
+    def _applies(self):
+        if self.name != "none":  # turning pruning off by its name alone keeps the other keys harmless
+            _only_for("pruner", self, self.name, {"warmup_steps": ("median", "percentile"),
+                                                  "startup_trials": ("median", "percentile"),
+                                                  "percentile": ("percentile",)})
+        return self
+
 
 class Finetune(_Strict):
     steps: int = Field(50, ge=1)
@@ -87,7 +109,7 @@ class Finetune(_Strict):
     batch_size: int = Field(16, ge=1)
     train: list[str] = Field(default_factory=lambda: ["*"])  # name patterns of trainable tensors (fnmatch)
     layers: tuple[int, int] | None = None  # only layers in [start, end)
-    data: str | None = None  # tasks YAML whose `train` split (or search split) is used
+    data: str | None = None  # tasks YAML to train on (default: the run's): each task's `train` split, else search
     seed: int = 0
 
 
@@ -126,6 +148,8 @@ class RunConfig(_Strict):
         if self.objectives == "per_task" and self.sampler.name not in ("nsga2", "tpe", "random", "gp"):
             raise ValueError(f"objectives: per_task is multi-objective; sampler '{self.sampler.name}' supports one "
                              f"objective; use nsga2 (or tpe/random/gp)")
+        if self.finetune is not None and not self.export_checkpoint:
+            raise ValueError("finetune: trains the winner's exported checkpoint; it needs export_checkpoint: true")
         if self.objectives == "per_task" and "pruner" in self.model_fields_set and self.pruner.name != "none":
             raise ValueError(f"pruner: '{self.pruner.name}' cannot be used with objectives: per_task (Optuna prunes "
                              f"single-objective studies only; every candidate is scored in full): set pruner: "
@@ -157,21 +181,48 @@ class RunConfig(_Strict):
             upd["tasks"] = p(self.tasks)
         if self.zoo and self.zoo.dir:
             upd["zoo"] = self.zoo.model_copy(update={"dir": p(self.zoo.dir)})
-        if self.storage and self.storage.startswith("sqlite:///") and not self.storage.startswith("sqlite:////"):
-            upd["storage"] = "sqlite:///" + p(self.storage[len("sqlite:///"):])
+        if self.storage:
+            upd["storage"] = resolve_storage(self.storage, config_dir)
         if self.finetune and self.finetune.data:
             upd["finetune"] = self.finetune.model_copy(update={"data": p(self.finetune.data)})
         return self.model_copy(update=upd)
 
 
+def journal_file(url: str | None) -> str | None:
+    """The file of a journal storage ("journal:PATH", or a path ending in .journal / .log), else None."""
+    if url is None:
+        return None
+    if url.startswith("journal:"):
+        return url[len("journal:"):]
+    return url if url.endswith((".journal", ".log")) else None
+
+
+def resolve_storage(url: str, directory: Path) -> str:
+    """``url`` with a relative sqlite database or journal file made absolute against ``directory``."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return "sqlite:///" + str((directory / Path(url[len("sqlite:///"):]).expanduser()).resolve())
+    file = journal_file(url)
+    if file is not None and not Path(file).expanduser().is_absolute():
+        return "journal:" + str((directory / Path(file).expanduser()).resolve())
+    return url
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load, validate and resolve a run config file; ``overrides`` (from the CLI) win over the file."""
+    """Load, validate and resolve a run config file; ``overrides`` (from the CLI) win over the file.
+
+    Paths in the file are relative to the file; an ``output_dir`` or ``storage`` given on the command
+    line is relative to the current directory, as a shell user expects.
+    """
     path = Path(path)
     where = str(path)
     data = read_yaml_mapping(path, where=where, what="run config", error=ConfigError)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
+        if key == "output_dir":
+            value = str(Path(value).expanduser().resolve())
+        elif key == "storage":
+            value = resolve_storage(str(value), Path.cwd())
         if key in ("trials", "timeout"):
             data.setdefault("budget", {})
             if isinstance(data["budget"], dict):

@@ -8,7 +8,8 @@ split with bootstrap confidence intervals. Written to the run directory:
 - ``best_recipe.yaml`` — the winner's recipe (mergekit-compatible);
 - ``merged/`` — the winner's checkpoint, written by the engine from that recipe;
 - ``trials.csv`` — every trial: state, scores, parameters, durations, failure reasons;
-- ``summary.md`` / ``summary.json`` — the test table and where the time went;
+- ``summary.md`` / ``summary.json`` — the test table and where the time went (the whole study, over
+  every worker and session, and this process);
 - ``plots/`` — optimization history, the winner's per-layer parameters, importances, Pareto front.
 """
 
@@ -103,7 +104,8 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     timing = {"setup_s": run.stats.setup_s, "build_s": run.stats.build_s, "eval_s": run.stats.eval_s,
               "finalize_s": time.perf_counter() - t0,
-              "trials_this_process": len(run.stats.trials)}
+              "trials_this_process": len(run.stats.trials),
+              **{f"study_{k}": v for k, v in study_timing(study).items()}}
     summary = Summary(winner.number, winner_recipe.to_yaml(), rows,
                       [{"trial": t.number, "search": trial_score(t), "validation": v} for t, v in ranked],
                       timing, counts, files)
@@ -131,6 +133,11 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def append_section(path: Path, markdown: str) -> None:
+    """Add a section at the end of a report (whole or not at all, like ``write_atomic``)."""
+    write_atomic(path, path.read_text().rstrip("\n") + "\n\n" + markdown.strip("\n") + "\n")
+
+
 def write_trials_csv(study: optuna.Study, path: Path) -> Path:
     """Every trial of the study: number, state, value(s), per-task scores, durations, params, why it failed,
     and for a pruned trial where it stopped (examples per task scored, running score there)."""
@@ -154,6 +161,26 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
                     pruned.get("examples", ""), pruned.get("score", ""), *[t.params.get(p, "") for p in params]])
     write_atomic(path, f.getvalue())
     return path
+
+
+def study_timing(study: optuna.Study) -> dict[str, float]:
+    """Where the whole study's time went, over every process and session that ran its trials.
+
+    From what each finished trial records: its build and evaluation seconds (``build_s``,
+    ``eval_s``) and its duration (ask to tell); the rest of a duration is the sampler, the storage
+    and decoding the recipe. ``wall_s`` spans the first trial's start to the last one's end (with
+    several workers, or pauses between sessions, it differs from the sum of durations).
+    """
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if t.state.is_finished() and t.datetime_start is not None and t.datetime_complete is not None]
+    build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in trials)
+    evaluate = sum(float(t.user_attrs.get("eval_s", 0.0)) for t in trials)
+    durations = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+    wall = ((max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+            if trials else 0.0)
+    workers = {t.user_attrs.get("worker") for t in trials if t.user_attrs.get("worker")}
+    return {"trials": len(trials), "workers": len(workers), "wall_s": wall, "trial_s": durations,
+            "build_s": build, "eval_s": evaluate, "other_s": max(durations - build - evaluate, 0.0)}
 
 
 def _fmt_ci(row: Row) -> str:
@@ -182,8 +209,9 @@ def render_summary(run: SearchRun, s: Summary) -> str:
         mark = " **winner**" if f["trial"] == s.winner_trial else ""
         lines.append(f"| {f['trial']}{mark} | {f['search']:.3f} | {f['validation']:.3f} |")
     t = s.timing
+    lines += _study_time_lines(t)
     searched = t["build_s"] + t["eval_s"]
-    lines += ["", "## Where the time went (this process)", "",
+    lines += ["", "## This process", "",
               "| phase | seconds | share of search |", "|---|---:|---:|",
               f"| setup (zoo build if not cached, load models, task vectors, order statistics) | {t['setup_s']:.1f} | |",
               f"| merging candidates | {t['build_s']:.1f} | {100 * t['build_s'] / max(searched, 1e-9):.0f}% |",
@@ -193,6 +221,31 @@ def render_summary(run: SearchRun, s: Summary) -> str:
               f"Trials run by this process: {t['trials_this_process']}.", "",
               "## Winner's recipe", "", "```yaml", s.winner_recipe.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _study_time_lines(t: dict[str, float]) -> list[str]:
+    """The whole study's share of merging, evaluating and the rest (``study_timing``), as markdown."""
+    total = max(t["study_trial_s"], 1e-9)
+    workers = int(t["study_workers"])
+    return ["", "## Where the time went (the whole study)", "",
+            f"{int(t['study_trials'])} finished trials by {workers} worker process{'es' if workers != 1 else ''}, "
+            f"first start to last end {_duration(t['study_wall_s'])}; "
+            f"{t['study_trial_s'] / max(t['study_trials'], 1):.2f} s per trial.", "",
+            "| phase | seconds | share of trial time |", "|---|---:|---:|",
+            f"| merging candidates | {t['study_build_s']:.1f} | {100 * t['study_build_s'] / total:.0f}% |",
+            f"| evaluating candidates (search split) | {t['study_eval_s']:.1f} | "
+            f"{100 * t['study_eval_s'] / total:.0f}% |",
+            f"| sampler, storage, recipe decoding | {t['study_other_s']:.1f} | "
+            f"{100 * t['study_other_s'] / total:.0f}% |"]
+
+
+def _duration(seconds: float) -> str:
+    """'1 h 02 min', '3 min 05 s' or '12.3 s'."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    if seconds >= 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{seconds:.1f} s"
 
 
 def _jsonable(obj):

@@ -125,20 +125,29 @@ def _importances(study, path: Path) -> str | None:
 
 
 def _pareto(run, path: Path) -> str:
+    """Every complete trial's per-task search scores, one panel per pair of tasks, the Pareto front (over
+    all objectives, so a front point may look dominated in a single panel) highlighted."""
+    from itertools import combinations
+
     study = run.study
     tasks = [t.name for t in run.task_specs]
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     front = {t.number for t in study.best_trials}
-    vals = np.array([t.values for t in complete])
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    if len(vals):
-        on = np.array([t.number in front for t in complete])
-        ax.scatter(vals[~on, 0], vals[~on, 1], s=12, alpha=0.5, label="trial")
-        ax.scatter(vals[on, 0], vals[on, 1], s=24, color="C3", label="Pareto front")
-    ax.set_xlabel(tasks[0])
-    ax.set_ylabel(tasks[1] if len(tasks) > 1 else "")
-    ax.set_title("Pareto front (first two objectives)")
-    ax.legend()
+    vals = np.array([t.values for t in complete]).reshape(len(complete), len(tasks))
+    on = np.array([t.number in front for t in complete], dtype=bool)
+    pairs = list(combinations(range(len(tasks)), 2))
+    cols = min(3, len(pairs))
+    rows = -(-len(pairs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, (a, b) in zip(axes.flat, pairs):
+        ax.scatter(vals[~on, a], vals[~on, b], s=12, alpha=0.5, label="trial")
+        ax.scatter(vals[on, a], vals[on, b], s=24, color="C3", label="Pareto front")
+        ax.set_xlabel(tasks[a])
+        ax.set_ylabel(tasks[b])
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.suptitle(f"Pareto front over {len(tasks)} objectives (search split)")
     fig.tight_layout()
     _save(fig, path)
     return str(path)

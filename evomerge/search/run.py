@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from evomerge.search.builder import CandidateBuilder
 from evomerge.search.config import RunConfig, parse_duration
 from evomerge.search.space import SearchSpace, load_space
-from evomerge.search.study import count_trials, make_pruner, make_sampler, make_storage, open_study
+from evomerge.search.study import make_pruner, make_sampler, make_storage, open_study
 
 
 @dataclass
@@ -78,10 +78,6 @@ class LoopStats:
     plan_s: float = 0.0
     setup_s: float = 0.0
     trials: list[TrialRecord] = field(default_factory=list)
-
-
-class Interrupted(Exception):
-    pass
 
 
 class SearchRun:
@@ -212,12 +208,14 @@ class SearchRun:
             result, pruned = self._score(trial)
             eval_s = time.perf_counter() - t1
             self.stats.eval_s += eval_s
-        except (KeyboardInterrupt, Interrupted):
+        except KeyboardInterrupt:
             raise
         except Exception as e:  # a failed candidate must not stop an overnight search
             if isinstance(e, torch.OutOfMemoryError) and self.builder.device.type == "cuda":
                 torch.cuda.empty_cache()
             reason = f"{type(e).__name__}: {e}"
+            trial.set_user_attr("build_s", round(build_s, 4))
+            trial.set_user_attr("eval_s", round(eval_s, 4))
             trial.set_user_attr("fail_reason", reason[:2000])
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
             self.study.tell(trial, state=TrialState.FAIL)

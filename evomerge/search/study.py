@@ -15,18 +15,18 @@ from typing import Any
 
 import optuna
 
-from evomerge.search.config import Pruner, Sampler
+from evomerge.search.config import Pruner, Sampler, journal_file
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def make_storage(url: str | None, output_dir: Path) -> optuna.storages.BaseStorage:
     """The study storage: a journal file in ``output_dir`` by default, else the given URL."""
-    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-    if url is None or url.startswith("journal:") or url.endswith(".journal") or url.endswith(".log"):
-        path = Path(url[len("journal:"):] if url and url.startswith("journal:") else (url or output_dir / "study.journal"))
+    if url is None or journal_file(url) is not None:
+        path = Path(journal_file(url) or output_dir / "study.journal")
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     if url.startswith("redis://"):
@@ -34,14 +34,33 @@ def make_storage(url: str | None, output_dir: Path) -> optuna.storages.BaseStora
 
         return JournalStorage(JournalRedisBackend(url))
     # no heartbeat: Optuna only beats inside study.optimize(); workers' dead trials are found by pid (run.py)
-    return RDBStorage(url)
+    return _first_rdb_storage(url)
+
+
+def _first_rdb_storage(url: str, attempts: int = 6) -> optuna.storages.BaseStorage:
+    """``RDBStorage(url)``, retried when another worker is creating the same database's tables at the same
+    moment (both then insert the schema version: one of them gets an IntegrityError, or SQLite's
+    "database is locked"); by the next attempt the schema is there."""
+    import time
+
+    from optuna.storages import RDBStorage
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url)
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
     """The Optuna sampler of a run.
 
     CMA-ES starts its mean at the middle of every range (in log space for log ranges): search spaces
-    put their default point there (``SearchSpace.centered``), and the default is also enqueued as
+    put their default point there (``SearchSpace.off_center`` names any that do not), and the default is also enqueued as
     the first trial. (Optuna deprecated CmaEsSampler's ``x0`` in 4.9, so ranges do the job.)
     """
     name = cfg.name
@@ -99,10 +118,3 @@ def open_study(*, storage: optuna.storages.BaseStorage, name: str, sampler, prun
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it between our check and create
         return optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
 
-
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-
-
-def count_trials(study: optuna.Study, states=FINISHED + (optuna.trial.TrialState.RUNNING,)) -> int:
-    """Trials counted against the budget: finished ones and those running in other workers."""
-    return len(study.get_trials(deepcopy=False, states=states))
