@@ -382,6 +382,23 @@ def test_two_workers_share_one_study(tiny_zoo, tmp_path, storage):
     assert len(set(recipes)) == len(recipes)  # every trial recorded once
 
 
+def test_a_different_search_space_in_the_same_run_directory_is_refused_and_changes_nothing(finished_run, tiny_zoo,
+                                                                                          tmp_path):
+    """Pointing a config with another search space at a finished run's directory (its study) is an error
+    naming the way out, and leaves the run's saved config (which `evomerge export` reads) untouched."""
+    from evomerge.search.run import SearchRun
+
+    run, _ = finished_run
+    saved = (run.out / "run_config.yaml").read_text()
+    before = [(t.number, t.state, t.params) for t in _study(run.out).get_trials(deepcopy=False)]
+    other = load_config(_config(tmp_path, tiny_zoo, search_space=str(SPACES / "ties_per_block.yaml"),
+                                output_dir=str(run.out), seed=7))
+    with pytest.raises(ValueError, match="created with a different search space; use another --study-name"):
+        SearchRun(other)
+    assert (run.out / "run_config.yaml").read_text() == saved
+    assert [(t.number, t.state, t.params) for t in _study(run.out).get_trials(deepcopy=False)] == before
+
+
 def test_export_command_reexports_a_trial(finished_run, tmp_path):
     from typer.testing import CliRunner
 

@@ -91,7 +91,6 @@ class SearchRun:
         self.on_event = on_event or (lambda kind, data: None)
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        _save_config(cfg, self.out)
         self.inputs = resolve_inputs(cfg)
         self.space: SearchSpace = load_space(cfg.search_space, where=cfg.search_space
                                              if isinstance(cfg.search_space, str) else "search_space")
@@ -108,6 +107,7 @@ class SearchRun:
         self.distributions = self.space.distributions(self.model_names, self.num_layers)
         self.default_point = self.space.default_point(self.model_names, self.num_layers)
         self.study = self._open_study()
+        _save_config(cfg, self.out)  # only now: a config refused above leaves a previous run's file alone
         self.stats = LoopStats()
         self._current: optuna.Trial | None = None  # the trial this process is running, if any
         self.stats.setup_s = time.perf_counter() - t0 + self.builder.precompute()
