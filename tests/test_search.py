@@ -227,6 +227,21 @@ def test_mergekit_accepts_exported_recipe(finished_run, tmp_path):
         torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0, msg=k)
 
 
+def _random_candidate(space, zoo, models: dict[str, str], *, seed: int, point_seed: int):
+    """A builder holding the candidate of a uniformly random point of ``space`` (fields seeded ``seed``),
+    and that candidate's recipe."""
+    from evomerge.search.builder import CandidateBuilder
+
+    builder = CandidateBuilder(zoo.base, models, method=space.method, device="cpu", seed=seed)
+    rng = torch.Generator().manual_seed(point_seed)
+    dists = space.distributions(list(models), builder.num_layers)
+    point = {k: d.low + (d.high - d.low) * torch.rand(1, generator=rng).item() for k, d in dists.items()}
+    recipe = space.to_recipe(point, base_model=str(zoo.base), models=models, num_layers=builder.num_layers,
+                             dtype="float32")
+    builder.build(recipe)
+    return builder, recipe
+
+
 @pytest.mark.parametrize("space", [
     "ties_per_block_attn_mlp.yaml",  # per-block values, attention and MLP filters
     "ties_per_block.yaml",  # smooth: per-block values as gradients over layers
@@ -242,19 +257,11 @@ def test_mergekit_merges_searched_recipes_to_the_candidates_tensors(tiny_zoo, tm
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge as mk_run
 
-    from evomerge.search.builder import CandidateBuilder
-
     space = load_space(SPACES / space if isinstance(space, str) else space)
     models = {k: str(v) for k, v in tiny_zoo.experts.items()}
     if space.method == "slerp":
         models = dict(list(models.items())[:1])  # slerp: the base and one model
-    builder = CandidateBuilder(tiny_zoo.base, models, method=space.method, device="cpu", seed=0)
-    rng = torch.Generator().manual_seed(1)
-    dists = space.distributions(list(models), builder.num_layers)
-    point = {k: d.low + (d.high - d.low) * torch.rand(1, generator=rng).item() for k, d in dists.items()}
-    recipe = space.to_recipe(point, base_model=str(tiny_zoo.base), models=models,
-                             num_layers=builder.num_layers, dtype="float32")
-    builder.build(recipe)
+    builder, recipe = _random_candidate(space, tiny_zoo, models, seed=0, point_seed=1)
     mk_run(MergeConfiguration.model_validate(yaml.safe_load(recipe.to_yaml())), str(tmp_path / "mk"),
            MergeOptions(quiet=True))
     theirs, live = read_weights(tmp_path / "mk"), builder.model.state_dict()
@@ -266,18 +273,10 @@ def test_mergekit_merges_searched_recipes_to_the_candidates_tensors(tiny_zoo, tm
 def test_builder_matches_engine_for_stochastic_methods(tiny_zoo, tmp_path):
     """DARE/DELLA candidates equal the engine's output from the exported recipe with the same seed."""
     from evomerge.engine import run_merge
-    from evomerge.search.builder import CandidateBuilder
 
     models = {k: str(v) for k, v in tiny_zoo.experts.items()}
     for name in ("dare_ties_per_layer.yaml", "della_per_block.yaml", "task_arithmetic_per_layer.yaml"):
-        space = load_space(SPACES / name)
-        builder = CandidateBuilder(tiny_zoo.base, models, method=space.method, device="cpu", seed=5)
-        rng = torch.Generator().manual_seed(0)
-        dists = space.distributions(list(models), builder.num_layers)
-        point = {k: d.low + (d.high - d.low) * torch.rand(1, generator=rng).item() for k, d in dists.items()}
-        recipe = space.to_recipe(point, base_model=str(tiny_zoo.base), models=models,
-                                 num_layers=builder.num_layers, dtype="float32")
-        builder.build(recipe)
+        builder, recipe = _random_candidate(load_space(SPACES / name), tiny_zoo, models, seed=5, point_seed=0)
         out = read_weights(run_merge(recipe, tmp_path / name, device="cpu", seed=5))
         live = builder.model.state_dict()
         assert all(torch.equal(v, live[k]) for k, v in out.items()), name
