@@ -111,6 +111,36 @@ def test_eta_counts_trials_left_or_time_left_whichever_ends_first():
     assert eta_seconds(None, 3, 2.0, None, 10.0) is None
 
 
+def test_display_prints_trial_of_budget_best_last_score_and_eta_without_a_terminal():
+    """Without a TTY the live display prints one line per finished trial: i/N, the best so far, the last
+    score (or its failure reason), merge and eval seconds, and the ETA."""
+    import io
+
+    from rich.console import Console
+
+    from evomerge.search.cli_search import Display
+    from evomerge.search.run import TrialRecord
+
+    study = optuna.create_study(direction="maximize")
+    buffer = io.StringIO()
+    display = Display(Console(file=buffer, width=200, force_terminal=False), budget_trials=10, timeout_s=None)
+    started = time.perf_counter()
+    with display:
+        for number, (value, state) in enumerate([(0.5, "COMPLETE"), (0.7, "COMPLETE"), (None, "FAIL")]):
+            trial = study.ask()
+            if value is None:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                study.tell(trial, value)
+            record = TrialRecord(number, state, value, {}, 0.01, 0.02, "" if value else "FloatingPointError: NaN")
+            display.event("trial", {"record": record, "study": study, "started": started})
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[1].startswith("trial 1 [2/10] 0.7000 | best 0.7000 (trial 1) | 0.01s merge + 0.02s eval | ETA ")
+    assert lines[2].startswith("trial 2 [3/10] fail (FloatingPointError: NaN) | best 0.7000 (trial 1)")
+    assert lines[2].endswith(" min")
+
+
 def test_config_paths_are_relative_to_the_file_and_command_line_paths_to_the_cwd(tmp_path, monkeypatch):
     """In the file, output_dir and a journal or sqlite storage are relative to the config's folder; the
     same options given on the command line (``overrides``) are relative to the current directory."""
