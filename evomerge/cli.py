@@ -187,11 +187,20 @@ def zoo_build(
     size: str = typer.Option("small", help="tiny | small"),
     seed: int = typer.Option(0),
     force: bool = typer.Option(False, help="rebuild even if a complete zoo is cached"),
+    experts: Optional[int] = typer.Option(None, help="number of task experts, 2-8 (default: the size's)"),
+    base_knows_tasks: bool = typer.Option(True, "--base-knows-tasks/--naive-base",
+                                          help="whether the base sees a little of every task in pre-training"),
+    overlap: bool = typer.Option(False, help="fine-tune each expert on two neighbouring tasks (shared skills)"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16: the dtype the models are saved in"),
 ) -> None:
-    """Build the offline demo zoo: base, experts, multi-task reference, task data."""
-    from evomerge.zoo import build_zoo
+    """Build the offline demo zoo: base, experts, multi-task reference, task data (docs/zoo.md)."""
+    from evomerge.zoo import ZooVariant, build_zoo
 
-    zoo = build_zoo(out_dir, size=size, seed=seed, force=force)
+    variant = ZooVariant(experts=experts, base_knows_tasks=base_knows_tasks, overlap=overlap, dtype=dtype)
+    try:
+        zoo = build_zoo(out_dir, size=size, seed=seed, force=force, variant=variant)
+    except (ValueError, FileExistsError) as e:
+        _fail(str(e))
     console.print(f"[green]zoo ready[/] at {zoo.root}")
 
 

@@ -35,6 +35,7 @@ from the cache at once and rebuilds an incomplete or different one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -121,6 +122,68 @@ SIZES: dict[str, ZooSize] = {
 }
 
 
+
+
+@dataclass(frozen=True)
+class ZooVariant:
+    """How a zoo departs from its size's defaults, to vary what makes merging hard.
+
+    The default variant is the size's own zoo. ``experts``: how many task families (and experts) the
+    zoo has, the first ``experts`` of ``FAMILY_ORDER`` (2 to 8); ``base_knows_tasks=False``: the base
+    never sees a task example, so each expert builds its skill from nothing; ``overlap``: expert i is
+    fine-tuned on families i and i+1 (cyclically), so experts share skills; ``dtype``: the dtype every
+    model is saved in (training runs in float32).
+    """
+
+    experts: int | None = None
+    base_knows_tasks: bool = True
+    overlap: bool = False
+    dtype: str = "float32"
+
+    def check(self, size: str) -> None:
+        """Raise ValueError naming the option that a zoo of `size` cannot have."""
+        if self.experts is not None and not 2 <= self.experts <= len(FAMILY_ORDER):
+            raise ValueError(f"zoo experts must be between 2 and {len(FAMILY_ORDER)}, got {self.experts}")
+        if self.overlap and len(self.families(size)) < 3:
+            raise ValueError("zoo overlap needs at least 3 experts (with 2, both experts would see both tasks)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"zoo dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+    def families(self, size: str) -> tuple[str, ...]:
+        """The task families of a zoo of `size` with this variant."""
+        return zoo_size(size).families if self.experts is None else FAMILY_ORDER[: self.experts]
+
+    def is_default(self, size: str) -> bool:
+        return self.tag(size) == ""
+
+    def tag(self, size: str) -> str:
+        """A short name for what differs from the size's default zoo ('' for none), e.g. '-e8-naive-bf16'."""
+        parts = []
+        if self.families(size) != zoo_size(size).families:
+            parts.append(f"e{len(self.families(size))}")
+        if not self.base_knows_tasks:
+            parts.append("naive")
+        if self.overlap:
+            parts.append("overlap")
+        if self.dtype != "float32":
+            parts.append("bf16")
+        return "".join(f"-{p}" for p in parts)
+
+    def spec(self, size: str) -> ZooSize:
+        """The size's training and data settings with this variant's families and base data."""
+        base = zoo_size(size)
+        return dataclasses.replace(base, families=self.families(size),
+                                   base_task_share=base.base_task_share if self.base_knows_tasks else 0.0)
+
+    def expert_tasks(self, size: str) -> dict[str, tuple[str, ...]]:
+        """Each expert's name and the families it is fine-tuned on."""
+        fams = self.families(size)
+        if not self.overlap:
+            return {f: (f,) for f in fams}
+        pairs = [(fams[i], fams[(i + 1) % len(fams)]) for i in range(len(fams))]
+        return {"+".join(p): p for p in pairs}
+
+
 # ---------------------------------------------------------------------------------------------
 # Task families
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +239,31 @@ def _cnt_example(rng: random.Random, ctx: dict[str, Any]) -> dict[str, Any]:
     return {"item": target, "question": " ".join(seq), "answer": COUNT_WORDS[k]}
 
 
+def _srt_example(rng: random.Random, ctx: dict[str, Any]) -> dict[str, Any]:
+    """tree c a b = -> a b c: sort three letters."""
+    seq = [rng.choice(LETTERS) for _ in range(3)]
+    return {"question": " ".join(seq), "answer": " ".join(sorted(seq))}
+
+
+def _add_example(rng: random.Random, ctx: dict[str, Any]) -> dict[str, Any]:
+    """car 12 7 = -> 19: the sum of two numbers below 100."""
+    a = rng.randrange(99)
+    b = rng.randrange(100 - a)
+    return {"question": f"{a} {b}", "answer": str(a + b)}
+
+
+def _par_example(rng: random.Random, ctx: dict[str, Any]) -> dict[str, Any]:
+    """house 37 12 ? -> one: the parity of the sum of two numbers, as a two-way multiple choice."""
+    a, b = rng.randrange(100), rng.randrange(100)
+    return {"question": f"{a} {b}", "choices": ["zero", "one"], "label": (a + b) % 2}
+
+
+def _prv_example(rng: random.Random, ctx: dict[str, Any]) -> dict[str, Any]:
+    """ball 37 c = -> 36 b: the predecessors of a number and a letter (the base's `next`/`up` run upwards)."""
+    n, i = rng.randrange(1, 100), rng.randrange(1, len(LETTERS))
+    return {"question": f"{n} {LETTERS[i]}", "answer": f"{n - 1} {LETTERS[i - 1]}"}
+
+
 FAMILIES: dict[str, TaskFamily] = {f.name: f for f in [
     TaskFamily(
         "rev", "reverse three letters", _rev_example,
@@ -197,7 +285,30 @@ FAMILIES: dict[str, TaskFamily] = {f.name: f for f in [
         {"kind": "generate", "prompt": "cnt {item} in {question} =", "target": " {answer}",
          "metric": "exact_match", "normalize": ["strip"], "max_new_tokens": 1},
     ),
+    # the families below extend a zoo to 8 experts (`experts:`); their keywords are vocabulary words
+    # of the generic text, so every zoo shares one tokenizer
+    TaskFamily(
+        "srt", "sort three letters", _srt_example,
+        {"kind": "generate", "prompt": "tree {question} =", "target": " {answer}",
+         "metric": "exact_match", "normalize": ["strip"], "max_new_tokens": 3},
+    ),
+    TaskFamily(
+        "add", "add two numbers", _add_example,
+        {"kind": "generate", "prompt": "car {question} =", "target": " {answer}",
+         "metric": "exact_match", "normalize": ["strip"], "max_new_tokens": 1},
+    ),
+    TaskFamily(
+        "par", "the parity of a sum (multiple choice)", _par_example,
+        {"kind": "multiple_choice", "prompt": "house {question} ?", "choices_field": "choices",
+         "choice": " {choice}", "metric": "acc"},
+    ),
+    TaskFamily(
+        "prv", "the predecessors of a number and a letter", _prv_example,
+        {"kind": "generate", "prompt": "ball {question} =", "target": " {answer}",
+         "metric": "exact_match", "normalize": ["strip"], "max_new_tokens": 2},
+    ),
 ]}
+FAMILY_ORDER = tuple(FAMILIES)  # a zoo of n experts uses the first n families
 
 
 def _cipher(seed: int) -> dict[str, str]:
@@ -412,9 +523,9 @@ def zoo_config(size: str, tokenizer=None):
     )
 
 
-def make_zoo_data(size: str, seed: int) -> dict[str, dict[str, list[dict[str, Any]]]]:
+def make_zoo_data(size: str, seed: int, variant: ZooVariant = ZooVariant()) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Per task, per split (train/search/validation/test), the example rows; deterministic."""
-    spec = zoo_size(size)
+    spec = variant.spec(size)
     ctx = {"cipher": _cipher(seed)}
     return {name: make_task_data(FAMILIES[name], spec, seed, ctx) for name in spec.families}
 
@@ -450,11 +561,11 @@ def _pretraining_examples(tok, spec: ZooSize, seed: int, data):
     return generic + [tasks[rng.randrange(len(tasks))] for _ in range(n_task)]
 
 
-def train_base(size: str, seed: int, tokenizer=None, data=None, log=None):
+def train_base(size: str, seed: int, tokenizer=None, data=None, log=None, variant: ZooVariant = ZooVariant()):
     """The base model: seeded init, then pre-training on generic text and a little task data (deterministic)."""
-    spec = zoo_size(size)
+    spec = variant.spec(size)
     tok = tokenizer or zoo_tokenizer()
-    data = data if data is not None else make_zoo_data(size, seed)
+    data = data if data is not None else make_zoo_data(size, seed, variant)
     with _Deterministic():
         model = build_tiny_model(zoo_config(size, tok), seed=_seed(seed, "init"))
         train_lm(model, _pretraining_examples(tok, spec, seed, data), steps=spec.base_steps, lr=spec.base_lr,
@@ -462,15 +573,18 @@ def train_base(size: str, seed: int, tokenizer=None, data=None, log=None):
     return model
 
 
-def finetune(base_model, tasks: list[str], size: str, seed: int, tokenizer=None, data=None, log=None):
-    """A full fine-tune of a copy of `base_model` on `tasks` (one task: an expert; all: multitask).
+def finetune(base_model, tasks: list[str], size: str, seed: int, tokenizer=None, data=None, log=None,
+             steps: int | None = None):
+    """A full fine-tune of a copy of `base_model` on `tasks` (default steps: an expert's for one task,
+    the multi-task reference's for more).
 
     Deterministic: the same base, tasks, size and seed give bit-identical weights.
     """
     spec = zoo_size(size)
     tok = tokenizer or zoo_tokenizer()
     data = data if data is not None else make_zoo_data(size, seed)
-    steps = spec.expert_steps if len(tasks) == 1 else spec.multitask_steps
+    if steps is None:
+        steps = spec.expert_steps if len(tasks) == 1 else spec.multitask_steps
     label = "+".join(tasks)
     with _Deterministic():
         model = copy.deepcopy(base_model)
@@ -571,18 +685,19 @@ def measure_zoo(
 
 def render_report(zoo: "Zoo", rows, seconds: float) -> str:
     """zoo_report.md: what the zoo holds, and the measured table."""
-    spec = zoo_size(zoo.size)
-    tasks = list(zoo.experts)
+    spec = zoo.variant.spec(zoo.size)
+    tasks = list(spec.families)
     chance = {t: (0.5 if FAMILIES[t].spec["kind"] == "multiple_choice" else 0.0) for t in tasks}
     lines = [
-        f"# evomerge demo zoo ({zoo.size}, seed {zoo.seed})",
+        f"# evomerge demo zoo ({zoo.size}{zoo.variant.tag(zoo.size)}, seed {zoo.seed})",
         "",
         f"Llama-style models: hidden {spec.hidden_size}, {spec.num_layers} layers, "
         f"intermediate {spec.intermediate_size}, vocabulary {len(SPECIAL_TOKENS) + len(set(VOCAB))} "
-        "words; float32.",
+        f"words; {zoo.variant.dtype}.",
         f"Base: {spec.base_steps} steps of generic text with {spec.base_task_share:.0%} examples of every task "
-        f"mixed in (lr {spec.base_lr:g}), so it has partial skill on every task. Experts: {spec.expert_steps} "
-        f"steps on one task each; multitask: {spec.multitask_steps} steps on all "
+        f"mixed in (lr {spec.base_lr:g}). Experts: {spec.expert_steps} "
+        f"steps on {'two neighbouring tasks' if zoo.variant.overlap else 'one task'} each; multitask: "
+        f"{spec.multitask_steps} steps on all "
         f"(lr {spec.finetune_lr:g}, {int(spec.replay * 100)}% generic replay, full fine-tuning).",
         f"Built in {seconds:.0f} s.",
         "",
@@ -620,17 +735,18 @@ class Zoo:
     task_yamls: dict[str, Path]
     data_dir: Path
     report_path: Path
+    variant: ZooVariant = ZooVariant()
 
     @classmethod
-    def at(cls, root: str | Path, size: str, seed: int) -> "Zoo":
+    def at(cls, root: str | Path, size: str, seed: int, variant: ZooVariant = ZooVariant()) -> "Zoo":
         """The Zoo layout under `root` for `size` (paths only; nothing is checked)."""
         root = Path(root)
-        tasks = zoo_size(size).families
+        tasks = variant.families(size)
         return cls(
             root=root, size=size, seed=seed, base=root / "base",
-            experts={t: root / "experts" / t for t in tasks}, multitask=root / "multitask",
+            experts={e: root / "experts" / e for e in variant.expert_tasks(size)}, multitask=root / "multitask",
             tasks_yaml=root / "tasks.yaml", task_yamls={t: root / "tasks" / f"{t}.yaml" for t in tasks},
-            data_dir=root / "data", report_path=root / REPORT_NAME,
+            data_dir=root / "data", report_path=root / REPORT_NAME, variant=variant,
         )
 
     @property
@@ -645,21 +761,26 @@ class Zoo:
         return AutoTokenizer.from_pretrained(self.base)
 
 
-def default_zoo_dir(size: str = "small", seed: int = 0) -> Path:
-    """Cache directory of a zoo: $EVOMERGE_CACHE/zoo/<size>-seed<seed>, else ~/.cache/evomerge/..."""
+def default_zoo_dir(size: str = "small", seed: int = 0, variant: ZooVariant = ZooVariant()) -> Path:
+    """Cache directory of a zoo: $EVOMERGE_CACHE/zoo/<size><variant tag>-seed<seed>, else ~/.cache/evomerge/..."""
     zoo_size(size)
     if os.environ.get("EVOMERGE_CACHE"):
         cache = Path(os.environ["EVOMERGE_CACHE"]).expanduser()
     else:
         xdg = os.environ.get("XDG_CACHE_HOME")
         cache = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "evomerge"
-    return cache / "zoo" / f"{size}-seed{seed}"
+    return cache / "zoo" / f"{size}{variant.tag(size)}-seed{seed}"
 
 
-def _marker(size: str, seed: int) -> dict[str, Any]:
-    """The build parameters the marker records; a cached zoo is reused only if all of them match."""
-    spec = json.loads(json.dumps(asdict(zoo_size(size))))
-    return {"version": ZOO_VERSION, "size": size, "seed": seed, "spec": spec}
+def _marker(size: str, seed: int, variant: ZooVariant = ZooVariant()) -> dict[str, Any]:
+    """The build parameters the marker records; a cached zoo is reused only if all of them match.
+
+    A default variant records no ``variant`` key, so size's own zoo keeps the marker it always had."""
+    spec = json.loads(json.dumps(asdict(variant.spec(size))))
+    marker = {"version": ZOO_VERSION, "size": size, "seed": seed, "spec": spec}
+    if not variant.is_default(size):
+        marker["variant"] = asdict(variant)
+    return marker
 
 
 def load_zoo(root: str | Path) -> Zoo | None:
@@ -668,20 +789,23 @@ def load_zoo(root: str | Path) -> Zoo | None:
     try:
         info = json.loads(marker.read_text(encoding="utf-8"))
         size, seed = info["size"], int(info["seed"])
+        variant = ZooVariant(**info.get("variant", {}))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(size, str) or size not in SIZES or not _is_complete(Path(root), size, seed):
+    if not isinstance(size, str) or size not in SIZES or not _is_complete(Path(root), size, seed, variant):
         return None
-    return Zoo.at(root, size, seed)
+    return Zoo.at(root, size, seed, variant)
 
 
-def _is_complete(root: Path, size: str, seed: int) -> bool:
+def _is_complete(root: Path, size: str, seed: int, variant: ZooVariant = ZooVariant()) -> bool:
     """Whether `root` holds a complete zoo built with these parameters and this zoo version."""
     try:
         info = json.loads((root / MARKER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(info, dict) and all(info.get(k) == v for k, v in _marker(size, seed).items())
+    expected = _marker(size, seed, variant)
+    return (isinstance(info, dict) and all(info.get(k) == v for k, v in expected.items())
+            and ("variant" in info) == ("variant" in expected))
 
 
 def _check_replaceable(root: Path) -> None:
@@ -708,6 +832,7 @@ def build_zoo(
     seed: int = 0,
     force: bool = False,
     progress: bool | Callable[[str], None] = True,
+    variant: ZooVariant = ZooVariant(),
 ) -> Zoo:
     """Build the demo zoo at `out_dir` (default: `default_zoo_dir(size, seed)`), or reuse it.
 
@@ -716,12 +841,13 @@ def build_zoo(
     place at the end, so an interrupted build leaves nothing behind (and an old zoo untouched
     until the new one is complete). `progress`: True prints to stderr, a callable receives each line.
     """
-    spec = zoo_size(size)
+    zoo_size(size)
+    variant.check(size)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"zoo seed must be a non-negative integer, got {seed!r}")
-    root = Path(out_dir).expanduser() if out_dir is not None else default_zoo_dir(size, seed)
-    if not force and _is_complete(root, size, seed):
-        return Zoo.at(root, size, seed)
+    root = Path(out_dir).expanduser() if out_dir is not None else default_zoo_dir(size, seed, variant)
+    if not force and _is_complete(root, size, seed, variant):
+        return Zoo.at(root, size, seed, variant)
     if root.exists() or root.is_symlink():
         _check_replaceable(root)
     log = progress if callable(progress) else (_stderr if progress else None)
@@ -730,20 +856,20 @@ def build_zoo(
     try:
         start = time.perf_counter()
         with _Deterministic():
-            _build_into(tmp, size, seed, spec, log or (lambda _: None))
+            _build_into(tmp, size, seed, variant, log or (lambda _: None))
         seconds = time.perf_counter() - start
         if log:
             log(f"[zoo] built in {seconds:.0f} s")
-        if not force and _is_complete(root, size, seed):  # another process finished first
+        if not force and _is_complete(root, size, seed, variant):  # another process finished first
             shutil.rmtree(tmp)
-            return Zoo.at(root, size, seed)
+            return Zoo.at(root, size, seed, variant)
         if root.exists():
             _remove_old_zoo(root)
         os.replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Zoo.at(root, size, seed)
+    return Zoo.at(root, size, seed, variant)
 
 
 def _stderr(line: str) -> None:
@@ -751,13 +877,19 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _build_into(root: Path, size: str, seed: int, spec: ZooSize, log: Callable[[str], None]) -> Zoo:
+def _save(model, tok, path: Path, dtype: str) -> None:
+    """Save a (float32-trained) zoo model in the zoo's dtype."""
+    save_model(model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype)), tok, path)
+
+
+def _build_into(root: Path, size: str, seed: int, variant: ZooVariant, log: Callable[[str], None]) -> Zoo:
     """Build every part of the zoo into `root`; the marker file is written last."""
     start = time.perf_counter()
-    zoo = Zoo.at(root, size, seed)
+    spec = variant.spec(size)
+    zoo = Zoo.at(root, size, seed, variant)
     tok = zoo_tokenizer()
-    log(f"[zoo] building the {size} zoo (seed {seed}) in {root}")
-    data = make_zoo_data(size, seed)
+    log(f"[zoo] building the {size}{variant.tag(size)} zoo (seed {seed}) in {root}")
+    data = make_zoo_data(size, seed, variant)
     write_zoo_data(data, root)
 
     def timed(label, fn):
@@ -768,20 +900,21 @@ def _build_into(root: Path, size: str, seed: int, spec: ZooSize, log: Callable[[
         return out
 
     base = timed(f"base: {spec.base_steps} steps of generic text + {spec.base_task_share:.0%} task examples",
-                 lambda: train_base(size, seed, tok, data, log=log))
-    save_model(base, tok, zoo.base)
-    for name in spec.families:
+                 lambda: train_base(size, seed, tok, data, log=log, variant=variant))
+    _save(base, tok, zoo.base, variant.dtype)
+    for name, tasks in variant.expert_tasks(size).items():
         expert = timed(f"expert {name}: {spec.expert_steps} steps",
-                       lambda: finetune(base, [name], size, seed, tok, data, log=log))
-        save_model(expert, tok, zoo.experts[name])
+                       lambda: finetune(base, list(tasks), size, seed, tok, data, log=log, steps=spec.expert_steps))
+        _save(expert, tok, zoo.experts[name], variant.dtype)
     multi = timed(f"multitask: {spec.multitask_steps} steps on {', '.join(spec.families)}",
-                  lambda: finetune(base, list(spec.families), size, seed, tok, data, log=log))
-    save_model(multi, tok, zoo.multitask)
+                  lambda: finetune(base, list(spec.families), size, seed, tok, data, log=log,
+                                   steps=spec.multitask_steps))
+    _save(multi, tok, zoo.multitask, variant.dtype)
     log("[zoo] test-split scores:")
     rows = measure_zoo(zoo, "test", log=log)
     seconds = time.perf_counter() - start
     zoo.report_path.write_text(render_report(zoo, rows, seconds), encoding="utf-8")
-    marker = {**_marker(size, seed), "families": list(spec.families), "seconds": round(seconds, 1),
+    marker = {**_marker(size, seed, variant), "families": list(spec.families), "seconds": round(seconds, 1),
               "scores": {label: {"per_task": pt, "mean": agg} for label, pt, agg in rows}}
     (root / MARKER_NAME).write_text(json.dumps(marker, indent=2), encoding="utf-8")
     return zoo

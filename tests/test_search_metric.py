@@ -75,7 +75,7 @@ def test_search_metric_proxy_scores_only_the_search_split(tiny_zoo, tmp_path):
     assert cfg.search_metric == "proxy"
     run = SearchRun(cfg)
     run.run()
-    search_metrics = {t.metric.name for t in run.evaluator("search")._tasks}
+    search_metrics = {t.metric.name for t in run.search_evaluators()[0]._tasks}
     assert search_metrics <= {"target_prob", "choice_prob", "loglikelihood", "perplexity"}
     assert "target_prob" in search_metrics
 

@@ -51,6 +51,25 @@ class Zoo(_Strict):
     size: Literal["tiny", "small"] = "small"
     seed: int = 0
     dir: str | None = None  # default: the user cache
+    # a variant of the zoo (evomerge.zoo.ZooVariant): what makes merging its experts hard
+    experts: int | None = Field(None, ge=2, le=8)
+    base_knows_tasks: bool = True
+    overlap: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def variant(self):
+        """The zoo variant these keys describe (checked against the size)."""
+        from evomerge.zoo import ZooVariant
+
+        v = ZooVariant(experts=self.experts, base_knows_tasks=self.base_knows_tasks, overlap=self.overlap,
+                       dtype=self.dtype)
+        v.check(self.size)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.variant()
+        return self
 
 
 class Budget(_Strict):
@@ -124,7 +143,12 @@ class RunConfig(_Strict):
     objectives: Literal["aggregate", "per_task"] = "aggregate"
     # what the search split is scored by: each task's own metric, or smooth proxies of exact match and
     # accuracy (Evaluator(proxy=True)); validation re-ranking and the test table always use the metric
-    search_metric: Literal["task", "proxy"] = "task"
+    # (mix: the mean of the two)
+    search_metric: Literal["task", "proxy", "mix"] = "task"
+    # where the sampler starts: "anchors" scores the space's anchor points first (the default point and
+    # each parameter at its range's quartiles; SearchSpace.anchor_points) and starts CMA-ES at the best
+    # of them; "default" enqueues the default point alone and CMA-ES starts at the middle of the ranges
+    start: Literal["anchors", "default"] = "default"
     budget: Budget = Field(default_factory=lambda: Budget(trials=50))
     sampler: Sampler = Field(default_factory=Sampler)
     pruner: Pruner = Field(default_factory=Pruner)

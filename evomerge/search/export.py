@@ -29,7 +29,8 @@ from optuna.trial import TrialState
 
 from evomerge.engine import run_merge
 from evomerge.recipe import load_recipe
-from evomerge.search.run import SearchRun, best_trials, trial_score
+from evomerge.search.run import SearchRun, trial_score
+from evomerge.search.select import select_winner
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Summary:
     timing: dict[str, float]
     counts: dict[str, int]
     files: dict[str, str] = field(default_factory=dict)
+    selection: str = ""  # the finalists' search-minus-validation gap, and whether it widened the selection
 
 
 def _row(label: str, result, validation: float | None = None) -> Row:
@@ -62,16 +64,16 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     """Re-rank on validation, score baselines on test, write every report file; returns the summary."""
     t0 = time.perf_counter()
     study, cfg, out, builder = run.study, run.cfg, run.out, run.builder
-    finalists = best_trials(study, cfg.top_k)
-    if not finalists:
-        raise RuntimeError("no trial completed; nothing to export (see trials.csv for failure reasons)")
-    log(f"re-ranking the top {len(finalists)} candidates on the validation split")
+    log(f"re-ranking the top {cfg.top_k} candidates on the validation split")
     val = run.evaluator("validation")
-    ranked = []
-    for t in finalists:
+
+    def validate(t) -> float:
         builder.build(load_recipe(t.user_attrs["recipe"]))
-        ranked.append((t, val.evaluate(builder.model).aggregate))
-    winner, winner_val = max(ranked, key=lambda x: x[1])
+        return val.evaluate(builder.model).aggregate
+
+    selection = select_winner(study, cfg.top_k, validate, sum(val.n_examples.values()))
+    log(selection.describe())
+    ranked, winner, winner_val = selection.ranked, selection.winner, selection.validation
     winner_recipe = load_recipe(winner.user_attrs["recipe"])
 
     log("scoring the winner and the baselines on the test split")
@@ -108,7 +110,7 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
               **{f"study_{k}": v for k, v in study_timing(study).items()}}
     summary = Summary(winner.number, winner_recipe.to_yaml(), rows,
                       [{"trial": t.number, "search": trial_score(t), "validation": v} for t, v in ranked],
-                      timing, counts, files)
+                      timing, counts, files, selection.describe())
     try:
         from evomerge.search.plots import write_plots
 
@@ -208,6 +210,7 @@ def render_summary(run: SearchRun, s: Summary) -> str:
     for f in s.finalists:
         mark = " **winner**" if f["trial"] == s.winner_trial else ""
         lines.append(f"| {f['trial']}{mark} | {f['search']:.3f} | {f['validation']:.3f} |")
+    lines += ["", s.selection] if s.selection else []
     t = s.timing
     lines += _study_time_lines(t)
     searched = t["build_s"] + t["eval_s"]

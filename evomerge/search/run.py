@@ -10,6 +10,7 @@ recorded as failed with its reason and the search goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -48,7 +49,7 @@ def resolve_inputs(cfg: RunConfig, progress: Callable[[str], None] = print) -> I
     if cfg.zoo is not None:
         from evomerge.zoo import build_zoo
 
-        zoo = build_zoo(cfg.zoo.dir, size=cfg.zoo.size, seed=cfg.zoo.seed, progress=True)
+        zoo = build_zoo(cfg.zoo.dir, size=cfg.zoo.size, seed=cfg.zoo.seed, progress=True, variant=cfg.zoo.variant())
         base = base or str(zoo.base)
         models = models or {name: str(p) for name, p in zoo.experts.items()}
         tasks = tasks or str(zoo.tasks_yaml)
@@ -113,15 +114,21 @@ class SearchRun:
         self.stats.setup_s = time.perf_counter() - t0 + self.builder.precompute()
 
     # -- pieces -----------------------------------------------------------------------------------
-    def evaluator(self, split: str):
+    def evaluator(self, split: str, proxy: bool = False):
+        """The evaluator of ``split`` by the tasks' metrics, or by their smooth proxies."""
         from evomerge.evaluate import Evaluator
 
-        if split not in self._evaluators:
-            self._evaluators[split] = Evaluator(self.task_specs, self.tokenizer, split=split,
-                                                batch_size=self.cfg.batch_size, device=self.builder.device,
-                                                bootstrap_iters=1000 if split == "test" else 0, seed=self.cfg.seed,
-                                                proxy=split == "search" and self.cfg.search_metric == "proxy")
-        return self._evaluators[split]
+        if (split, proxy) not in self._evaluators:
+            self._evaluators[split, proxy] = Evaluator(
+                self.task_specs, self.tokenizer, split=split, batch_size=self.cfg.batch_size,
+                device=self.builder.device, bootstrap_iters=1000 if split == "test" else 0, seed=self.cfg.seed,
+                proxy=proxy)
+        return self._evaluators[split, proxy]
+
+    def search_evaluators(self) -> list:
+        """What scores the search split: the metric, its proxy, or both (``search_metric: mix``, averaged)."""
+        kinds = {"task": [False], "proxy": [True], "mix": [False, True]}[self.cfg.search_metric]
+        return [self.evaluator("search", proxy) for proxy in kinds]
 
     def recipe_for(self, point: dict[str, float], name: str | None = None):
         """The complete recipe of a point in the search space."""
@@ -133,16 +140,18 @@ class SearchRun:
 
     def _open_study(self) -> optuna.Study:
         storage = make_storage(self.cfg.storage, self.out)
-        sampler = make_sampler(self.cfg.sampler, seed=self.cfg.seed,
-                               n_objectives=self.n_objectives)
         pruner = make_pruner(self.cfg.pruner, self.n_objectives)
-        with _file_lock(self.out / ".study.lock"):  # one creator; the default trial enqueued once
-            study = open_study(storage=storage, name=self.study_name(), sampler=sampler, pruner=pruner,
-                               n_objectives=self.n_objectives)
+        with _file_lock(self.out / ".study.lock"):  # one creator; the start points enqueued once
+            study = open_study(storage=storage, name=self.study_name(), sampler=self._sampler(None),
+                               pruner=pruner, n_objectives=self.n_objectives)
             if not study.get_trials(deepcopy=False):
                 study.set_user_attr("distributions", sorted(self.distributions))
                 study.set_user_attr("method", self.space.method)
-                study.enqueue_trial(self.default_point, user_attrs={"default": True})
+                starts = (self.space.anchor_points(self.model_names, self.num_layers)
+                          if self.cfg.start == "anchors" else [self.default_point])
+                study.set_user_attr("anchors", len(starts))
+                for i, point in enumerate(starts):
+                    study.enqueue_trial(point, user_attrs={"default": True} if i == 0 else {"anchor": i})
             else:
                 known = study.user_attrs.get("distributions")
                 if known is not None and known != sorted(self.distributions):
@@ -180,12 +189,39 @@ class SearchRun:
                 self.on_event("trial", {"record": record, "study": self.study, "started": started})
         return self.stats
 
+    def _sampler(self, x0: dict[str, float] | None) -> optuna.samplers.BaseSampler:
+        """The run's sampler; while a CMA-ES run's anchors are still being scored, a random sampler
+        (anchors are enqueued, so it samples nothing) that leaves no CMA-ES state behind."""
+        if self.cfg.start == "anchors" and self.cfg.sampler.name == "cmaes" and x0 is None:
+            return optuna.samplers.RandomSampler(seed=self.cfg.seed)
+        return make_sampler(self.cfg.sampler, seed=self.cfg.seed, n_objectives=self.n_objectives, x0=x0)
+
+    def _start_sampler(self) -> None:
+        """Hand over to CMA-ES once every anchor has finished, its mean at the best anchor by search score.
+
+        The start point is stored in the study the first time, so resumed runs and other workers start
+        the same CMA-ES (which then restores its state from the trials)."""
+        if not isinstance(self.study.sampler, optuna.samplers.RandomSampler) or self.cfg.sampler.name != "cmaes":
+            return
+        x0 = self.study.user_attrs.get("start_point")
+        if x0 is None:
+            anchors = [t for t in self.study.get_trials(deepcopy=False)
+                       if t.user_attrs.get("default") or t.user_attrs.get("anchor")]
+            if any(not t.state.is_finished() for t in anchors):
+                return  # some still queued or running: they come first
+            done = [t for t in anchors if t.state == TrialState.COMPLETE]
+            best = max(done, key=trial_score) if done else None
+            x0 = dict(best.params) if best else dict(self.default_point)
+            self.study.set_user_attr("start_point", x0)
+        self.study.sampler = self._sampler(x0)
+
     def _ask(self) -> optuna.Trial:
         """A new trial tagged with this worker before its parameters are sampled.
 
         Tagging first keeps the window in which a killed process leaves an untagged RUNNING trial
         (one the next start cannot recognise as orphaned) down to two storage writes.
         """
+        self._start_sampler()
         trial = self._current = self.study.ask()  # from here on, Ctrl-C marks it (``run``)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         for name, dist in self.distributions.items():
@@ -234,18 +270,34 @@ class SearchRun:
 
     def _score(self, trial: optuna.Trial):
         """Score on the search split, reporting running scores chunk by chunk to the pruner."""
-        ev = self.evaluator("search")
+        evs = self.search_evaluators()
         if self.cfg.pruner.name == "none" or self.n_objectives > 1:
-            return ev.evaluate(self.builder.model), False
-        for step, running in enumerate(ev.evaluate_chunks(self.builder.model, self.cfg.pruner.chunk_size)):
-            trial.report(running.aggregate, step)
+            return mean_result([ev.evaluate(self.builder.model) for ev in evs]), False
+        streams = [ev.evaluate_chunks(self.builder.model, self.cfg.pruner.chunk_size) for ev in evs]
+        for step, running in enumerate(zip(*streams)):  # every evaluator chunks its split the same way
+            score = sum(r.aggregate for r in running) / len(running)
+            trial.report(score, step)
             if trial.should_prune():
-                trial.set_user_attr("pruned_at", {"examples": running.examples_seen, "score": running.aggregate})
+                trial.set_user_attr("pruned_at", {"examples": running[0].examples_seen, "score": score})
                 return None, True
-        return ev.last_result, False
+        for stream in streams[1:]:  # zip stopped at the first one's end: let the others finish theirs
+            for _ in stream:
+                pass
+        return mean_result([ev.last_result for ev in evs]), False
 
 
 # ---------------------------------------------------------------------------------------------------
+def mean_result(results: list):
+    """One search-split result from several scorings of it (``search_metric: mix``): the mean aggregate and
+    per-task values (the first result when there is one)."""
+    if len(results) == 1:
+        return results[0]
+    n = len(results)
+    per_task = {t: sum(r.per_task[t] for r in results) / n for t in results[0].per_task}
+    return dataclasses.replace(results[0], aggregate=sum(r.aggregate for r in results) / n, per_task=per_task,
+                               tasks={}, seconds=sum(r.seconds for r in results))
+
+
 def _save_config(cfg: RunConfig, out: Path) -> None:
     """The resolved config, next to the study (``evomerge export`` reads storage and seed from it)."""
     import yaml
@@ -346,9 +398,11 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def best_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The top-k complete trials by search-split aggregate (per-task studies: mean of objectives)."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+def best_trials(study: optuna.Study, k: int, within: int | None = None) -> list[optuna.trial.FrozenTrial]:
+    """The top-k complete trials by search-split aggregate (per-task studies: mean of objectives), among
+    the first ``within`` trials of the study when given (what a run of that budget would have finalized)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if within is None or t.number < within]
 
     def score(t):
         return t.value if len(t.values) == 1 else sum(t.values) / len(t.values)

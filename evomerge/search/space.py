@@ -69,6 +69,9 @@ class SearchSpace(BaseModel):
     granularity: Literal["model", "block", "layer"] = "model"
     block_size: int = Field(4, ge=1)
     attn_mlp: bool = False
+    # separate values per tensor type: name filters (a tensor takes the first whose text is in its name,
+    # as mergekit's conditional filters do), plus the catch-all part "rest" for everything else
+    parts: list[str] = Field(default_factory=list)
     smooth: bool = True
     search: dict[str, Range] = Field(min_length=1)
     fixed: dict[str, float | bool] = Field(default_factory=dict)
@@ -93,7 +96,10 @@ class SearchSpace(BaseModel):
             return math.ceil(num_layers / self.block_size)
         return num_layers
 
-    def parts(self) -> tuple[str, ...]:
+    def part_names(self) -> tuple[str, ...]:
+        """The tensor groups that get their own values: ``all``; ``attn``/``mlp``; or each filter and ``rest``."""
+        if self.parts:
+            return (*self.parts, "rest")
         return ("attn", "mlp") if self.attn_mlp else ("all",)
 
     def param_names(self, model_names: list[str], num_layers: int) -> list[str]:
@@ -105,7 +111,7 @@ class SearchSpace(BaseModel):
             owners = model_names if per_model else [None]
             for owner in owners:
                 for g in range(self.n_groups(num_layers)):
-                    for part in self.parts():
+                    for part in self.part_names():
                         names.append(_dim_name(pname, owner, g, part, self.granularity))
         return names
 
@@ -115,14 +121,32 @@ class SearchSpace(BaseModel):
 
         dists = {}
         for name in self.param_names(model_names, num_layers):
-            r = self.search[name.split("[")[0].split(".")[0]]
+            r = self.search[_param_of(name)]
             dists[name] = FloatDistribution(r.low, r.high, log=r.log)
         return dists
 
     def default_point(self, model_names: list[str], num_layers: int) -> dict[str, float]:
         """The default recipe as a point: every dimension at its parameter's ``default``."""
-        return {n: self.search[n.split("[")[0].split(".")[0]].default
+        return {n: self.search[_param_of(n)].default
                 for n in self.param_names(model_names, num_layers)}
+
+    def anchor_points(self, model_names: list[str], num_layers: int) -> list[dict[str, float]]:
+        """Start points worth scoring before a sampler takes over: the default point first, then, for each
+        searched parameter, the default point with every dimension of that parameter at the first and
+        third quartile of its range (geometric for log ranges), skipping levels equal to the default.
+
+        A one-factor-at-a-time design (1 + 2·parameters points): it finds which uniform setting of each
+        knob suits the problem (e.g. task-arithmetic weights well below 1 for many experts) before CMA-ES
+        adapts the fine structure from the best of them."""
+        default = self.default_point(model_names, num_layers)
+        points = [default]
+        for pname, r in self.search.items():
+            for q in (0.25, 0.75):
+                level = (r.low * (r.high / r.low) ** q) if r.log else r.low + q * (r.high - r.low)
+                if abs(level - r.default) <= 1e-9 * max(1.0, abs(level)):
+                    continue
+                points.append({n: (level if _param_of(n) == pname else v) for n, v in default.items()})
+        return points
 
     # -- decoding ---------------------------------------------------------------------------------
     def to_recipe(self, point: dict[str, float], *, base_model: str, models: dict[str, str], num_layers: int,
@@ -168,8 +192,10 @@ class SearchSpace(BaseModel):
     def _setting(self, point: dict[str, float], pname: str, owner: str | None, num_layers: int):
         """One parameter's recipe value for one model: scalar, gradient list or mlp/attn conditional."""
         values = {part: [point[_dim_name(pname, owner, g, part, self.granularity)]
-                         for g in range(self.n_groups(num_layers))] for part in self.parts()}
+                         for g in range(self.n_groups(num_layers))] for part in self.part_names()}
         settings = {part: self._as_setting(v, num_layers) for part, v in values.items()}
+        if self.parts:
+            return [{"filter": f, "value": settings[f]} for f in self.parts] + [{"value": settings["rest"]}]
         if not self.attn_mlp:
             return settings["all"]
         return [{"filter": "mlp", "value": settings["mlp"]}, {"value": settings["attn"]}]
@@ -181,6 +207,11 @@ class SearchSpace(BaseModel):
         if self.granularity == "block" and not self.smooth:
             return [values[i // self.block_size] for i in range(num_layers)]
         return values
+
+
+def _param_of(dim: str) -> str:
+    """The parameter a dimension name belongs to: ``density[math][b2].mlp`` -> ``density``."""
+    return dim.split("[")[0].split(".")[0]
 
 
 def _dim_name(pname: str, owner: str | None, group: int, part: str, granularity: str) -> str:
@@ -230,6 +261,12 @@ def load_space(source: str | Path | dict, *, where: str | None = None) -> Search
             msg = _validate_scalar(method.param(key), v)
             if msg:
                 problems.append(f"fixed.{key}: {msg}")
+    if space.parts and space.attn_mlp:
+        problems.append("parts and attn_mlp both split tensors by type; use parts alone (e.g. [mlp])")
+    bad_parts = [p for p in space.parts if not p or p == "rest" or not p.replace("_", "").replace(".", "").isalnum()]
+    if bad_parts or len(set(space.parts)) != len(space.parts):
+        problems.append(f"parts: each must be a distinct tensor-name filter (letters, digits, _ and .), not 'rest'; "
+                        f"got {space.parts}")
     overlap = set(space.search) & set(space.fixed)
     if overlap:
         problems.append(f"{sorted(overlap)} are both searched and fixed")

@@ -56,12 +56,14 @@ def _first_rdb_storage(url: str, attempts: int = 6) -> optuna.storages.BaseStora
     raise AssertionError("unreachable")
 
 
-def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int,
+                 x0: dict[str, float] | None = None) -> optuna.samplers.BaseSampler:
     """The Optuna sampler of a run.
 
-    CMA-ES starts its mean at the middle of every range (in log space for log ranges): search spaces
-    put their default point there (``SearchSpace.off_center`` names any that do not), and the default is also enqueued as
-    the first trial. (Optuna deprecated CmaEsSampler's ``x0`` in 4.9, so ranges do the job.)
+    CMA-ES starts its mean at ``x0`` when given (the best anchor point of a run that starts from
+    anchors), else at the middle of every range (in log space for log ranges): search spaces put their
+    default point there (``SearchSpace.off_center`` names any that do not), and the default is also
+    enqueued as the first trial. Other samplers ignore ``x0``: they learn from the anchors' trials.
     """
     name = cfg.name
     if n_objectives > 1 and name == "cmaes":
@@ -71,11 +73,13 @@ def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int) -> optuna.sample
                               "warn_independent_sampling": False}
         if cfg.sigma0 is not None:
             kw["sigma0"] = cfg.sigma0
+        if x0 is not None:
+            kw["x0"] = x0
         if cfg.separable:
             kw["use_separable_cma"] = True
         with warnings.catch_warnings():  # what the run config asks for, tested with the pinned Optuna versions:
             # sigma0 is deprecated since Optuna 4.9 (removal planned for 6.0) and sep-CMA-ES is "experimental"
-            warnings.filterwarnings("ignore", message=".*sigma0.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*(sigma0|x0).*", category=FutureWarning)
             warnings.filterwarnings("ignore", message=".*use_separable_cma.*",
                                     category=optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.CmaEsSampler(**kw)
