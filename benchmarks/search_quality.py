@@ -90,7 +90,9 @@ DEFAULT_RUN = {
     "top_k": 5,
 }
 
-# Each method's default merge (weight 1 per expert; the usual density), the baselines a search must beat.
+# Each method's default merge (weight 1 per expert; the usual density; the subspace and data-aware
+# methods' own defaults), the baselines a search must beat. Data-aware methods calibrate each expert on
+# the search split of its own tasks (never validation or test).
 DEFAULT_MERGES = {
     "linear": {"weight": 1.0},
     "task_arithmetic": {"weight": 1.0},
@@ -98,7 +100,13 @@ DEFAULT_MERGES = {
     "dare_ties": {"weight": 1.0, "density": 0.5},
     "della": {"weight": 1.0, "density": 0.5},
     "breadcrumbs_ties": {"weight": 1.0, "density": 0.5},
+    "tsv_m": {},
+    "iso_c": {},
+    "iso_cts": {},
+    "regmean": {},
 }
+NO_BASE = {"linear", "regmean"}  # methods that merge the experts alone
+DATA_AWARE = {"regmean"}
 
 
 @dataclass
@@ -127,12 +135,23 @@ def _score(result) -> Score:
     return Score(result.aggregate, tuple(result.ci) if result.ci else None)
 
 
+def default_methods() -> list[str]:
+    """The methods of DEFAULT_MERGES this evomerge has."""
+    from evomerge.methods import METHODS
+
+    return [m for m in DEFAULT_MERGES if m in METHODS]
+
+
 def default_recipe(method: str, zoo) -> dict:
     """The recipe of `method` at its default merge over every expert of `zoo`."""
     recipe = {"merge_method": method, "dtype": "float32",
-              "models": [{"model": e, "parameters": dict(DEFAULT_MERGES[method])} for e in zoo.experts]}
-    if method != "linear":  # linear averages the experts alone
+              "models": [{"model": e, **({"parameters": dict(DEFAULT_MERGES[method])} if DEFAULT_MERGES[method] else {})}
+                         for e in zoo.experts]}
+    if method not in NO_BASE:
         recipe["base_model"] = "base"
+    if method in DATA_AWARE:
+        recipe["calibration"] = {"tasks": str(zoo.tasks_yaml), "split": "search", "examples": 64,
+                                 "model_tasks": {e: list(zoo.variant.expert_tasks(zoo.size)[e]) for e in zoo.experts}}
     return recipe
 
 
@@ -140,7 +159,7 @@ def baselines(zoo, cache: Path) -> dict[str, Score]:
     """Test-split scores with CIs of the base, each expert, each default merge and the reference (cached)."""
     if cache.exists():
         data = json.loads(cache.read_text())
-        if set(data) >= {f"default:{m}" for m in DEFAULT_MERGES}:
+        if set(data) >= {f"default:{m}" for m in default_methods()}:
             return {k: Score(v["value"], tuple(v["ci"]) if v["ci"] else None) for k, v in data.items()}
     from transformers import AutoModelForCausalLM
 
@@ -158,8 +177,12 @@ def baselines(zoo, cache: Path) -> dict[str, Score]:
         out[f"expert:{name}"] = _score(ev.evaluate(m))
         states[name] = m.state_dict()
     work = copy.deepcopy(base)
-    for method in DEFAULT_MERGES:
-        work.load_state_dict(merge_in_memory(default_recipe(method, zoo), states, seed=0))
+    dirs = {"base": zoo.base, **zoo.experts}
+    for method in default_methods():
+        merged = merge_in_memory(default_recipe(method, zoo), states, seed=0, model_dirs=dirs,
+                                 statistics_cache=cache.parent / "statistics") if method in DATA_AWARE else \
+            merge_in_memory(default_recipe(method, zoo), states, seed=0)
+        work.load_state_dict(merged)
         out[f"default:{method}"] = _score(ev.evaluate(work))
     out["reference"] = _score(ev.evaluate(load(zoo.multitask)))
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +280,7 @@ def render(results: dict[int, list[CaseResult]], budgets: list[int], args, wall_
         f"Run config of every case: `{json.dumps({**DEFAULT_RUN, **_overrides(args)}).replace(str(ROOT) + '/', '')}`; "
         f"search seeds {seeds}. Scores: test split, aggregate over the zoo's tasks (exact match, or accuracy "
         "for multiple choice), bootstrap 95% CI. *Best default*: the best of every method's default merge "
-        f"({', '.join(DEFAULT_MERGES)}; weight 1, density 0.5) on the test split. *Share*: of the gap from the "
+        f"({', '.join(default_methods())}; weight 1, density 0.5, the others' own defaults) on the test split. *Share*: of the gap from the "
         "best default to the multi-task reference, closed by the winner (validation-selected from the top "
         "5 of the first B trials); mean over seeds. *Sep.*: seeds whose winner's CI lies above the best "
         "default's.",

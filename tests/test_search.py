@@ -274,6 +274,7 @@ def _random_candidate(space, zoo, models: dict[str, str], *, seed: int, point_se
 
 @pytest.mark.parametrize("space", [
     "ties_per_block_attn_mlp.yaml",  # per-block values, attention and MLP filters
+    "ties_per_type.yaml",  # a value per tensor type (q/k/v/o, gate/up/down filters, catch-all) and lambda
     "ties_per_block.yaml",  # smooth: per-block values as gradients over layers
     "task_arithmetic_per_layer.yaml",  # a value per layer, and lambda
     {"method": "breadcrumbs", "granularity": "layer",  # both magnitude bounds, per layer

@@ -176,10 +176,10 @@ def test_mixed_search_metric_is_the_mean_of_the_metric_and_its_proxy(tiny_zoo, t
                                                         for t in task.per_task})
 
 
-def _study_with(values: list[float]) -> optuna.Study:
+def _study_with(values: list[float], default: int | None = None) -> optuna.Study:
     study = optuna.create_study(direction="maximize")
-    for v in values:
-        study.add_trial(optuna.trial.create_trial(value=v))
+    for i, v in enumerate(values):
+        study.add_trial(optuna.trial.create_trial(value=v, user_attrs={"default": True} if i == default else {}))
     return study
 
 
@@ -193,7 +193,11 @@ def test_selection_widens_the_finalists_when_the_search_split_overfits():
     # the best search scores are luck: validation is flat, except trial 7 (outside the top 3)
     lucky = select_winner(_study_with(values), 3, lambda t: 0.8 if t.number == 7 else 0.6, n_validation=400)
     assert lucky.widened and len(lucky.ranked) == WIDEN * 3 and lucky.winner.number == 7
-    assert "re-ranked the top 9" in lucky.describe()
+    assert "re-ranked 9 finalists" in lucky.describe()
+    # the default recipe's trial is always a finalist, and wins when validation prefers it
+    started = select_winner(_study_with(values, default=15), 3, lambda t: 0.9 if t.number == 15 else 0.6 + 0.01 * t.number,
+                            n_validation=400)
+    assert [t.number for t, _ in started.ranked] == [15, 8, 7, 6, 5, 4, 3, 2, 1, 0]  # widened, plus the default
     cut = select_winner(_study_with(values), 3, lambda t: 0.8 if t.number == 7 else 0.6, n_validation=400,
                         within=6)
     assert cut.winner.number == 0 and all(t.number < 6 for t, _ in cut.ranked)
@@ -211,7 +215,7 @@ def test_search_quality_benchmark_reports_each_budget_against_the_best_default(t
                       [4, 8], 0, log=lambda m: None, zoo=tiny_zoo, cache_dir=tmp_path)
     b = res.baselines
     assert set(b) == {"base", "reference", *[f"expert:{e}" for e in tiny_zoo.experts],
-                      *[f"default:{m}" for m in sq.DEFAULT_MERGES]}
+                      *[f"default:{m}" for m in sq.default_methods()]}
     assert res.best_default == max((k for k in b if k.startswith("default:")), key=lambda k: b[k].value)
     for budget in (4, 8):
         w = res.winners[budget]

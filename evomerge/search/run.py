@@ -194,7 +194,8 @@ class SearchRun:
         (anchors are enqueued, so it samples nothing) that leaves no CMA-ES state behind."""
         if self.cfg.start == "anchors" and self.cfg.sampler.name == "cmaes" and x0 is None:
             return optuna.samplers.RandomSampler(seed=self.cfg.seed)
-        return make_sampler(self.cfg.sampler, seed=self.cfg.seed, n_objectives=self.n_objectives, x0=x0)
+        return make_sampler(self.cfg.sampler, seed=self.cfg.seed, n_objectives=self.n_objectives, x0=x0,
+                            learn_from_pruned=self.cfg.pruner.name != "none")
 
     def _start_sampler(self) -> None:
         """Hand over to CMA-ES once every anchor has finished, its mean at the best anchor by search score.

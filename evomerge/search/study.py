@@ -56,14 +56,16 @@ def _first_rdb_storage(url: str, attempts: int = 6) -> optuna.storages.BaseStora
     raise AssertionError("unreachable")
 
 
-def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int,
-                 x0: dict[str, float] | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int, x0: dict[str, float] | None = None,
+                 learn_from_pruned: bool = False) -> optuna.samplers.BaseSampler:
     """The Optuna sampler of a run.
 
     CMA-ES starts its mean at ``x0`` when given (the best anchor point of a run that starts from
     anchors), else at the middle of every range (in log space for log ranges): search spaces put their
     default point there (``SearchSpace.off_center`` names any that do not), and the default is also
     enqueued as the first trial. Other samplers ignore ``x0``: they learn from the anchors' trials.
+    ``learn_from_pruned``: CMA-ES ranks a pruned trial by its last running score (Optuna's
+    ``consider_pruned_trials``) instead of never seeing it, so pruning does not starve its generations.
     """
     name = cfg.name
     if n_objectives > 1 and name == "cmaes":
@@ -75,12 +77,14 @@ def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int,
             kw["sigma0"] = cfg.sigma0
         if x0 is not None:
             kw["x0"] = x0
+        if learn_from_pruned:
+            kw["consider_pruned_trials"] = True
         if cfg.separable:
             kw["use_separable_cma"] = True
         with warnings.catch_warnings():  # what the run config asks for, tested with the pinned Optuna versions:
             # sigma0 is deprecated since Optuna 4.9 (removal planned for 6.0) and sep-CMA-ES is "experimental"
             warnings.filterwarnings("ignore", message=".*(sigma0|x0).*", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=".*use_separable_cma.*",
+            warnings.filterwarnings("ignore", message=".*(use_separable_cma|consider_pruned_trials).*",
                                     category=optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.CmaEsSampler(**kw)
     if name == "tpe":
