@@ -24,7 +24,8 @@ import torch
 
 from evomerge.checkpoint import CheckpointWriter, ModelReader, copy_tokenizer_files, parse_size
 from evomerge.methods import MergeMethod, RandomFields
-from evomerge.recipe import Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, resolve_source
+from evomerge.recipe import (Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, mergekit_note,
+                             resolve_source)
 
 LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks)\.)(?P<index>\d+)(?P<suffix>\..+)$")
 PRE_LAYER_HINTS = ("embed", "wte", "wpe")
@@ -412,6 +413,8 @@ class _Planner:
                 if m:
                     msg = f"{self.location(s, kernel_models[int(m.group(1))][0])}: {m.group(2)}"
                 self.problem(msg, out_name)
+            if method.check_shape is not None and (msg := method.check_shape(shape, len(kernel_models), params)):
+                self.problem(f"{method.name}: {msg}", out_name)
         return TensorTask(out_name, shape, method.name, kernel_base,
                           [refs[m] for m, _ in kernel_models], model_params, params, t)
 
@@ -574,11 +577,16 @@ def model_card(plan: MergePlan, seed: int) -> str:
              f"This model was merged with [evomerge](https://pypi.org/project/evomerge/) using the "
              f"**{plan.method.pretty_name}** method ({plan.method.reference}).", "",
              "## Source models", ""]
+    note = mergekit_note(recipe.merge_method)
+    if note:
+        lines[-2:-2] = [f"Note: {note}", ""]
     for m in models:
         role = " (base)" if m == recipe.base_model else ""
         lines.append(f"- `{m}`{role}")
     lines += ["", f"Output layers: {plan.num_layers}. Random seed: {seed}.", "",
-              "## Recipe", "", "The recipe is mergekit-compatible (`mergekit_config.yml`):", "",
+              "## Recipe", "", ("The recipe (`mergekit_config.yml`) is in mergekit's format; mergekit cannot run its "
+                                "method:" if note else
+                                "The recipe is mergekit-compatible (`mergekit_config.yml`):"), "",
               "```yaml", recipe.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
 

@@ -189,8 +189,13 @@ class Recipe(_Strict):
         return self.model_dump(mode="json", exclude_none=True)
 
     def to_yaml(self) -> str:
-        """mergekit-compatible YAML (numeric lists in flow style, like mergekit writes)."""
-        return yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False).rstrip() + "\n"
+        """mergekit-compatible YAML (numeric lists in flow style, like mergekit writes).
+
+        A method mergekit 0.1.5 does not have gets a comment at the top saying so.
+        """
+        text = yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False).rstrip() + "\n"
+        note = mergekit_note(self.merge_method)
+        return f"# {note}\n{text}" if note else text
 
     def with_paths(self, mapping: dict[str, str]) -> "Recipe":
         """A copy with model paths replaced through ``mapping`` (paths not in it unchanged)."""
@@ -211,6 +216,15 @@ class Recipe(_Strict):
             for src in s["sources"]:
                 src["model"] = sub(src["model"])
         return Recipe.model_validate(data)
+
+
+def mergekit_note(method_name: str) -> str | None:
+    """One line telling users that mergekit cannot run a recipe of this method (None for mergekit's own)."""
+    method = METHODS.get(method_name)
+    if method is None or method.in_mergekit:
+        return None
+    return (f"merge_method {method.name} ({method.pretty_name}) is an evomerge method: mergekit cannot run this "
+            f"recipe; merge it with `evomerge merge`.")
 
 
 class _RecipeDumper(yaml.SafeDumper):

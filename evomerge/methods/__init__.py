@@ -3,7 +3,7 @@
 Layers, bottom up: ``fields`` (reproducible randomness), ``sparsify`` (which
 elements of a task vector survive), ``consensus`` (TIES sign election and
 disjoint merge), the methods (``task_arithmetic``, ``linear``, ``slerp``,
-``model_stock``), and ``registry`` (names, parameters, validation, ``merge``).
+``model_stock``, and the data-free subspace methods in ``subspace``), and ``registry`` (names, parameters, validation, ``merge``).
 """
 
 from .consensus import agreement_mask, disjoint_merge, elect_sign, weighted_sum
@@ -13,6 +13,18 @@ from .linear import linear, passthrough
 from .model_stock import model_stock
 from .registry import METHODS, MergeMethod, ParamSpec, get_method
 from .slerp import nuslerp, nuslerp_t, slerp
+from .subspace import (
+    iso_c,
+    iso_cts,
+    iso_cts_dims,
+    isotropic,
+    mean_task_vector,
+    polar_factor,
+    subspace_task_vector,
+    top_singular,
+    tsv_merge,
+    tsv_rank,
+)
 from .sparsify import (
     apply_mask,
     breadcrumbs_mask,
@@ -60,4 +72,7 @@ __all__ = [
     "elect_sign", "agreement_mask", "disjoint_merge", "weighted_sum",
     # other methods
     "linear", "passthrough", "slerp", "nuslerp", "nuslerp_t", "model_stock",
+    # data-free subspace methods
+    "subspace_task_vector", "tsv_merge", "tsv_rank", "iso_c", "iso_cts", "iso_cts_dims", "isotropic",
+    "polar_factor", "top_singular", "mean_task_vector",
 ]

@@ -19,6 +19,7 @@ from .fields import RandomFields
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .slerp import nuslerp, nuslerp_t, slerp
+from .subspace import subspace_task_vector, tsv_rank
 from .task_arithmetic import VARIANTS, TaskArithmeticVariant, compute_dtype, generalized_task_arithmetic
 
 
@@ -86,6 +87,11 @@ class MergeMethod:
     needs_fields: bool = False
     min_others: int = 0
     max_others: int | None = None
+    # a problem with one output tensor's shape for these inputs and global values (or None), checked
+    # when a merge is planned, before any weight is read
+    check_shape: Callable[[tuple[int, ...], int, dict], str | None] | None = field(
+        repr=False, compare=False, default=None)
+    in_mergekit: bool = True  # whether mergekit 0.1.5 has this method (else exported recipes say so)
 
     # ------------------------------------------------------------------ parameters
 
@@ -169,7 +175,7 @@ class MergeMethod:
         if others < self.min_others or (self.max_others is not None and others > self.max_others):
             expected = (f"exactly {self.min_others}" if self.max_others == self.min_others
                         else f"at least {self.min_others}")
-            noun = "model" if expected == "exactly 1" else "models"
+            noun = "model" if expected.endswith(" 1") else "models"
             errors.append(f"{self.name} needs {expected} {noun} besides the base, got {others}")
         return errors
 
@@ -304,6 +310,63 @@ def _passthrough_kernel(*, base, tensors, model_params, params, fields):
     return passthrough(tensors[0], model_params[0]["scale"])
 
 
+def _subspace_kernel(name: str) -> Kernel:
+    def kernel(*, base, tensors, model_params, params, fields):
+        base_c, *others = _compute([base, *tensors])
+        deltas = [(x - base_c) * m["weight"] for x, m in zip(others, model_params)]
+        merged = subspace_task_vector(name, deltas, rank_fraction=params.get("rank_fraction", 0.0),
+                                      common_space_fraction=params.get("common_space_fraction", 0.8))
+        return base_c + params["lambda"] * merged
+    return kernel
+
+
+def _tsv_cross_check(model_params: list[dict], params: dict) -> list[str]:
+    fraction, n = params["rank_fraction"], len(model_params)
+    if n and fraction * n > 1 + 1e-12:
+        return [f"rank_fraction {fraction:g} x {n} models exceeds 1: the task subspaces together cannot "
+                f"hold more singular components than a matrix has (use at most {1 / n:.4g}, or 0 for 1/{n})"]
+    return []
+
+
+def _tsv_check_shape(shape: tuple[int, ...], n_models: int, params: dict) -> str | None:
+    if len(shape) != 2 or n_models == 0:
+        return None
+    if tsv_rank(shape, n_models, params["rank_fraction"]) == 0:
+        return (f"shape {list(shape)}: rank_fraction {params['rank_fraction']:g} keeps no singular component "
+                f"of a {min(shape)}-rank matrix per model ({n_models} models); raise rank_fraction")
+    return None
+
+
+SUBSPACE_LAMBDA = ParamSpec("lambda", float, 1.0, False, description="Scale of the merged task vector (the papers' α).")
+SUBSPACE_WEIGHT = ParamSpec("weight", float, 1.0, True, description="Scale of this model's task vector before merging.")
+
+
+def _subspace_methods() -> list[MergeMethod]:
+    common = dict(requires_base=True, uses_base_as_input=False, min_models=2, max_models=None, min_others=1,
+                  in_mergekit=False)
+    return [
+        MergeMethod(
+            name="tsv_m", pretty_name="TSV-Merge", reference="https://arxiv.org/abs/2412.00081",
+            params=(SUBSPACE_WEIGHT, SUBSPACE_LAMBDA,
+                    ParamSpec("rank_fraction", float, 0.0, False, 0.0, 1.0,
+                              "Fraction of each task vector's singular components kept; 0 = 1/number of models.")),
+            kernel=_subspace_kernel("tsv_m"), cross_check=_tsv_cross_check, check_shape=_tsv_check_shape, **common,
+        ),
+        MergeMethod(
+            name="iso_c", pretty_name="Iso-C", reference="https://arxiv.org/abs/2502.04959",
+            params=(SUBSPACE_WEIGHT, SUBSPACE_LAMBDA),
+            kernel=_subspace_kernel("iso_c"), **common,
+        ),
+        MergeMethod(
+            name="iso_cts", pretty_name="Iso-CTS", reference="https://arxiv.org/abs/2502.04959",
+            params=(SUBSPACE_WEIGHT, SUBSPACE_LAMBDA,
+                    ParamSpec("common_space_fraction", float, 0.8, False, 0.0, 1.0,
+                              "Fraction of the rank given to the subspace common to all tasks.")),
+            kernel=_subspace_kernel("iso_cts"), **common,
+        ),
+    ]
+
+
 def _task_arithmetic_method(variant: TaskArithmeticVariant) -> MergeMethod:
     params = [
         INT8_MASK,
@@ -366,6 +429,7 @@ def _build_methods() -> dict[str, MergeMethod]:
         ),
     ]
     methods += [_task_arithmetic_method(variant) for variant in VARIANTS.values()]
+    methods += _subspace_methods()
     return {method.name: method for method in methods}
 
 
