@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from evomerge.calibration import Calibration
 from evomerge.methods import METHODS, MergeMethod, get_method
 from evomerge.yamlfile import parse_yaml_mapping, read_yaml_mapping
 
@@ -142,6 +143,7 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     chat_template: str | None = None
     name: str | None = None
+    calibration: Calibration | None = None  # data-aware methods only (evomerge.calibration)
     _structure: tuple | None = PrivateAttr(default=None)
 
     @field_validator("dtype", "out_dtype", mode="before")
@@ -270,7 +272,7 @@ _UNION_TAGS = {"bool", "int", "float", "str", "list[union[bool,int,float,str]]",
                "list[Conditional]", "tuple[int, int]"}
 _KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
                "tokenizer_source", "chat_template", "name", "model", "layer_range", "sources", "filter",
-               "value"}
+               "value", "calibration", "tasks", "split", "examples", "max_length", "gram", "model_tasks"}
 
 
 def _suggest(word: str, vocabulary=None) -> str:
@@ -327,6 +329,11 @@ def validate_recipe(recipe: Recipe) -> list[str]:
     if recipe.tokenizer_source not in (None, "base", "union") and recipe.tokenizer_source not in recipe.referenced_models():
         # a path not among the inputs is allowed (mergekit allows any model); it must simply exist
         pass
+    if method.calibration is not None and recipe.calibration is None:
+        problems.append(f"calibration: method '{method.name}' needs calibration data; add e.g. "
+                        f"calibration: {{tasks: tasks.yaml, split: search, examples: 64}}")
+    if method.calibration is None and recipe.calibration is not None:
+        problems.append(f"calibration: method '{method.name}' uses no data; remove the calibration block")
     if recipe.tokenizer_source == "union":
         problems.append("tokenizer_source: 'union' (vocabulary merging) is not supported; use 'base' or a model path")
 

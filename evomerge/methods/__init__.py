@@ -3,7 +3,7 @@
 Layers, bottom up: ``fields`` (reproducible randomness), ``sparsify`` (which
 elements of a task vector survive), ``consensus`` (TIES sign election and
 disjoint merge), the methods (``task_arithmetic``, ``linear``, ``slerp``,
-``model_stock``, and the data-free subspace methods in ``subspace``), and ``registry`` (names, parameters, validation, ``merge``).
+``model_stock``, and the data-free subspace methods in ``subspace``, ``regmean``), and ``registry`` (names, parameters, validation, ``merge``).
 """
 
 from .consensus import agreement_mask, disjoint_merge, elect_sign, weighted_sum
@@ -12,6 +12,7 @@ from .host import tune_host_allocator
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .registry import METHODS, MergeMethod, ParamSpec, get_method
+from .regmean import reduce_off_diagonal, regmean, regmean_diagonal, regmean_full
 from .slerp import nuslerp, nuslerp_t, slerp
 from .subspace import (
     iso_c,
@@ -75,4 +76,6 @@ __all__ = [
     # data-free subspace methods
     "subspace_task_vector", "tsv_merge", "tsv_rank", "iso_c", "iso_cts", "iso_cts_dims", "isotropic",
     "polar_factor", "top_singular", "mean_task_vector",
+    # data-aware methods
+    "regmean", "regmean_full", "regmean_diagonal", "reduce_off_diagonal",
 ]

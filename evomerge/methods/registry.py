@@ -19,6 +19,7 @@ from .fields import RandomFields
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .slerp import nuslerp, nuslerp_t, slerp
+from .regmean import regmean
 from .subspace import subspace_task_vector, tsv_rank
 from .task_arithmetic import VARIANTS, TaskArithmeticVariant, compute_dtype, generalized_task_arithmetic
 
@@ -92,6 +93,9 @@ class MergeMethod:
     check_shape: Callable[[tuple[int, ...], int, dict], str | None] | None = field(
         repr=False, compare=False, default=None)
     in_mergekit: bool = True  # whether mergekit 0.1.5 has this method (else exported recipes say so)
+    # the calibration statistics the kernel needs ("gram": RegMean's input Gram matrices), computed per
+    # input model by evomerge.calibration and given to the kernel as ``statistics``; None: data-free
+    calibration: str | None = None
 
     # ------------------------------------------------------------------ parameters
 
@@ -189,13 +193,15 @@ class MergeMethod:
         model_params: Sequence[Mapping[str, Any]],
         params: Mapping[str, Any],
         fields: Sequence[torch.Tensor | None] | None = None,
+        statistics: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Merge one tensor; result has the base's dtype (else the first input's).
 
         ``tensors`` are the non-base inputs in recipe order (all inputs for methods
         with ``uses_base_as_input``), ``model_params[i]`` their per-model values,
         ``params`` the global ones; ``fields[i]`` is the random field of input i
-        (``random_field``) for DARE/DELLA. Computes in float32 (float64 for
+        (``random_field``) for DARE/DELLA; ``statistics[i]`` input i's calibration statistics for
+        this tensor (methods with ``calibration``; None where the tensor has none). Computes in float32 (float64 for
         float64 inputs) and casts at the end. Raises ValueError on bad input.
         """
         tensors = list(tensors)
@@ -217,8 +223,14 @@ class MergeMethod:
                 raise ValueError(f"{self.name}: needs one random field per input model (see random_field)")
         resolved_models, resolved_global = self.resolve(model_params, params)
         out_dtype = reference.dtype
+        extra = {}
+        if self.calibration is not None:
+            if statistics is None or len(statistics) != len(tensors):
+                raise ValueError(f"{self.name}: needs calibration statistics for each input model "
+                                 f"(None where the tensor has none); see evomerge.calibration")
+            extra["statistics"] = list(statistics)
         result = self.kernel(base=base, tensors=tensors, model_params=resolved_models,
-                             params=resolved_global, fields=fields)
+                             params=resolved_global, fields=fields, **extra)
         return result.to(out_dtype)
 
 
@@ -367,6 +379,21 @@ def _subspace_methods() -> list[MergeMethod]:
     ]
 
 
+def _regmean_kernel(*, base, tensors, model_params, params, fields, statistics):
+    weights = _compute(tensors)
+    return regmean(weights, statistics, params["alpha"])
+
+
+REGMEAN = MergeMethod(
+    name="regmean", pretty_name="RegMean", reference="https://arxiv.org/abs/2212.09849",
+    params=(ParamSpec("alpha", float, 0.6, False, 0.0, 1.0,
+                      "Scale of the Gram matrices' off-diagonal entries (1 = exact least squares, 0 = diagonal); "
+                      "default: FusionBench's GPT-2 setting."),),
+    requires_base=False, uses_base_as_input=True, min_models=2, max_models=None,
+    kernel=_regmean_kernel, in_mergekit=False, calibration="gram",
+)
+
+
 def _task_arithmetic_method(variant: TaskArithmeticVariant) -> MergeMethod:
     params = [
         INT8_MASK,
@@ -430,6 +457,7 @@ def _build_methods() -> dict[str, MergeMethod]:
     ]
     methods += [_task_arithmetic_method(variant) for variant in VARIANTS.values()]
     methods += _subspace_methods()
+    methods.append(REGMEAN)
     return {method.name: method for method in methods}
 
 
