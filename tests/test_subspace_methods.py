@@ -191,3 +191,25 @@ def test_exported_recipe_and_model_card_say_mergekit_cannot_run_it(llama_family,
     assert "Note: merge_method tsv_m (TSV-Merge) is an evomerge method" in (out / "README.md").read_text()
     assert yaml.safe_load((out / "mergekit_config.yml").read_text())["merge_method"] == "tsv_m"
     assert set(SUBSPACE) <= set(METHODS)
+
+
+@pytest.mark.parametrize("space_file", ["tsv_m_per_model.yaml", "iso_cts_per_model.yaml", "iso_c_per_block.yaml"])
+def test_shipped_spaces_build_the_engines_merge(llama_family, tmp_path, space_file):
+    """A random point of each shipped subspace space: the search's candidate equals ``run_merge`` of its recipe."""
+    from pathlib import Path
+
+    from evomerge.search.builder import CandidateBuilder
+    from evomerge.search.space import load_space
+
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / space_file)
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    builder = CandidateBuilder(llama_family["base"], models, method=space.method, device="cpu", seed=0)
+    rng = torch.Generator().manual_seed(3)
+    point = {k: d.low + (d.high - d.low) * torch.rand(1, generator=rng).item()
+             for k, d in space.distributions(list(models), builder.num_layers).items()}
+    recipe = space.to_recipe(point, base_model=str(llama_family["base"]), models=models,
+                             num_layers=builder.num_layers, dtype="float32")
+    builder.build(recipe)
+    out = read_weights(run_merge(recipe, tmp_path / "out", device="cpu"))
+    live = builder.model.state_dict()
+    assert out and all(torch.equal(v, live[k]) for k, v in out.items())

@@ -32,7 +32,7 @@ from evomerge.methods import METHODS, get_method
 from evomerge.recipe import Recipe, _pydantic_message, _suggest, _validate_scalar
 from evomerge.yamlfile import read_yaml_mapping
 
-SEARCHABLE = ("weight", "density", "epsilon", "gamma", "lambda", "t")
+SEARCHABLE = ("weight", "density", "epsilon", "gamma", "lambda", "t", "rank_fraction", "common_space_fraction", "alpha")
 
 
 class SpaceError(ValueError):
