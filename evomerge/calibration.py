@@ -42,7 +42,7 @@ class Calibration(BaseModel):
     """The ``calibration:`` block of a recipe (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
-    tasks: str
+    tasks: str | None = None  # required in a recipe; a search space without it uses the run's tasks
     split: Literal["search", "train"] = "search"
     examples: int = Field(64, ge=1)
     max_length: int = Field(256, ge=2)
@@ -55,6 +55,8 @@ def calibration_texts(calibration: Calibration, model_names: Sequence[str], base
     """Per model, its calibration texts (prompt + gold continuation), checked before any model is read."""
     from evomerge.evaluate import TaskError, load_tasks
 
+    if calibration.tasks is None:
+        raise CalibrationError(f"{where}: calibration.tasks: missing; name the task YAML of the calibration data")
     path = Path(calibration.tasks).expanduser()
     if not path.is_absolute() and base_dir is not None and (base_dir / path).is_file():
         path = base_dir / path

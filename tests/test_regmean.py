@@ -164,3 +164,37 @@ def test_calibration_errors_come_before_any_model_runs(llama_family, tmp_path):
     with pytest.raises(RecipeError, match="no calibration statistics given for model"):
         prepare_statistics(plan, statistics={})
     assert Calibration(tasks="x").split == "search"
+
+
+def test_regmean_search_space_builds_the_engines_merge(llama_family, tmp_path):
+    """The shipped RegMean space with the run's tasks: statistics computed once per builder, candidates equal
+    ``run_merge`` of their recipes."""
+    from pathlib import Path
+
+    from evomerge.search.builder import CandidateBuilder
+    from evomerge.search.space import SpaceError, load_space
+
+    tasks = write_tasks(tmp_path)
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "regmean_per_block.yaml")
+    with pytest.raises(SpaceError, match="given inline; name a task file"):
+        space.with_calibration_tasks({"tasks": []})
+    space = space.with_calibration_tasks(str(tasks))
+    assert space.calibration.tasks == str(tasks.resolve())
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    builder = CandidateBuilder(llama_family["base"], models, method="regmean", device="cpu",
+                               statistics_cache=tmp_path / "cache")
+    for alpha in (0.3, 0.9):
+        point = {name: alpha for name in space.param_names(list(models), builder.num_layers)}
+        recipe = space.to_recipe(point, base_model=str(llama_family["base"]), models=models,
+                                 num_layers=builder.num_layers, dtype="float32")
+        builder.build(recipe)
+        out = read_weights(run_merge(recipe, tmp_path / f"out{alpha}", device="cpu",
+                                     statistics_cache=tmp_path / "cache"))
+        live = builder.model.state_dict()
+        assert all(torch.equal(v, live[k]) for k, v in out.items())
+    assert len(builder._statistics) == 1 and len(list((tmp_path / "cache").glob("gram-*"))) == 3
+    with pytest.raises(SpaceError, match="needs calibration data"):
+        load_space({"method": "regmean", "search": {"alpha": {"low": 0.1, "high": 0.9}}})
+    with pytest.raises(SpaceError, match="uses no data"):
+        load_space({"method": "ties", "search": {"weight": {"low": 0.1, "high": 0.9}},
+                    "calibration": {"tasks": "t.yaml"}})

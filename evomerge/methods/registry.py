@@ -389,9 +389,9 @@ REGMEAN = MergeMethod(
     params=(ParamSpec("alpha", float, 0.6, False, 0.0, 1.0,
                       "Scale of the Gram matrices' off-diagonal entries (1 = exact least squares, 0 = diagonal); "
                       "default: FusionBench's GPT-2 setting."),),
-    requires_base=False, uses_base_as_input=True, min_models=2, max_models=None,
+    requires_base=False, uses_base_as_input=False, min_models=2, max_models=None, min_others=2,
     kernel=_regmean_kernel, in_mergekit=False, calibration="gram",
-)
+)  # a base_model, if given, is read but not merged: RegMean combines the fine-tunes only
 
 
 def _task_arithmetic_method(variant: TaskArithmeticVariant) -> MergeMethod:
