@@ -601,7 +601,9 @@ def test_registry_names_defaults_and_contracts():
     mergekit_methods = {
         "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
         "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough",
+        "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
     }
+    assert {m.spec.name for m in mk_registry.registered_methods()} == mergekit_methods  # all 20 of mergekit 0.1.5
     assert {name for name, method in METHODS.items() if method.in_mergekit} == mergekit_methods
     assert set(METHODS) - mergekit_methods >= {"tsv_m", "iso_c", "iso_cts"}
     defaults = {name: (METHODS[name].param("normalize").default, METHODS[name].param("rescale").default)

@@ -12,8 +12,12 @@ from .host import tune_host_allocator
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .registry import METHODS, MergeMethod, ParamSpec, get_method
+from .ram import ram, ram_masks
 from .regmean import reduce_off_diagonal, regmean, regmean_diagonal, regmean_full
+from .sce import sce, sce_select, sce_weights
+from .selective import arcee_fusion, fusion_importance, nearswap, upper_fence
 from .slerp import nuslerp, nuslerp_t, slerp
+from .spherical_mean import karcher_mean, multislerp
 from .subspace import (
     iso_c,
     iso_cts,
@@ -73,6 +77,8 @@ __all__ = [
     "elect_sign", "agreement_mask", "disjoint_merge", "weighted_sum",
     # other methods
     "linear", "passthrough", "slerp", "nuslerp", "nuslerp_t", "model_stock",
+    "multislerp", "karcher_mean", "sce", "sce_select", "sce_weights", "nearswap", "arcee_fusion",
+    "fusion_importance", "upper_fence", "ram", "ram_masks",
     # data-free subspace methods
     "subspace_task_vector", "tsv_merge", "tsv_rank", "iso_c", "iso_cts", "iso_cts_dims", "isotropic",
     "polar_factor", "top_singular", "mean_task_vector",

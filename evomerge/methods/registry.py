@@ -19,7 +19,11 @@ from .fields import RandomFields
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .slerp import nuslerp, nuslerp_t, slerp
+from .ram import ram
 from .regmean import regmean
+from .sce import sce
+from .selective import arcee_fusion, nearswap
+from .spherical_mean import karcher_mean, multislerp
 from .subspace import subspace_task_vector, tsv_rank
 from .task_arithmetic import VARIANTS, TaskArithmeticVariant, compute_dtype, generalized_task_arithmetic
 
@@ -35,6 +39,7 @@ class ParamSpec:
     minimum: float | None = None
     maximum: float | None = None
     description: str = ""
+    integer: bool = False  # a whole number (given as a number; the kernel takes int(value))
 
     @property
     def required(self) -> bool:
@@ -50,6 +55,8 @@ class ParamSpec:
             return f"{self.name} must be a number, got {value!r}"
         if not math.isfinite(value):
             return f"{self.name} must be finite, got {value!r}"
+        if self.integer and value != int(value):
+            return f"{self.name} must be a whole number, got {value!r}"
         low, high = self.minimum, self.maximum
         if (low is not None and value < low) or (high is not None and value > high):
             if low is not None and high is not None:
@@ -394,6 +401,98 @@ REGMEAN = MergeMethod(
 )  # a base_model, if given, is read but not merged: RegMean combines the fine-tunes only
 
 
+def _multislerp_kernel(*, base, tensors, model_params, params, fields):
+    base_c, *others = _compute([base, *tensors])
+    return multislerp(others, [m["weight"] for m in model_params], base_c,
+                      normalize_weights=params["normalize_weights"], eps=params["eps"])
+
+
+def _karcher_kernel(*, base, tensors, model_params, params, fields):
+    others = _compute(tensors)
+    return karcher_mean(others, [1.0 / len(others)] * len(others), max_iter=int(params["max_iter"]), tol=params["tol"])
+
+
+def _sce_kernel(*, base, tensors, model_params, params, fields):
+    base_c, *others = _compute([base, *tensors])
+    return sce(base_c, others, params["select_topk"])
+
+
+def _nearswap_kernel(*, base, tensors, model_params, params, fields):
+    base_c, other = _compute([base, tensors[0]])
+    return nearswap(params["t"], base_c, other)
+
+
+def _arcee_fusion_kernel(*, base, tensors, model_params, params, fields):
+    base_c, other = _compute([base, tensors[0]])
+    return arcee_fusion(base_c, other)
+
+
+def _ram_kernel(*, base, tensors, model_params, params, fields):
+    base_c, *others = _compute([base, *tensors])
+    return ram(base_c, others, params["epsilon"], r=params.get("r", 0.0), alpha=params.get("alpha", 0.0))
+
+
+def _global(name: str, default: float, description: str, minimum: float | None = 0.0,
+            maximum: float | None = None, integer: bool = False) -> ParamSpec:
+    return ParamSpec(name, float, default, False, minimum, maximum, description, integer)
+
+
+def _more_mergekit_methods() -> list[MergeMethod]:
+    """mergekit 0.1.5's multislerp, karcher, sce, nearswap, arcee_fusion, ram and ramplus_tl."""
+    ram_epsilon = _global("epsilon", 1e-5, "|δ| above which a model counts as updating an element.")
+    return [
+        MergeMethod(
+            name="multislerp", pretty_name="Multi-SLERP",
+            reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+            params=(_weight(), _bool("normalize_weights", True, "Divide the weights by their sum."),
+                    _global("eps", 1e-8, "Added to norms for numerical stability.")),
+            requires_base=False, uses_base_as_input=False, min_models=1, max_models=None, min_others=1,
+            kernel=_multislerp_kernel,
+        ),
+        MergeMethod(
+            name="karcher", pretty_name="Karcher Mean", reference="https://arxiv.org/abs/2603.04972",
+            params=(_global("max_iter", 10, "Riemannian gradient steps at most.", integer=True),
+                    _global("tol", 1e-5, "Stop when the tangent step is below this; smaller norms are ignored.")),
+            requires_base=False, uses_base_as_input=True, min_models=1, max_models=None,
+            kernel=_karcher_kernel,
+        ),
+        MergeMethod(
+            name="sce", pretty_name="SCE", reference="https://arxiv.org/abs/2408.07990",
+            params=(INT8_MASK, _global("select_topk", 1.0, "Fraction of elements kept, by variance across models.",
+                                       maximum=1.0)),
+            requires_base=True, uses_base_as_input=False, min_models=1, max_models=None,
+            kernel=_sce_kernel,
+        ),
+        MergeMethod(
+            name="nearswap", pretty_name="NearSwap",
+            reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+            params=(ParamSpec("t", float, None, False, 0.0, None,
+                              "Distance |a − b| up to which an element takes the other model's value."),),
+            requires_base=True, uses_base_as_input=False, min_models=2, max_models=2, min_others=1, max_others=1,
+            kernel=_nearswap_kernel,
+        ),
+        MergeMethod(
+            name="arcee_fusion", pretty_name="Arcee Fusion", reference="https://arcee.ai",
+            params=(), requires_base=True, uses_base_as_input=False, min_models=2, max_models=2,
+            min_others=1, max_others=1, kernel=_arcee_fusion_kernel,
+        ),
+        MergeMethod(
+            name="ram", pretty_name="Reinforced Agent Merging", reference="https://arxiv.org/abs/2601.13572",
+            params=(ram_epsilon,), requires_base=True, uses_base_as_input=False, min_models=1, max_models=None,
+            kernel=_ram_kernel,
+        ),
+        MergeMethod(
+            name="ramplus_tl", pretty_name="Reinforced Agent Merging Plus (Tensor-Local)",
+            reference="https://arxiv.org/abs/2601.13572",
+            params=(_global("r", 0.1, "Boost of unique updates per unit of overlap share."),
+                    _global("alpha", 0.2, "Cap on the overlap share (shared / unique active elements)."),
+                    ram_epsilon),
+            requires_base=True, uses_base_as_input=False, min_models=1, max_models=None,
+            kernel=_ram_kernel,
+        ),
+    ]
+
+
 def _task_arithmetic_method(variant: TaskArithmeticVariant) -> MergeMethod:
     params = [
         INT8_MASK,
@@ -456,6 +555,7 @@ def _build_methods() -> dict[str, MergeMethod]:
         ),
     ]
     methods += [_task_arithmetic_method(variant) for variant in VARIANTS.values()]
+    methods += _more_mergekit_methods()
     methods += _subspace_methods()
     methods.append(REGMEAN)
     return {method.name: method for method in methods}
