@@ -634,7 +634,7 @@ def test_registry_names_defaults_and_contracts():
 
 
 def test_get_method_unknown_lists_known_names():
-    with pytest.raises(ValueError, match="unknown merge method 'tie'.*known: breadcrumbs.*ties"):
+    with pytest.raises(ValueError, match="unknown merge method 'tie'.*known: arcee_fusion, breadcrumbs.*ties"):
         get_method("tie")
     with pytest.raises(ValueError, match="ties has no parameter 'gamma'"):
         get_method("ties").param("gamma")
