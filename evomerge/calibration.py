@@ -11,8 +11,9 @@ A recipe whose method needs data (RegMean) names its calibration set::
       model_tasks:              # optional: the tasks whose examples a model sees (default: every task)
         experts/rev: [rev]
 
-Each example is its prompt followed by its gold continuation. Statistics are computed by forward
-hooks on every ``nn.Linear`` (padding excluded) and cached as safetensors under a key made of the
+Each example is its prompt followed by its gold continuation. RegMean's statistics come from forward
+hooks on every ``nn.Linear`` (padding excluded), Fisher merging's from per-example gradients; both are
+cached as safetensors under a key made of the
 model's content hash, the calibration texts and the settings, so a second merge with the same
 models and data reads them instead of running the models.
 """
@@ -145,6 +146,35 @@ def gram_statistics(model: torch.nn.Module, tokenizer, texts: Sequence[str], *, 
     return {name: (total / max(counts[name], 1)).cpu() for name, total in sums.items()}
 
 
+def fisher_statistics(model: torch.nn.Module, tokenizer, texts: Sequence[str], *, max_length: int
+                      ) -> dict[str, torch.Tensor]:
+    """Per parameter, the mean over examples of the squared gradient of the example's summed next-token loss.
+
+    The empirical diagonal Fisher (Matena & Raffel 2022, arXiv:2111.09832) of the causal LM on the
+    calibration texts, one example per backward pass (per-example gradients). Tied parameters appear
+    once, under their first name.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    device = next(model.parameters()).device
+    seen = 0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"].to(device)
+        if ids.shape[1] < 2:
+            continue
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss * (ids.shape[1] - 1)  # mean -> sum over predicted tokens
+        loss.backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                sums[name] += p.grad.detach().float().square()
+        seen += 1
+    model.zero_grad(set_to_none=True)
+    if seen == 0:
+        raise CalibrationError("calibration: no example has two or more tokens to compute a Fisher from")
+    return {name: (total / seen).cpu() for name, total in sums.items()}
+
+
 # ------------------------------------------------------------------------------------------------ cache
 
 
@@ -171,7 +201,7 @@ def model_fingerprint(model_dir: Path, memo: dict) -> str:
 
 def statistics_key(fingerprint: str, texts: Sequence[str], calibration: Calibration, kind: str) -> str:
     """The cache key of one model's statistics: its content hash, the exact texts and the settings that change them."""
-    settings = {"version": STATISTICS_VERSION, "kind": kind, "gram": calibration.gram,
+    settings = {"version": STATISTICS_VERSION, "kind": kind, "gram": calibration.gram if kind == "gram" else None,
                 "max_length": calibration.max_length, "model": fingerprint,
                 "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
@@ -226,14 +256,17 @@ def compute_model_statistics(model_dir: Path, texts: Sequence[str], calibration:
     """Load a model directory (safetensors, no remote code) and compute its ``kind`` statistics on the texts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if kind != "gram":
+    if kind not in ("gram", "fisher"):
         raise ValueError(f"unknown statistics kind {kind!r}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=False,
-                                                 use_safetensors=True).to(device).eval()
+    # gradients in float32: squared bf16 gradients underflow
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto" if kind == "gram" else torch.float32,
+                                                 trust_remote_code=False, use_safetensors=True).to(device).eval()
     try:
+        if kind == "fisher":
+            return fisher_statistics(model, tokenizer, texts, max_length=calibration.max_length)
         return gram_statistics(model, tokenizer, texts, diagonal=calibration.gram == "diagonal",
                                max_length=calibration.max_length)
     finally:

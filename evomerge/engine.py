@@ -283,7 +283,8 @@ def prepare_statistics(plan: MergePlan, *, cache_dir: str | Path | None = None, 
                        progress: Callable[[str], None] | None = None) -> MergePlan:
     """Give a data-aware plan its calibration statistics (no-op for data-free methods); returns the plan.
 
-    ``statistics`` (per model name: tensor name -> statistics) are used as given; otherwise every input
+    ``statistics`` (per model name: tensor name -> statistics as ``evomerge.calibration`` computes them,
+    before the method's ``prepare_statistics``) are used as given; otherwise every input
     model is run on its calibration texts, from ``model_dirs[name]`` or its reader's directory, with
     results cached in ``cache_dir`` (None: not cached).
     """
@@ -292,11 +293,12 @@ def prepare_statistics(plan: MergePlan, *, cache_dir: str | Path | None = None, 
     if plan.method.calibration is None or plan.statistics is not None:
         return plan
     names = list(plan.calibration_texts)
+    prepare = plan.method.prepare_statistics or dict
     if statistics is not None:
         missing = [n for n in names if n not in statistics]
         if missing:
             raise RecipeError(f"{plan.where}: no calibration statistics given for model(s) {missing}")
-        plan.statistics = {n: dict(statistics[n]) for n in names}
+        plan.statistics = {n: prepare(statistics[n]) for n in names}
         return plan
     dirs = {}
     for name in names:
@@ -305,9 +307,10 @@ def prepare_statistics(plan: MergePlan, *, cache_dir: str | Path | None = None, 
             raise RecipeError(f"{plan.where}: method '{plan.method.name}' needs calibration statistics of model "
                               f"'{name}': give its directory (model_dirs) or precomputed statistics")
         dirs[name] = Path(path)
-    plan.statistics = collect_statistics(plan.recipe.calibration, dirs, plan.calibration_texts,
-                                         kind=plan.method.calibration, cache_dir=Path(cache_dir) if cache_dir else None,
-                                         device=resolve_device(device), progress=progress)
+    raw = collect_statistics(plan.recipe.calibration, dirs, plan.calibration_texts, kind=plan.method.calibration,
+                             cache_dir=Path(cache_dir) if cache_dir else None, device=resolve_device(device),
+                             progress=progress)
+    plan.statistics = {n: prepare(stats) for n, stats in raw.items()}
     return plan
 
 

@@ -12,6 +12,7 @@ from .host import tune_host_allocator
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .registry import METHODS, MergeMethod, ParamSpec, get_method
+from .fisher import fisher_average, model_fisher_norm, normalized_fisher
 from .ram import ram, ram_masks
 from .regmean import reduce_off_diagonal, regmean, regmean_diagonal, regmean_full
 from .sce import sce, sce_select, sce_weights
@@ -84,4 +85,5 @@ __all__ = [
     "polar_factor", "top_singular", "mean_task_vector",
     # data-aware methods
     "regmean", "regmean_full", "regmean_diagonal", "reduce_off_diagonal",
+    "fisher_average", "normalized_fisher", "model_fisher_norm",
 ]

@@ -19,6 +19,7 @@ from .fields import RandomFields
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .slerp import nuslerp, nuslerp_t, slerp
+from .fisher import fisher_average, normalized_fisher
 from .ram import ram
 from .regmean import regmean
 from .sce import sce
@@ -103,6 +104,9 @@ class MergeMethod:
     # the calibration statistics the kernel needs ("gram": RegMean's input Gram matrices), computed per
     # input model by evomerge.calibration and given to the kernel as ``statistics``; None: data-free
     calibration: str | None = None
+    # turns each model's raw statistics (tensor name -> statistics, as computed and cached) into what
+    # the kernel takes, once per merge (Fisher: normalization by the whole model's norm)
+    prepare_statistics: Callable[[dict], dict] | None = field(repr=False, compare=False, default=None)
 
     # ------------------------------------------------------------------ parameters
 
@@ -493,6 +497,27 @@ def _more_mergekit_methods() -> list[MergeMethod]:
     ]
 
 
+def _fisher_kernel(*, base, tensors, model_params, params, fields, statistics):
+    others = _compute(tensors)
+    if any(s is None for s in statistics):
+        raise ValueError("fisher: no Fisher information for this tensor in some input model")
+    return fisher_average(others, statistics, [m["weight"] for m in model_params])
+
+
+def _fisher_cross_check(model_params: list[dict], params: dict) -> list[str]:
+    weights = [m["weight"] for m in model_params]
+    return [f"weights {weights} sum to 0: nothing to average"] if weights and sum(weights) <= 0 else []
+
+
+FISHER = MergeMethod(
+    name="fisher", pretty_name="Fisher merging", reference="https://arxiv.org/abs/2111.09832",
+    params=(ParamSpec("weight", float, 1.0, True, 0.0, None, "Scale of this model's Fisher information."),),
+    requires_base=False, uses_base_as_input=False, min_models=2, max_models=None, min_others=2,
+    kernel=_fisher_kernel, cross_check=_fisher_cross_check, in_mergekit=False, calibration="fisher",
+    prepare_statistics=normalized_fisher,
+)  # a base_model, if given, is read but not merged
+
+
 def _task_arithmetic_method(variant: TaskArithmeticVariant) -> MergeMethod:
     params = [
         INT8_MASK,
@@ -557,7 +582,7 @@ def _build_methods() -> dict[str, MergeMethod]:
     methods += [_task_arithmetic_method(variant) for variant in VARIANTS.values()]
     methods += _more_mergekit_methods()
     methods += _subspace_methods()
-    methods.append(REGMEAN)
+    methods += [REGMEAN, FISHER]
     return {method.name: method for method in methods}
 
 
