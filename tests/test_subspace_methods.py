@@ -19,7 +19,7 @@ from evomerge.methods import METHODS, get_method, iso_cts_dims, tsv_rank
 from evomerge.recipe import RecipeError, load_recipe
 from tests.conftest import read_weights
 
-SUBSPACE = ("tsv_m", "iso_c", "iso_cts")
+SUBSPACE = ("tsv_m", "iso_c", "iso_cts", "wudi")
 
 
 def inputs(shape, n_models=3, seed=0, dtype=torch.float64):
@@ -213,3 +213,27 @@ def test_shipped_spaces_build_the_engines_merge(llama_family, tmp_path, space_fi
     out = read_weights(run_merge(recipe, tmp_path / "out", device="cpu"))
     live = builder.model.state_dict()
     assert out and all(torch.equal(v, live[k]) for k, v in out.items())
+
+
+def test_wudi_descends_to_the_least_squares_minimizer():
+    """WUDI's loss is quadratic: Σᵢ (τ − δᵢ)Mᵢ = 0 with Mᵢ = δᵢᵀδᵢ/‖δᵢ‖² gives τ* = (Σ δᵢMᵢ)(Σ Mᵢ)⁻¹.
+    Adam from Σ δᵢ reaches it; 0 iterations is task arithmetic's sum. (FusionBench's ``wudi_merging``
+    gave bit-identical tensors during development.)"""
+    from evomerge.methods import wudi_loss
+
+    base, others = inputs((12, 6), dtype=torch.float32)
+    deltas = [x - base for x in others]
+    ms = [d.T @ d / d.square().sum() for d in deltas]
+    optimum = sum(d @ m for d, m in zip(deltas, ms)) @ torch.linalg.inv(sum(ms))
+    got = merge("wudi", base, others, iterations=3000, learning_rate=1e-3) - base
+    torch.testing.assert_close(got, optimum, rtol=0, atol=2e-3)
+    start = merge("wudi", base, others, iterations=0) - base
+    torch.testing.assert_close(start, sum(deltas))
+    stacked = torch.stack(deltas)
+    norms = stacked.reshape(3, -1).norm(dim=-1).square()
+    few = merge("wudi", base, others, iterations=20) - base
+    assert wudi_loss(few, stacked, norms) < wudi_loss(start, stacked, norms)
+    with torch.inference_mode():  # as the search's candidate builder runs kernels
+        assert torch.equal(merge("wudi", base, others, iterations=20) - base, few)
+    assert get_method("wudi").check_params([{}], {"iterations": 1.5}) == [
+        "wudi: iterations must be a whole number, got 1.5"]

@@ -19,6 +19,7 @@ from .sce import sce, sce_select, sce_weights
 from .selective import arcee_fusion, fusion_importance, nearswap, upper_fence
 from .slerp import nuslerp, nuslerp_t, slerp
 from .spherical_mean import karcher_mean, multislerp
+from .wudi import wudi, wudi_loss
 from .subspace import (
     iso_c,
     iso_cts,
@@ -82,7 +83,7 @@ __all__ = [
     "fusion_importance", "upper_fence", "ram", "ram_masks",
     # data-free subspace methods
     "subspace_task_vector", "tsv_merge", "tsv_rank", "iso_c", "iso_cts", "iso_cts_dims", "isotropic",
-    "polar_factor", "top_singular", "mean_task_vector",
+    "polar_factor", "top_singular", "mean_task_vector", "wudi", "wudi_loss",
     # data-aware methods
     "regmean", "regmean_full", "regmean_diagonal", "reduce_off_diagonal",
     "fisher_average", "normalized_fisher", "model_fisher_norm",

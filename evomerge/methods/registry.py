@@ -26,6 +26,7 @@ from .sce import sce
 from .selective import arcee_fusion, nearswap
 from .spherical_mean import karcher_mean, multislerp
 from .subspace import subspace_task_vector, tsv_rank
+from .wudi import wudi
 from .task_arithmetic import VARIANTS, TaskArithmeticVariant, compute_dtype, generalized_task_arithmetic
 
 
@@ -364,6 +365,12 @@ SUBSPACE_LAMBDA = ParamSpec("lambda", float, 1.0, False, description="Scale of t
 SUBSPACE_WEIGHT = ParamSpec("weight", float, 1.0, True, description="Scale of this model's task vector before merging.")
 
 
+def _wudi_kernel(*, base, tensors, model_params, params, fields):
+    base_c, *others = _compute([base, *tensors])
+    deltas = [(x - base_c) * m["weight"] for x, m in zip(others, model_params)]
+    return base_c + params["lambda"] * wudi(deltas, int(params["iterations"]), params["learning_rate"])
+
+
 def _subspace_methods() -> list[MergeMethod]:
     common = dict(requires_base=True, uses_base_as_input=False, min_models=2, max_models=None, min_others=1,
                   in_mergekit=False)
@@ -386,6 +393,13 @@ def _subspace_methods() -> list[MergeMethod]:
                     ParamSpec("common_space_fraction", float, 0.8, False, 0.0, 1.0,
                               "Fraction of the rank given to the subspace common to all tasks.")),
             kernel=_subspace_kernel("iso_cts"), **common,
+        ),
+        MergeMethod(
+            name="wudi", pretty_name="WUDI", reference="https://arxiv.org/abs/2503.08099",
+            params=(SUBSPACE_WEIGHT, SUBSPACE_LAMBDA,
+                    ParamSpec("iterations", float, 400, False, 0.0, None, "Adam steps per 2-D tensor.", True),
+                    ParamSpec("learning_rate", float, 1e-5, False, 0.0, None, "Adam's learning rate.")),
+            kernel=_wudi_kernel, **common,
         ),
     ]
 
