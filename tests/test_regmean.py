@@ -198,3 +198,27 @@ def test_regmean_search_space_builds_the_engines_merge(llama_family, tmp_path):
     with pytest.raises(SpaceError, match="uses no data"):
         load_space({"method": "ties", "search": {"weight": {"low": 0.1, "high": 0.9}},
                     "calibration": {"tasks": "t.yaml"}})
+
+
+def test_cli_merge_resolves_calibration_next_to_the_recipe(llama_family, tmp_path):
+    """`evomerge merge` of a RegMean recipe whose task file is relative to it (statistics cached next to
+    the output); without calibration: an error naming the key, and no output."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    write_tasks(folder)
+    recipe = regmean_recipe(llama_family, "tasks.yaml")
+    (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
+    runner = CliRunner()
+    res = runner.invoke(app, ["merge", str(folder / "r.yaml"), str(tmp_path / "out"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / ".evomerge-statistics").glob("gram-*.safetensors"))) == 2
+    del recipe["calibration"]
+    (folder / "bad.yaml").write_text(yaml.safe_dump(recipe))
+    res = runner.invoke(app, ["merge", str(folder / "bad.yaml"), str(tmp_path / "out2")])
+    assert res.exit_code != 0 and "calibration: method 'regmean' needs calibration data" in res.output
+    assert not (tmp_path / "out2").exists()
