@@ -222,3 +222,34 @@ def test_cli_merge_resolves_calibration_next_to_the_recipe(llama_family, tmp_pat
     res = runner.invoke(app, ["merge", str(folder / "bad.yaml"), str(tmp_path / "out2")])
     assert res.exit_code != 0 and "calibration: method 'regmean' needs calibration data" in res.output
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("space", ["tsv_m_per_model.yaml", "regmean_per_block.yaml"])
+def test_short_searches_over_the_new_methods_finish(llama_family, tmp_path, space):
+    """A few trials of a shipped space through SearchRun and finalize: every trial completes, the
+    report lists the method baselines, and RegMean's statistics were computed once, in the run."""
+    from pathlib import Path
+
+    import yaml
+
+    from evomerge.search.config import load_config
+    from evomerge.search.export import finalize
+    from evomerge.search.run import SearchRun
+
+    tasks = write_tasks(tmp_path)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "t", "base_model": str(llama_family["base"]),
+        "models": {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}, "tasks": str(tasks),
+        "search_space": str(Path(__file__).resolve().parents[1] / "search_spaces" / space),
+        "budget": {"trials": 3}, "sampler": {"name": "random"}, "pruner": {"name": "none"},
+        "output_dir": str(tmp_path / "run"), "device": "cpu", "top_k": 1, "export_checkpoint": False}))
+    run = SearchRun(load_config(cfg))
+    run.run()
+    trials = run.study.get_trials(deepcopy=False)
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials), [t.user_attrs for t in trials]
+    summary = finalize(run, export_checkpoint=False, log=lambda m: None)
+    labels = [r.label for r in summary.rows]
+    assert {"tsv_m defaults (no search)", "iso_cts defaults (no search)", "regmean defaults (no search)"} <= set(labels)
+    assert len(list((tmp_path / "run" / ".evomerge-statistics").glob("gram-*.safetensors"))) == 3
+    assert (tmp_path / "run" / "best_recipe.yaml").read_text().startswith("# merge_method ")

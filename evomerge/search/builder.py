@@ -1078,8 +1078,10 @@ class CandidateBuilder:
         """The name of a live parameter holding NaN or ±inf (None if all are finite): one check on the host path."""
         from evomerge.engine import all_finite
 
-        merged = self.flat_out if self.aliased else getattr(self, "flat_out16", None)  # the segments' parameters
-        if self.path in ("host", "device") and merged is not None and all_finite(merged):
+        merged = None  # the flat paths' segment parameters (the tensor path, for other methods, has none)
+        if self.path in ("host", "device"):
+            merged = self.flat_out if self.aliased else getattr(self, "flat_out16", None)
+        if merged is not None and all_finite(merged):
             others = [n for n in self.params if n not in self.seg_index]
         else:
             others = list(self.params)
