@@ -77,14 +77,16 @@ def methods() -> None:
     from evomerge.methods import METHODS
 
     table = Table(title="merge methods")
-    for col in ("method", "base", "parameters (per model)", "parameters (global)", "reference"):
+    for col in ("method", "base", "parameters (per model)", "parameters (global)", "in mergekit", "reference"):
         table.add_column(col)
     for m in METHODS.values():
         def fmt(p):
             return f"{p.name}" + ("" if p.default is None else f"={p.default}") + ("" if p.default is not None else " (required)")
         table.add_row(m.name, "required" if m.requires_base else "optional",
                       ", ".join(fmt(p) for p in m.params if p.per_model) or "-",
-                      ", ".join(fmt(p) for p in m.params if not p.per_model) or "-", m.reference)
+                      ", ".join(fmt(p) for p in m.params if not p.per_model) or "-",
+                      ("yes" if m.in_mergekit else "no") + (" (needs calibration:)" if m.calibration else ""),
+                      m.reference)
     out.print(table)
 
 

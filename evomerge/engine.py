@@ -24,10 +24,12 @@ import torch
 
 from evomerge.checkpoint import CheckpointWriter, ModelReader, copy_tokenizer_files, parse_size
 from evomerge.methods import MergeMethod, RandomFields
-from evomerge.recipe import Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, resolve_source
+from evomerge.recipe import (Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, mergekit_note,
+                             resolve_source)
 
 LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks)\.)(?P<index>\d+)(?P<suffix>\..+)$")
 PRE_LAYER_HINTS = ("embed", "wte", "wpe")
+STATISTICS_CACHE_NAME = ".evomerge-statistics"  # run_merge's default cache of calibration statistics
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 
@@ -88,6 +90,8 @@ class MergePlan:
     dtype: torch.dtype | None  # working input dtype (recipe.dtype)
     out_dtype: torch.dtype | None
     where: str = "<recipe>"
+    calibration_texts: dict[str, list[str]] | None = None  # per input model, for data-aware methods
+    statistics: dict[str, dict[str, torch.Tensor]] | None = None  # per input model: tensor name -> statistics
 
     @property
     def output_bytes(self) -> int:
@@ -253,10 +257,61 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
 
     config = _output_config(template, out_layer, recipe)
     tok_dir = _tokenizer_dir(recipe, readers, template, where)
+    texts = _calibration_texts(recipe, method, tasks, where) if method.calibration else None
     return MergePlan(recipe=recipe, method=method, tasks=tasks, readers=readers, config=config,
                      num_layers=out_layer, tokenizer_dir=tok_dir,
                      dtype=DTYPES.get(recipe.dtype) if recipe.dtype else None,
-                     out_dtype=DTYPES.get(recipe.out_dtype) if recipe.out_dtype else None, where=where)
+                     out_dtype=DTYPES.get(recipe.out_dtype) if recipe.out_dtype else None, where=where,
+                     calibration_texts=texts)
+
+
+def _calibration_texts(recipe: Recipe, method: MergeMethod, tasks: list[TensorTask], where: str) -> dict:
+    """Each input model's calibration texts, read and checked at plan time (RecipeError on a problem)."""
+    from evomerge.calibration import CalibrationError, calibration_texts
+
+    inputs = list(dict.fromkeys(ref.model for task in tasks if task.method != "copy" for ref in task.inputs))
+    base_dir = Path(where).parent if where and not where.startswith("<") else None
+    try:
+        return calibration_texts(recipe.calibration, inputs, base_dir, where)
+    except CalibrationError as e:
+        raise RecipeError(str(e)) from None
+
+
+def prepare_statistics(plan: MergePlan, *, cache_dir: str | Path | None = None, device="auto",
+                       statistics: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                       model_dirs: Mapping[str, str | Path] | None = None,
+                       progress: Callable[[str], None] | None = None) -> MergePlan:
+    """Give a data-aware plan its calibration statistics (no-op for data-free methods); returns the plan.
+
+    ``statistics`` (per model name: tensor name -> statistics as ``evomerge.calibration`` computes them,
+    before the method's ``prepare_statistics``) are used as given; otherwise every input
+    model is run on its calibration texts, from ``model_dirs[name]`` or its reader's directory, with
+    results cached in ``cache_dir`` (None: not cached).
+    """
+    from evomerge.calibration import collect_statistics
+
+    if plan.method.calibration is None or plan.statistics is not None:
+        return plan
+    names = list(plan.calibration_texts)
+    prepare = plan.method.prepare_statistics or dict
+    if statistics is not None:
+        missing = [n for n in names if n not in statistics]
+        if missing:
+            raise RecipeError(f"{plan.where}: no calibration statistics given for model(s) {missing}")
+        plan.statistics = {n: prepare(statistics[n]) for n in names}
+        return plan
+    dirs = {}
+    for name in names:
+        path = (model_dirs or {}).get(name) or getattr(plan.readers[name], "path", None)
+        if path is None:
+            raise RecipeError(f"{plan.where}: method '{plan.method.name}' needs calibration statistics of model "
+                              f"'{name}': give its directory (model_dirs) or precomputed statistics")
+        dirs[name] = Path(path)
+    raw = collect_statistics(plan.recipe.calibration, dirs, plan.calibration_texts, kind=plan.method.calibration,
+                             cache_dir=Path(cache_dir) if cache_dir else None, device=resolve_device(device),
+                             progress=progress)
+    plan.statistics = {n: prepare(stats) for n, stats in raw.items()}
+    return plan
 
 
 class _Planner:
@@ -412,6 +467,8 @@ class _Planner:
                 if m:
                     msg = f"{self.location(s, kernel_models[int(m.group(1))][0])}: {m.group(2)}"
                 self.problem(msg, out_name)
+            if method.check_shape is not None and (msg := method.check_shape(shape, len(kernel_models), params)):
+                self.problem(f"{method.name}: {msg}", out_name)
         return TensorTask(out_name, shape, method.name, kernel_base,
                           [refs[m] for m, _ in kernel_models], model_params, params, t)
 
@@ -520,14 +577,25 @@ def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed
     fields = None
     if plan.method.needs_fields:
         fields = RandomFields(task.shape, seed=seed, tensor_name=task.name, count=len(inputs), device=device)
+    statistics = None
+    if plan.method.calibration is not None:
+        if plan.statistics is None:
+            raise MergeError(f"method {plan.method.name} needs calibration statistics: call prepare_statistics first")
+        statistics = [_statistic(plan, ref, device) for ref in task.inputs]
     out = plan.method.merge(base=base, tensors=inputs, model_params=task.model_params, params=task.params,
-                            fields=fields)
+                            fields=fields, statistics=statistics)
     out_dtype = plan._out_dtype_of(task)
     out = out.to(out_dtype)
     if not all_finite(out):
         raise MergeError(f"merged tensor {task.name} contains NaN or infinite values "
                          f"(method {plan.method.name}, params {task.params}, {task.model_params})")
     return out
+
+
+def _statistic(plan: MergePlan, ref: TensorRef, device: torch.device) -> torch.Tensor | None:
+    """The calibration statistics of one input tensor on ``device`` (None when its model has none for it)."""
+    value = plan.statistics[ref.model].get(ref.name)
+    return None if value is None else value.to(device)
 
 
 def iter_merged(plan: MergePlan, *, device="auto", seed: int = 0) -> Iterable[tuple[str, torch.Tensor]]:
@@ -540,16 +608,20 @@ def iter_merged(plan: MergePlan, *, device="auto", seed: int = 0) -> Iterable[tu
 def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device="auto", seed: int = 0,
               out_shard_size: str | int = "2GB", overwrite: bool = False, allow_pickle: bool = False,
               progress: Callable[[TensorTask, int], None] | None = None,
-              where: str | None = None) -> Path:
+              where: str | None = None, statistics_cache: str | Path | None = None) -> Path:
     """Merge file to file: plan (headers only), then stream every tensor into an atomic checkpoint.
 
     ``progress(task, nbytes)`` is called after each tensor is written. Returns the output directory.
+    Data-aware methods first compute their calibration statistics, cached in ``statistics_cache``
+    (default: ``.evomerge-statistics`` next to the output directory).
     """
     plan = recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_pickle=allow_pickle, where=where)
     dev = resolve_device(device)
     max_shard = parse_size(out_shard_size)
     expected = [(task.name, task.shape, plan._out_dtype_of(task)) for task in plan.tasks]
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard, overwrite=overwrite, expected=expected) as writer:
+        prepare_statistics(plan, device=dev,
+                           cache_dir=statistics_cache or Path(out_dir).resolve().parent / STATISTICS_CACHE_NAME)
         for task in plan.tasks:
             tensor = compute_tensor(plan, task, dev, seed)
             writer.add_tensor(task.name, tensor.cpu())
@@ -574,11 +646,16 @@ def model_card(plan: MergePlan, seed: int) -> str:
              f"This model was merged with [evomerge](https://pypi.org/project/evomerge/) using the "
              f"**{plan.method.pretty_name}** method ({plan.method.reference}).", "",
              "## Source models", ""]
+    note = mergekit_note(recipe.merge_method)
+    if note:
+        lines[-2:-2] = [f"Note: {note}", ""]
     for m in models:
         role = " (base)" if m == recipe.base_model else ""
         lines.append(f"- `{m}`{role}")
     lines += ["", f"Output layers: {plan.num_layers}. Random seed: {seed}.", "",
-              "## Recipe", "", "The recipe is mergekit-compatible (`mergekit_config.yml`):", "",
+              "## Recipe", "", ("The recipe (`mergekit_config.yml`) is in mergekit's format; mergekit cannot run its "
+                                "method:" if note else
+                                "The recipe is mergekit-compatible (`mergekit_config.yml`):"), "",
               "```yaml", recipe.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
 
@@ -614,8 +691,15 @@ class StateDictReader:
 
 
 def merge_in_memory(recipe: Recipe | dict | str, models: Mapping[str, Mapping[str, torch.Tensor]], *,
-                    seed: int = 0, device="auto") -> dict[str, torch.Tensor]:
-    """Merge in-memory state dicts: ``models`` maps each model name used in the recipe to its state dict."""
+                    seed: int = 0, device="auto", statistics: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                    model_dirs: Mapping[str, str | Path] | None = None,
+                    statistics_cache: str | Path | None = None, where: str | None = None) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts: ``models`` maps each model name used in the recipe to its state dict.
+
+    Data-aware methods (RegMean) take precomputed ``statistics``, or compute them from ``model_dirs``
+    (each input model's directory), cached in ``statistics_cache`` when given (``prepare_statistics``).
+    """
     readers = {name: StateDictReader(sd) for name, sd in models.items()}
-    plan = plan_merge(recipe, readers=readers)
+    plan = plan_merge(recipe, readers=readers, where=where)
+    prepare_statistics(plan, cache_dir=statistics_cache, device=device, statistics=statistics, model_dirs=model_dirs)
     return {name: tensor for name, tensor in iter_merged(plan, device=device, seed=seed)}

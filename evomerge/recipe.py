@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from evomerge.calibration import Calibration
 from evomerge.methods import METHODS, MergeMethod, get_method
 from evomerge.yamlfile import parse_yaml_mapping, read_yaml_mapping
 
@@ -142,6 +143,7 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     chat_template: str | None = None
     name: str | None = None
+    calibration: Calibration | None = None  # data-aware methods only (evomerge.calibration)
     _structure: tuple | None = PrivateAttr(default=None)
 
     @field_validator("dtype", "out_dtype", mode="before")
@@ -189,8 +191,13 @@ class Recipe(_Strict):
         return self.model_dump(mode="json", exclude_none=True)
 
     def to_yaml(self) -> str:
-        """mergekit-compatible YAML (numeric lists in flow style, like mergekit writes)."""
-        return yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False).rstrip() + "\n"
+        """mergekit-compatible YAML (numeric lists in flow style, like mergekit writes).
+
+        A method mergekit 0.1.5 does not have gets a comment at the top saying so.
+        """
+        text = yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False).rstrip() + "\n"
+        note = mergekit_note(self.merge_method)
+        return f"# {note}\n{text}" if note else text
 
     def with_paths(self, mapping: dict[str, str]) -> "Recipe":
         """A copy with model paths replaced through ``mapping`` (paths not in it unchanged)."""
@@ -211,6 +218,15 @@ class Recipe(_Strict):
             for src in s["sources"]:
                 src["model"] = sub(src["model"])
         return Recipe.model_validate(data)
+
+
+def mergekit_note(method_name: str) -> str | None:
+    """One line telling users that mergekit cannot run a recipe of this method (None for mergekit's own)."""
+    method = METHODS.get(method_name)
+    if method is None or method.in_mergekit:
+        return None
+    return (f"merge_method {method.name} ({method.pretty_name}) is an evomerge method: mergekit cannot run this "
+            f"recipe; merge it with `evomerge merge`.")
 
 
 class _RecipeDumper(yaml.SafeDumper):
@@ -256,7 +272,7 @@ _UNION_TAGS = {"bool", "int", "float", "str", "list[union[bool,int,float,str]]",
                "list[Conditional]", "tuple[int, int]"}
 _KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
                "tokenizer_source", "chat_template", "name", "model", "layer_range", "sources", "filter",
-               "value"}
+               "value", "calibration", "tasks", "split", "examples", "max_length", "gram", "model_tasks"}
 
 
 def _suggest(word: str, vocabulary=None) -> str:
@@ -313,6 +329,11 @@ def validate_recipe(recipe: Recipe) -> list[str]:
     if recipe.tokenizer_source not in (None, "base", "union") and recipe.tokenizer_source not in recipe.referenced_models():
         # a path not among the inputs is allowed (mergekit allows any model); it must simply exist
         pass
+    if method.calibration is not None and recipe.calibration is None:
+        problems.append(f"calibration: method '{method.name}' needs calibration data; add e.g. "
+                        f"calibration: {{tasks: tasks.yaml, split: search, examples: 64}}")
+    if method.calibration is None and recipe.calibration is not None:
+        problems.append(f"calibration: method '{method.name}' uses no data; remove the calibration block")
     if recipe.tokenizer_source == "union":
         problems.append("tokenizer_source: 'union' (vocabulary merging) is not supported; use 'base' or a model path")
 

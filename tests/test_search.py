@@ -221,6 +221,7 @@ def test_search_outputs(finished_run):
     labels = [r.label for r in summary.rows]
     assert labels[0].startswith("winner") and "base" in labels and "multi-task reference" in labels
     assert sum(l.startswith("fine-tune") for l in labels) == len(run.inputs.models)
+    assert {"tsv_m defaults (no search)", "iso_cts defaults (no search)", "regmean defaults (no search)"} <= set(labels)
     assert all(r.ci is not None and r.ci[0] <= r.aggregate <= r.ci[1] for r in summary.rows)
     md = (out / "summary.md").read_text()
     assert "merging candidates" in md and "evaluating candidates" in md

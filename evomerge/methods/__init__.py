@@ -3,7 +3,7 @@
 Layers, bottom up: ``fields`` (reproducible randomness), ``sparsify`` (which
 elements of a task vector survive), ``consensus`` (TIES sign election and
 disjoint merge), the methods (``task_arithmetic``, ``linear``, ``slerp``,
-``model_stock``), and ``registry`` (names, parameters, validation, ``merge``).
+``model_stock``, and the data-free subspace methods in ``subspace``, ``regmean``), and ``registry`` (names, parameters, validation, ``merge``).
 """
 
 from .consensus import agreement_mask, disjoint_merge, elect_sign, weighted_sum
@@ -12,7 +12,26 @@ from .host import tune_host_allocator
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .registry import METHODS, MergeMethod, ParamSpec, get_method
+from .fisher import fisher_average, model_fisher_norm, normalized_fisher
+from .ram import ram, ram_masks
+from .regmean import reduce_off_diagonal, regmean, regmean_diagonal, regmean_full
+from .sce import sce, sce_select, sce_weights
+from .selective import arcee_fusion, fusion_importance, nearswap, upper_fence
 from .slerp import nuslerp, nuslerp_t, slerp
+from .spherical_mean import karcher_mean, multislerp
+from .wudi import wudi, wudi_loss
+from .subspace import (
+    iso_c,
+    iso_cts,
+    iso_cts_dims,
+    isotropic,
+    mean_task_vector,
+    polar_factor,
+    subspace_task_vector,
+    top_singular,
+    tsv_merge,
+    tsv_rank,
+)
 from .sparsify import (
     apply_mask,
     breadcrumbs_mask,
@@ -60,4 +79,12 @@ __all__ = [
     "elect_sign", "agreement_mask", "disjoint_merge", "weighted_sum",
     # other methods
     "linear", "passthrough", "slerp", "nuslerp", "nuslerp_t", "model_stock",
+    "multislerp", "karcher_mean", "sce", "sce_select", "sce_weights", "nearswap", "arcee_fusion",
+    "fusion_importance", "upper_fence", "ram", "ram_masks",
+    # data-free subspace methods
+    "subspace_task_vector", "tsv_merge", "tsv_rank", "iso_c", "iso_cts", "iso_cts_dims", "isotropic",
+    "polar_factor", "top_singular", "mean_task_vector", "wudi", "wudi_loss",
+    # data-aware methods
+    "regmean", "regmean_full", "regmean_diagonal", "reduce_off_diagonal",
+    "fisher_average", "normalized_fisher", "model_fisher_norm",
 ]

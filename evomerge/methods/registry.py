@@ -19,6 +19,14 @@ from .fields import RandomFields
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .slerp import nuslerp, nuslerp_t, slerp
+from .fisher import fisher_average, normalized_fisher
+from .ram import ram
+from .regmean import regmean
+from .sce import sce
+from .selective import arcee_fusion, nearswap
+from .spherical_mean import karcher_mean, multislerp
+from .subspace import subspace_task_vector, tsv_rank
+from .wudi import wudi
 from .task_arithmetic import VARIANTS, TaskArithmeticVariant, compute_dtype, generalized_task_arithmetic
 
 
@@ -33,6 +41,7 @@ class ParamSpec:
     minimum: float | None = None
     maximum: float | None = None
     description: str = ""
+    integer: bool = False  # a whole number (given as a number; the kernel takes int(value))
 
     @property
     def required(self) -> bool:
@@ -48,6 +57,8 @@ class ParamSpec:
             return f"{self.name} must be a number, got {value!r}"
         if not math.isfinite(value):
             return f"{self.name} must be finite, got {value!r}"
+        if self.integer and value != int(value):
+            return f"{self.name} must be a whole number, got {value!r}"
         low, high = self.minimum, self.maximum
         if (low is not None and value < low) or (high is not None and value > high):
             if low is not None and high is not None:
@@ -86,6 +97,17 @@ class MergeMethod:
     needs_fields: bool = False
     min_others: int = 0
     max_others: int | None = None
+    # a problem with one output tensor's shape for these inputs and global values (or None), checked
+    # when a merge is planned, before any weight is read
+    check_shape: Callable[[tuple[int, ...], int, dict], str | None] | None = field(
+        repr=False, compare=False, default=None)
+    in_mergekit: bool = True  # whether mergekit 0.1.5 has this method (else exported recipes say so)
+    # the calibration statistics the kernel needs ("gram": RegMean's input Gram matrices), computed per
+    # input model by evomerge.calibration and given to the kernel as ``statistics``; None: data-free
+    calibration: str | None = None
+    # turns each model's raw statistics (tensor name -> statistics, as computed and cached) into what
+    # the kernel takes, once per merge (Fisher: normalization by the whole model's norm)
+    prepare_statistics: Callable[[dict], dict] | None = field(repr=False, compare=False, default=None)
 
     # ------------------------------------------------------------------ parameters
 
@@ -169,7 +191,7 @@ class MergeMethod:
         if others < self.min_others or (self.max_others is not None and others > self.max_others):
             expected = (f"exactly {self.min_others}" if self.max_others == self.min_others
                         else f"at least {self.min_others}")
-            noun = "model" if expected == "exactly 1" else "models"
+            noun = "model" if expected.endswith(" 1") else "models"
             errors.append(f"{self.name} needs {expected} {noun} besides the base, got {others}")
         return errors
 
@@ -183,13 +205,15 @@ class MergeMethod:
         model_params: Sequence[Mapping[str, Any]],
         params: Mapping[str, Any],
         fields: Sequence[torch.Tensor | None] | None = None,
+        statistics: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Merge one tensor; result has the base's dtype (else the first input's).
 
         ``tensors`` are the non-base inputs in recipe order (all inputs for methods
         with ``uses_base_as_input``), ``model_params[i]`` their per-model values,
         ``params`` the global ones; ``fields[i]`` is the random field of input i
-        (``random_field``) for DARE/DELLA. Computes in float32 (float64 for
+        (``random_field``) for DARE/DELLA; ``statistics[i]`` input i's calibration statistics for
+        this tensor (methods with ``calibration``; None where the tensor has none). Computes in float32 (float64 for
         float64 inputs) and casts at the end. Raises ValueError on bad input.
         """
         tensors = list(tensors)
@@ -211,8 +235,14 @@ class MergeMethod:
                 raise ValueError(f"{self.name}: needs one random field per input model (see random_field)")
         resolved_models, resolved_global = self.resolve(model_params, params)
         out_dtype = reference.dtype
+        extra = {}
+        if self.calibration is not None:
+            if statistics is None or len(statistics) != len(tensors):
+                raise ValueError(f"{self.name}: needs calibration statistics for each input model "
+                                 f"(None where the tensor has none); see evomerge.calibration")
+            extra["statistics"] = list(statistics)
         result = self.kernel(base=base, tensors=tensors, model_params=resolved_models,
-                             params=resolved_global, fields=fields)
+                             params=resolved_global, fields=fields, **extra)
         return result.to(out_dtype)
 
 
@@ -304,6 +334,204 @@ def _passthrough_kernel(*, base, tensors, model_params, params, fields):
     return passthrough(tensors[0], model_params[0]["scale"])
 
 
+def _subspace_kernel(name: str) -> Kernel:
+    def kernel(*, base, tensors, model_params, params, fields):
+        base_c, *others = _compute([base, *tensors])
+        deltas = [(x - base_c) * m["weight"] for x, m in zip(others, model_params)]
+        merged = subspace_task_vector(name, deltas, rank_fraction=params.get("rank_fraction", 0.0),
+                                      common_space_fraction=params.get("common_space_fraction", 0.8))
+        return base_c + params["lambda"] * merged
+    return kernel
+
+
+def _tsv_cross_check(model_params: list[dict], params: dict) -> list[str]:
+    fraction, n = params["rank_fraction"], len(model_params)
+    if n and fraction * n > 1 + 1e-12:
+        return [f"rank_fraction {fraction:g} x {n} models exceeds 1: the task subspaces together cannot "
+                f"hold more singular components than a matrix has (use at most {1 / n:.4g}, or 0 for 1/{n})"]
+    return []
+
+
+def _tsv_check_shape(shape: tuple[int, ...], n_models: int, params: dict) -> str | None:
+    if len(shape) != 2 or n_models == 0:
+        return None
+    if tsv_rank(shape, n_models, params["rank_fraction"]) == 0:
+        return (f"shape {list(shape)}: rank_fraction {params['rank_fraction']:g} keeps no singular component "
+                f"of a {min(shape)}-rank matrix per model ({n_models} models); raise rank_fraction")
+    return None
+
+
+SUBSPACE_LAMBDA = ParamSpec("lambda", float, 1.0, False, description="Scale of the merged task vector (the papers' α).")
+SUBSPACE_WEIGHT = ParamSpec("weight", float, 1.0, True, description="Scale of this model's task vector before merging.")
+
+
+def _wudi_kernel(*, base, tensors, model_params, params, fields):
+    base_c, *others = _compute([base, *tensors])
+    deltas = [(x - base_c) * m["weight"] for x, m in zip(others, model_params)]
+    return base_c + params["lambda"] * wudi(deltas, int(params["iterations"]), params["learning_rate"])
+
+
+def _subspace_methods() -> list[MergeMethod]:
+    common = dict(requires_base=True, uses_base_as_input=False, min_models=2, max_models=None, min_others=1,
+                  in_mergekit=False)
+    return [
+        MergeMethod(
+            name="tsv_m", pretty_name="TSV-Merge", reference="https://arxiv.org/abs/2412.00081",
+            params=(SUBSPACE_WEIGHT, SUBSPACE_LAMBDA,
+                    ParamSpec("rank_fraction", float, 0.0, False, 0.0, 1.0,
+                              "Fraction of each task vector's singular components kept; 0 = 1/number of models.")),
+            kernel=_subspace_kernel("tsv_m"), cross_check=_tsv_cross_check, check_shape=_tsv_check_shape, **common,
+        ),
+        MergeMethod(
+            name="iso_c", pretty_name="Iso-C", reference="https://arxiv.org/abs/2502.04959",
+            params=(SUBSPACE_WEIGHT, SUBSPACE_LAMBDA),
+            kernel=_subspace_kernel("iso_c"), **common,
+        ),
+        MergeMethod(
+            name="iso_cts", pretty_name="Iso-CTS", reference="https://arxiv.org/abs/2502.04959",
+            params=(SUBSPACE_WEIGHT, SUBSPACE_LAMBDA,
+                    ParamSpec("common_space_fraction", float, 0.8, False, 0.0, 1.0,
+                              "Fraction of the rank given to the subspace common to all tasks.")),
+            kernel=_subspace_kernel("iso_cts"), **common,
+        ),
+        MergeMethod(
+            name="wudi", pretty_name="WUDI", reference="https://arxiv.org/abs/2503.08099",
+            params=(SUBSPACE_WEIGHT, SUBSPACE_LAMBDA,
+                    ParamSpec("iterations", float, 400, False, 0.0, None, "Adam steps per 2-D tensor.", True),
+                    ParamSpec("learning_rate", float, 1e-5, False, 0.0, None, "Adam's learning rate.")),
+            kernel=_wudi_kernel, **common,
+        ),
+    ]
+
+
+def _regmean_kernel(*, base, tensors, model_params, params, fields, statistics):
+    weights = _compute(tensors)
+    return regmean(weights, statistics, params["alpha"])
+
+
+REGMEAN = MergeMethod(
+    name="regmean", pretty_name="RegMean", reference="https://arxiv.org/abs/2212.09849",
+    params=(ParamSpec("alpha", float, 0.6, False, 0.0, 1.0,
+                      "Scale of the Gram matrices' off-diagonal entries (1 = exact least squares, 0 = diagonal); "
+                      "default: FusionBench's GPT-2 setting."),),
+    requires_base=False, uses_base_as_input=False, min_models=2, max_models=None, min_others=2,
+    kernel=_regmean_kernel, in_mergekit=False, calibration="gram",
+)  # a base_model, if given, is read but not merged: RegMean combines the fine-tunes only
+
+
+def _multislerp_kernel(*, base, tensors, model_params, params, fields):
+    base_c, *others = _compute([base, *tensors])
+    return multislerp(others, [m["weight"] for m in model_params], base_c,
+                      normalize_weights=params["normalize_weights"], eps=params["eps"])
+
+
+def _karcher_kernel(*, base, tensors, model_params, params, fields):
+    others = _compute(tensors)
+    return karcher_mean(others, [1.0 / len(others)] * len(others), max_iter=int(params["max_iter"]), tol=params["tol"])
+
+
+def _sce_kernel(*, base, tensors, model_params, params, fields):
+    base_c, *others = _compute([base, *tensors])
+    return sce(base_c, others, params["select_topk"])
+
+
+def _nearswap_kernel(*, base, tensors, model_params, params, fields):
+    base_c, other = _compute([base, tensors[0]])
+    return nearswap(params["t"], base_c, other)
+
+
+def _arcee_fusion_kernel(*, base, tensors, model_params, params, fields):
+    base_c, other = _compute([base, tensors[0]])
+    return arcee_fusion(base_c, other)
+
+
+def _ram_kernel(*, base, tensors, model_params, params, fields):
+    base_c, *others = _compute([base, *tensors])
+    return ram(base_c, others, params["epsilon"], r=params.get("r", 0.0), alpha=params.get("alpha", 0.0))
+
+
+def _global(name: str, default: float, description: str, minimum: float | None = 0.0,
+            maximum: float | None = None, integer: bool = False) -> ParamSpec:
+    return ParamSpec(name, float, default, False, minimum, maximum, description, integer)
+
+
+def _more_mergekit_methods() -> list[MergeMethod]:
+    """mergekit 0.1.5's multislerp, karcher, sce, nearswap, arcee_fusion, ram and ramplus_tl."""
+    ram_epsilon = _global("epsilon", 1e-5, "|δ| above which a model counts as updating an element.")
+    return [
+        MergeMethod(
+            name="multislerp", pretty_name="Multi-SLERP",
+            reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+            params=(_weight(), _bool("normalize_weights", True, "Divide the weights by their sum."),
+                    _global("eps", 1e-8, "Added to norms for numerical stability.")),
+            requires_base=False, uses_base_as_input=False, min_models=1, max_models=None, min_others=1,
+            kernel=_multislerp_kernel,
+        ),
+        MergeMethod(
+            name="karcher", pretty_name="Karcher Mean", reference="https://arxiv.org/abs/2603.04972",
+            params=(_global("max_iter", 10, "Riemannian gradient steps at most.", integer=True),
+                    _global("tol", 1e-5, "Stop when the tangent step is below this; smaller norms are ignored.")),
+            requires_base=False, uses_base_as_input=True, min_models=1, max_models=None,
+            kernel=_karcher_kernel,
+        ),
+        MergeMethod(
+            name="sce", pretty_name="SCE", reference="https://arxiv.org/abs/2408.07990",
+            params=(INT8_MASK, _global("select_topk", 1.0, "Fraction of elements kept, by variance across models.",
+                                       maximum=1.0)),
+            requires_base=True, uses_base_as_input=False, min_models=1, max_models=None,
+            kernel=_sce_kernel,
+        ),
+        MergeMethod(
+            name="nearswap", pretty_name="NearSwap",
+            reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+            params=(ParamSpec("t", float, None, False, 0.0, None,
+                              "Distance |a − b| up to which an element takes the other model's value."),),
+            requires_base=True, uses_base_as_input=False, min_models=2, max_models=2, min_others=1, max_others=1,
+            kernel=_nearswap_kernel,
+        ),
+        MergeMethod(
+            name="arcee_fusion", pretty_name="Arcee Fusion", reference="https://arcee.ai",
+            params=(), requires_base=True, uses_base_as_input=False, min_models=2, max_models=2,
+            min_others=1, max_others=1, kernel=_arcee_fusion_kernel,
+        ),
+        MergeMethod(
+            name="ram", pretty_name="Reinforced Agent Merging", reference="https://arxiv.org/abs/2601.13572",
+            params=(ram_epsilon,), requires_base=True, uses_base_as_input=False, min_models=1, max_models=None,
+            kernel=_ram_kernel,
+        ),
+        MergeMethod(
+            name="ramplus_tl", pretty_name="Reinforced Agent Merging Plus (Tensor-Local)",
+            reference="https://arxiv.org/abs/2601.13572",
+            params=(_global("r", 0.1, "Boost of unique updates per unit of overlap share."),
+                    _global("alpha", 0.2, "Cap on the overlap share (shared / unique active elements)."),
+                    ram_epsilon),
+            requires_base=True, uses_base_as_input=False, min_models=1, max_models=None,
+            kernel=_ram_kernel,
+        ),
+    ]
+
+
+def _fisher_kernel(*, base, tensors, model_params, params, fields, statistics):
+    others = _compute(tensors)
+    if any(s is None for s in statistics):
+        raise ValueError("fisher: no Fisher information for this tensor in some input model")
+    return fisher_average(others, statistics, [m["weight"] for m in model_params])
+
+
+def _fisher_cross_check(model_params: list[dict], params: dict) -> list[str]:
+    weights = [m["weight"] for m in model_params]
+    return [f"weights {weights} sum to 0: nothing to average"] if weights and sum(weights) <= 0 else []
+
+
+FISHER = MergeMethod(
+    name="fisher", pretty_name="Fisher merging", reference="https://arxiv.org/abs/2111.09832",
+    params=(ParamSpec("weight", float, 1.0, True, 0.0, None, "Scale of this model's Fisher information."),),
+    requires_base=False, uses_base_as_input=False, min_models=2, max_models=None, min_others=2,
+    kernel=_fisher_kernel, cross_check=_fisher_cross_check, in_mergekit=False, calibration="fisher",
+    prepare_statistics=normalized_fisher,
+)  # a base_model, if given, is read but not merged
+
+
 def _task_arithmetic_method(variant: TaskArithmeticVariant) -> MergeMethod:
     params = [
         INT8_MASK,
@@ -366,6 +594,9 @@ def _build_methods() -> dict[str, MergeMethod]:
         ),
     ]
     methods += [_task_arithmetic_method(variant) for variant in VARIANTS.values()]
+    methods += _more_mergekit_methods()
+    methods += _subspace_methods()
+    methods += [REGMEAN, FISHER]
     return {method.name: method for method in methods}
 
 

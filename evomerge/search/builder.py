@@ -81,16 +81,20 @@ class CandidateBuilder:
     """Merges candidates of one method into a resident model (see the module docstring)."""
 
     def __init__(self, base_dir: str | Path, models: dict[str, str | Path], *, method: str,
-                 device: str | torch.device = "auto", dtype: str = "float32", seed: int = 0, path: str = "auto"):
+                 device: str | torch.device = "auto", dtype: str = "float32", seed: int = 0, path: str = "auto",
+                 statistics_cache: str | Path | None = None):
         """``path``: how task-arithmetic candidates are merged. "host": the compiled flat pass
         (``flat_kernel``, CPU only); "device": batched torch operations over the flat buffers
         (``device_path``, any device); "tensors": tensor by tensor. "auto": host on the CPU, device
-        elsewhere. Other methods always go tensor by tensor."""
+        elsewhere. Other methods always go tensor by tensor. Data-aware methods (RegMean) compute
+        their calibration statistics once per builder, cached in ``statistics_cache`` when given."""
         from transformers import AutoModelForCausalLM
 
         self.device = resolve_device(device)
         self.seed = seed
         self.method = method
+        self.statistics_cache = statistics_cache
+        self._statistics: dict[str, dict] = {}  # calibration settings (JSON) -> per model statistics
         self.variant = VARIANTS.get(method)
         if path not in ("auto", "host", "device", "tensors"):
             raise ValueError(f"path must be auto, host, device or tensors, got {path!r}")
@@ -941,6 +945,16 @@ class CandidateBuilder:
         """The engine's plan of ``recipe`` against the resident models' headers."""
         return plan_merge(recipe, readers=self.readers)
 
+    def calibration_statistics(self, plan: MergePlan) -> dict[str, dict[str, torch.Tensor]]:
+        """The plan's calibration statistics per model, computed on first use and kept for every later candidate."""
+        from evomerge.engine import prepare_statistics
+
+        key = plan.recipe.calibration.model_dump_json()
+        if key not in self._statistics:
+            prepare_statistics(plan, device=self.device, cache_dir=self.statistics_cache)
+            self._statistics[key] = plan.statistics
+        return self._statistics[key]
+
     def build(self, recipe: Recipe) -> BuildStats:
         """Write the merge of ``recipe`` into the live model's parameters, in place."""
         stats = BuildStats()
@@ -994,8 +1008,13 @@ class CandidateBuilder:
             fields = None
             if plan.method.needs_fields:
                 fields = [self._fields_for(name, i) for i in range(len(tensors))]
+            statistics = None
+            if plan.method.calibration is not None:
+                by_model = self.calibration_statistics(plan)
+                statistics = [by_model[r.model].get(r.name) for r in task.inputs]
+                statistics = [None if x is None else x.to(self.device) for x in statistics]
             out = plan.method.merge(base=base, tensors=tensors, model_params=task.model_params,
-                                    params=task.params, fields=fields)
+                                    params=task.params, fields=fields, statistics=statistics)
             return out.to(out_dtype)
         v, mps = self.variant, task.model_params
         deltas = [self.inputs[ref.model][name] for ref in task.inputs]
@@ -1059,8 +1078,10 @@ class CandidateBuilder:
         """The name of a live parameter holding NaN or ±inf (None if all are finite): one check on the host path."""
         from evomerge.engine import all_finite
 
-        merged = self.flat_out if self.aliased else getattr(self, "flat_out16", None)  # the segments' parameters
-        if self.path in ("host", "device") and merged is not None and all_finite(merged):
+        merged = None  # the flat paths' segment parameters (the tensor path, for other methods, has none)
+        if self.path in ("host", "device"):
+            merged = self.flat_out if self.aliased else getattr(self, "flat_out16", None)
+        if merged is not None and all_finite(merged):
             others = [n for n in self.params if n not in self.seg_index]
         else:
             others = list(self.params)

@@ -60,6 +60,28 @@ def _row(label: str, result, validation: float | None = None) -> Row:
     return Row(label, result.aggregate, result.ci, dict(result.per_task), validation)
 
 
+def _method_baselines(run: SearchRun, test, log) -> list:
+    """Test rows of the data-free and data-aware method defaults (``search.baselines``); a baseline that
+    cannot merge these models is skipped with a log line."""
+    from evomerge.engine import STATISTICS_CACHE_NAME
+    from evomerge.recipe import RecipeError
+    from evomerge.search.baselines import BASELINE_METHODS, baseline_recipe, build_into
+
+    rows = []
+    names = [t.name for t in run.task_specs]
+    for method in BASELINE_METHODS:
+        try:
+            recipe = baseline_recipe(method, run.inputs.base_model, run.inputs.models, run.inputs.tasks, names)
+            if recipe is None:
+                continue
+            build_into(run.builder, recipe, run.out / STATISTICS_CACHE_NAME)
+        except (RecipeError, ValueError) as e:
+            log(f"baseline {method} skipped: {e}")
+            continue
+        rows.append(_row(f"{method} defaults (no search)", test.evaluate(run.builder.model)))
+    return rows
+
+
 def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Summary:
     """Re-rank on validation, score baselines on test, write every report file; returns the summary."""
     t0 = time.perf_counter()
@@ -83,6 +105,7 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     rows.append(_row(f"winner (trial {winner.number})", test.evaluate(builder.model), winner_val))
     builder.build(run.recipe_for(run.default_point))
     rows.append(_row(f"default recipe ({run.space.method})", test.evaluate(builder.model)))
+    rows += _method_baselines(run, test, log)
     for name, path in run.inputs.models.items():
         builder.load_model_weights(path)
         rows.append(_row(f"fine-tune: {name}", test.evaluate(builder.model)))

@@ -26,6 +26,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from evomerge.engine import STATISTICS_CACHE_NAME
 from evomerge.search.builder import CandidateBuilder
 from evomerge.search.config import RunConfig, parse_duration
 from evomerge.search.space import SearchSpace, load_space
@@ -95,8 +96,10 @@ class SearchRun:
         self.inputs = resolve_inputs(cfg)
         self.space: SearchSpace = load_space(cfg.search_space, where=cfg.search_space
                                              if isinstance(cfg.search_space, str) else "search_space")
+        self.space = self.space.with_calibration_tasks(self.inputs.tasks)  # data-aware methods
         self.builder = CandidateBuilder(self.inputs.base_model, self.inputs.models, method=self.space.method,
-                                        device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+                                        device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
+                                        statistics_cache=self.out / STATISTICS_CACHE_NAME)
         self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.base_model)
         self.num_layers = self.builder.num_layers
         self.model_names = list(self.inputs.models)

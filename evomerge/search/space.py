@@ -28,11 +28,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from evomerge.calibration import Calibration
 from evomerge.methods import METHODS, get_method
 from evomerge.recipe import Recipe, _pydantic_message, _suggest, _validate_scalar
 from evomerge.yamlfile import read_yaml_mapping
 
-SEARCHABLE = ("weight", "density", "epsilon", "gamma", "lambda", "t")
+SEARCHABLE = ("weight", "density", "epsilon", "gamma", "lambda", "t", "rank_fraction", "common_space_fraction", "alpha")
 
 
 class SpaceError(ValueError):
@@ -76,7 +77,17 @@ class SearchSpace(BaseModel):
     search: dict[str, Range] = Field(min_length=1)
     fixed: dict[str, float | bool] = Field(default_factory=dict)
     description: str = ""
+    calibration: Calibration | None = None  # data-aware methods (regmean): copied into every recipe
     _signatures: dict = PrivateAttr(default_factory=dict)  # structure signature per decoding context
+
+    def with_calibration_tasks(self, tasks: Any) -> "SearchSpace":
+        """A data-aware space whose ``calibration`` names no tasks takes the run's task file (else unchanged)."""
+        if self.calibration is None or self.calibration.tasks is not None:
+            return self
+        if not isinstance(tasks, (str, Path)):
+            raise SpaceError("calibration: the run's tasks are given inline; name a task file in calibration.tasks")
+        return self.model_copy(update={"calibration": self.calibration.model_copy(
+            update={"tasks": str(Path(tasks).resolve())})})
 
     def off_center(self) -> list[str]:
         """Searched parameters whose default is not the middle of their range (CMA-ES starts there)."""
@@ -176,6 +187,8 @@ class SearchSpace(BaseModel):
             data["models"] = [{"model": base_model}] + [{"model": p} for p in models.values()]
         if global_params:
             data["parameters"] = global_params
+        if self.calibration is not None:
+            data["calibration"] = self.calibration.model_dump(exclude_none=True)
         if dtype:
             data["dtype"] = dtype
         if name:
@@ -267,9 +280,25 @@ def load_space(source: str | Path | dict, *, where: str | None = None) -> Search
     if bad_parts or len(set(space.parts)) != len(space.parts):
         problems.append(f"parts: each must be a distinct tensor-name filter (letters, digits, _ and .), not 'rest'; "
                         f"got {space.parts}")
+    problems += _calibration_problems(space, method, Path(where).parent if not isinstance(source, dict) else None)
     overlap = set(space.search) & set(space.fixed)
     if overlap:
         problems.append(f"{sorted(overlap)} are both searched and fixed")
     if problems:
         raise SpaceError("\n".join(f"{where}: {p}" for p in problems))
     return space
+
+
+def _calibration_problems(space: SearchSpace, method, base_dir: Path | None) -> list[str]:
+    """A data-aware method needs ``calibration`` and a data-free one refuses it; ``tasks`` becomes absolute."""
+    if method.calibration is not None and space.calibration is None:
+        return [f"calibration: method '{method.name}' needs calibration data; add e.g. "
+                f"calibration: {{tasks: tasks.yaml, split: search, examples: 64}}"]
+    if method.calibration is None and space.calibration is not None:
+        return [f"calibration: method '{method.name}' uses no data; remove the calibration block"]
+    if space.calibration is not None and space.calibration.tasks is not None:
+        tasks = Path(space.calibration.tasks).expanduser()
+        if not tasks.is_absolute():
+            tasks = (base_dir or Path.cwd()) / tasks
+        space.calibration = space.calibration.model_copy(update={"tasks": str(tasks.resolve())})
+    return []

@@ -1,0 +1,49 @@
+"""Method baselines scored beside a search's winner: what a user gets from a method's defaults, no search.
+
+A search report's test table lists, besides the default recipe of the searched space, the defaults
+of data-free subspace merging (TSV-M, Iso-CTS) and of data-aware RegMean over the same models, so a
+user sees whether the search beat them. RegMean calibrates each fine-tune on the search split of the
+run's tasks (its own task when the fine-tune is named after one, as the demo zoo's experts are);
+its statistics are cached in the run directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.engine import iter_merged, plan_merge, prepare_statistics
+from evomerge.recipe import Recipe, load_recipe
+
+BASELINE_METHODS = ("tsv_m", "iso_cts", "regmean")
+CALIBRATION_EXAMPLES = 64  # per task, from the search split
+
+
+def baseline_recipe(method: str, base: str, models: dict[str, str], tasks: Any, task_names: Sequence[str]
+                    ) -> Recipe | None:
+    """The default recipe of ``method`` over the search's models (None: RegMean without a task file)."""
+    data: dict[str, Any] = {"merge_method": method, "base_model": base,
+                            "models": [{"model": path} for path in models.values()],
+                            "name": f"{method} defaults"}
+    if method == "regmean":
+        if not isinstance(tasks, (str, Path)):
+            return None
+        data["calibration"] = {"tasks": str(Path(tasks).resolve()), "split": "search",
+                               "examples": CALIBRATION_EXAMPLES}
+        own = {path: [name] for name, path in models.items() if name in task_names}
+        if own:
+            data["calibration"]["model_tasks"] = own
+    return load_recipe(data)
+
+
+def build_into(builder, recipe: Recipe, statistics_cache: Path | None) -> None:
+    """Merge ``recipe`` with the engine from the builder's model files into the builder's live model."""
+    plan = plan_merge(recipe, readers=builder.readers)
+    prepare_statistics(plan, device=builder.device, cache_dir=statistics_cache)
+    with torch.inference_mode():
+        for name, tensor in iter_merged(plan, device=builder.device):
+            if name in builder.params:
+                builder.params[name].copy_(tensor.to(builder.params[name].dtype))
