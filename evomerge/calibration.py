@@ -51,6 +51,18 @@ class Calibration(BaseModel):
     model_tasks: dict[str, list[str]] | None = None
 
 
+def own_tasks(models: dict[str, str], task_names: Sequence[str]) -> dict[str, list[str]]:
+    """``model_tasks`` for fine-tunes named after the tasks they were tuned on: a model called ``rev`` (or
+    ``rev+map``, tasks joined by ``+``) calibrates on those tasks alone; others on every task.
+    Keys are the models' paths, as recipes name them."""
+    out = {}
+    for name, path in models.items():
+        parts = name.split("+")
+        if all(p in task_names for p in parts):
+            out[path] = parts
+    return out
+
+
 def calibration_texts(calibration: Calibration, model_names: Sequence[str], base_dir: Path | None,
                       where: str = "<recipe>") -> dict[str, list[str]]:
     """Per model, its calibration texts (prompt + gold continuation), checked before any model is read."""

@@ -3,7 +3,8 @@
 A search report's test table lists, besides the default recipe of the searched space, the defaults
 of data-free subspace merging (TSV-M, Iso-CTS) and of data-aware RegMean over the same models, so a
 user sees whether the search beat them. RegMean calibrates each fine-tune on the search split of the
-run's tasks (its own task when the fine-tune is named after one, as the demo zoo's experts are);
+run's tasks (its own tasks when the fine-tune is named after them, as the demo zoo's experts are:
+``evomerge.calibration.own_tasks``);
 its statistics are cached in the run directory.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from evomerge.calibration import own_tasks
 from evomerge.engine import iter_merged, plan_merge, prepare_statistics
 from evomerge.recipe import Recipe, load_recipe
 
@@ -33,7 +35,7 @@ def baseline_recipe(method: str, base: str, models: dict[str, str], tasks: Any, 
             return None
         data["calibration"] = {"tasks": str(Path(tasks).resolve()), "split": "search",
                                "examples": CALIBRATION_EXAMPLES}
-        own = {path: [name] for name, path in models.items() if name in task_names}
+        own = own_tasks(models, task_names)
         if own:
             data["calibration"]["model_tasks"] = own
     return load_recipe(data)

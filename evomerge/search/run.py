@@ -96,7 +96,6 @@ class SearchRun:
         self.inputs = resolve_inputs(cfg)
         self.space: SearchSpace = load_space(cfg.search_space, where=cfg.search_space
                                              if isinstance(cfg.search_space, str) else "search_space")
-        self.space = self.space.with_calibration_tasks(self.inputs.tasks)  # data-aware methods
         self.builder = CandidateBuilder(self.inputs.base_model, self.inputs.models, method=self.space.method,
                                         device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
                                         statistics_cache=self.out / STATISTICS_CACHE_NAME)
@@ -106,6 +105,8 @@ class SearchRun:
         from evomerge.evaluate import load_tasks
 
         self.task_specs = load_tasks(self.inputs.tasks)
+        self.space = self.space.with_calibration_tasks(  # data-aware methods
+            self.inputs.tasks, self.inputs.models, [t.name for t in self.task_specs])
         self._evaluators: dict[str, Any] = {}
         self.n_objectives = len(self.task_specs) if cfg.objectives == "per_task" else 1
         self.distributions = self.space.distributions(self.model_names, self.num_layers)

@@ -80,14 +80,19 @@ class SearchSpace(BaseModel):
     calibration: Calibration | None = None  # data-aware methods (regmean): copied into every recipe
     _signatures: dict = PrivateAttr(default_factory=dict)  # structure signature per decoding context
 
-    def with_calibration_tasks(self, tasks: Any) -> "SearchSpace":
-        """A data-aware space whose ``calibration`` names no tasks takes the run's task file (else unchanged)."""
+    def with_calibration_tasks(self, tasks: Any, models: dict[str, str], task_names: list[str]) -> "SearchSpace":
+        """A data-aware space whose ``calibration`` names no tasks takes the run's task file, each fine-tune
+        named after tasks calibrating on those (``evomerge.calibration.own_tasks``); else unchanged."""
+        from evomerge.calibration import own_tasks
+
         if self.calibration is None or self.calibration.tasks is not None:
             return self
         if not isinstance(tasks, (str, Path)):
             raise SpaceError("calibration: the run's tasks are given inline; name a task file in calibration.tasks")
-        return self.model_copy(update={"calibration": self.calibration.model_copy(
-            update={"tasks": str(Path(tasks).resolve())})})
+        update: dict[str, Any] = {"tasks": str(Path(tasks).resolve())}
+        if self.calibration.model_tasks is None and own_tasks(models, task_names):
+            update["model_tasks"] = own_tasks(models, task_names)
+        return self.model_copy(update={"calibration": self.calibration.model_copy(update=update)})
 
     def off_center(self) -> list[str]:
         """Searched parameters whose default is not the middle of their range (CMA-ES starts there)."""
