@@ -176,11 +176,12 @@ def test_regmean_search_space_builds_the_engines_merge(llama_family, tmp_path):
 
     tasks = write_tasks(tmp_path)
     space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "regmean_per_block.yaml")
-    with pytest.raises(SpaceError, match="given inline; name a task file"):
-        space.with_calibration_tasks({"tasks": []})
-    space = space.with_calibration_tasks(str(tasks))
-    assert space.calibration.tasks == str(tasks.resolve())
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    with pytest.raises(SpaceError, match="given inline; name a task file"):
+        space.with_calibration_tasks({"tasks": []}, models, [])
+    space = space.with_calibration_tasks(str(tasks), models, ["gen"])
+    assert space.calibration.tasks == str(tasks.resolve())
+    assert space.calibration.model_tasks is None  # no fine-tune is named after a task: each sees every task
     builder = CandidateBuilder(llama_family["base"], models, method="regmean", device="cpu",
                                statistics_cache=tmp_path / "cache")
     for alpha in (0.3, 0.9):

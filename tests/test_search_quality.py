@@ -226,3 +226,11 @@ def test_search_quality_benchmark_reports_each_budget_against_the_best_default(t
     args = type("A", (), {"suite": "ci", "set": []})()
     report = sq.render({0: [res]}, [4, 8], args, 1.0)
     assert "| tiny |" in report and "median share @8" in report
+
+
+def test_fine_tunes_named_after_tasks_calibrate_on_them():
+    from evomerge.calibration import own_tasks
+
+    models = {"rev": "/z/rev", "rev+map": "/z/rm", "chat": "/z/chat"}
+    assert own_tasks(models, ["rev", "map"]) == {"/z/rev": ["rev"], "/z/rm": ["rev", "map"]}
+    assert own_tasks(models, ["cmp"]) == {}
