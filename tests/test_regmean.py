@@ -39,6 +39,36 @@ def test_regmean_full_is_the_least_squares_merge():
     torch.testing.assert_close(regmean_full(ws, grams, 0.0), regmean_diagonal(ws, [gm.diagonal() for gm in grams]))
 
 
+def test_regmean_weights_and_strength_for_a_search_on_top_of_it():
+    """Per-model weights scale the Gram matrices (and the fallback mean); lambda moves along the merge's
+    task vector from the base; the defaults are the paper's merge, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(40, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    ws = [torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    base = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    grams = [x.T @ x for x in xs]
+    method = get_method("regmean")
+
+    def merge(weights, lam=1.0, with_base=True, tensors=ws, stats=grams):
+        return method.merge(base=base if with_base else None, tensors=tensors, model_params=[{"weight": w} for w in weights],
+                            params={"alpha": 0.8, "lambda": lam}, statistics=stats)
+
+    assert torch.equal(merge([1.0, 1.0]), regmean_full(ws, grams, 0.8))
+    torch.testing.assert_close(merge([1.0, 0.0]), ws[0])  # model 1 has no say: model 0's own weights
+    closed = (2 * ws[0] @ reduce_off_diagonal(grams[0], 0.8) + ws[1] @ reduce_off_diagonal(grams[1], 0.8)) @ \
+        torch.linalg.inv(2 * reduce_off_diagonal(grams[0], 0.8) + reduce_off_diagonal(grams[1], 0.8))
+    torch.testing.assert_close(merge([2.0, 1.0]), closed)
+    torch.testing.assert_close(merge([1.0, 1.0], lam=0.5), base + 0.5 * (regmean_full(ws, grams, 0.8) - base))
+    assert torch.equal(merge([1.0, 1.0], lam=0.0), base)
+    vectors = [torch.tensor([1.0, 3.0]), torch.tensor([3.0, 5.0])]  # no statistics: the weighted mean
+    assert torch.equal(merge([3.0, 1.0], with_base=False, tensors=vectors, stats=[None, None]),
+                       torch.tensor([1.5, 3.5]))
+    with pytest.raises(ValueError, match="needs a base_model"):
+        merge([1.0, 1.0], lam=0.5, with_base=False)
+    with pytest.raises(ValueError, match="must not all be 0"):
+        merge([0.0, 0.0])
+
+
 def test_regmean_diagonal_and_fallbacks():
     ws = [torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 4.0, 5.0]])]
     diagonals = [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([3.0, 2.0, 0.0])]

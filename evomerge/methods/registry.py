@@ -21,7 +21,7 @@ from .model_stock import model_stock
 from .slerp import nuslerp, nuslerp_t, slerp
 from .fisher import fisher_average, normalized_fisher
 from .ram import ram
-from .regmean import regmean
+from .regmean import along_task_vector, regmean, weighted_mean, weighted_statistics
 from .sce import sce
 from .selective import arcee_fusion, nearswap
 from .spherical_mean import karcher_mean, multislerp
@@ -405,15 +405,33 @@ def _subspace_methods() -> list[MergeMethod]:
 
 
 def _regmean_kernel(*, base, tensors, model_params, params, fields, statistics):
-    weights = _compute(tensors)
-    return regmean(weights, statistics, params["alpha"])
+    base_c, *weights = _compute([base, *tensors])
+    importance = [m["weight"] for m in model_params]
+    if sum(importance) <= 0:
+        raise ValueError("regmean: the weights must not all be 0")
+    present = any(s is not None for s in statistics) and weights[0].dim() == 2
+    if all(w == 1.0 for w in importance):  # the paper's merge, exactly
+        merged = regmean(weights, statistics, params["alpha"])
+    elif present:
+        merged = regmean(weights, weighted_statistics(statistics, importance), params["alpha"])
+    else:
+        merged = weighted_mean(weights, importance)
+    if params["lambda"] == 1.0:
+        return merged
+    if base_c is None:
+        raise ValueError("regmean: lambda other than 1 scales the merge's task vector and needs a base_model")
+    return along_task_vector(base_c, merged, params["lambda"])
 
 
 REGMEAN = MergeMethod(
     name="regmean", pretty_name="RegMean", reference="https://arxiv.org/abs/2212.09849",
     params=(ParamSpec("alpha", float, 0.6, False, 0.0, 1.0,
                       "Scale of the Gram matrices' off-diagonal entries (1 = exact least squares, 0 = diagonal); "
-                      "default: FusionBench's GPT-2 setting."),),
+                      "default: FusionBench's GPT-2 setting."),
+            ParamSpec("weight", float, 1.0, True, 0.0, None,
+                      "Importance of this model: scales its Gram matrix (its weight in the mean where there is none)."),
+            ParamSpec("lambda", float, 1.0, False, 0.0, None,
+                      "Strength: base + lambda·(merge − base); other than 1 needs a base_model.")),
     requires_base=False, uses_base_as_input=False, min_models=2, max_models=None, min_others=2,
     kernel=_regmean_kernel, in_mergekit=False, calibration="gram",
 )  # a base_model, if given, is read but not merged: RegMean combines the fine-tunes only

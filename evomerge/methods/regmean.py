@@ -5,6 +5,11 @@ arXiv:2212.09849. For a linear weight W (out × in) of each model i with input G
 Gᵢ = XᵢᵀXᵢ / nᵢ (``evomerge.calibration``), the least-squares merge is
 W = (Σᵢ Wᵢ G̃ᵢ)(Σᵢ G̃ᵢ)⁻¹, with the off-diagonal entries of each Gᵢ scaled by α
 (G̃ = α·G + (1 − α)·diag G). Tensors without statistics (norms, embeddings) take the mean.
+
+evomerge's knobs for a search on top of it (the defaults give the paper's merge, bit for bit): a
+weight wᵢ per model scales its Gram matrix, W = (Σᵢ wᵢ Wᵢ G̃ᵢ)(Σᵢ wᵢ G̃ᵢ)⁻¹ (the weighted mean where
+there are no statistics), the importance RegMean gives model i's inputs; and a strength λ moves the
+result along its task vector from a base, base + λ·(W − base).
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 def regmean_full(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
     """(Σᵢ Wᵢ G̃ᵢ)(Σᵢ G̃ᵢ)⁻¹ for weights Wᵢ (out × in) and input Gram matrices Gᵢ (in × in), by one linear solve."""
     reduced = [reduce_off_diagonal(g.to(weights[0].dtype), alpha) for g in grams]
+    return _solve(weights, reduced)
+
+
+def _solve(weights: Sequence[torch.Tensor], reduced: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(Σᵢ Wᵢ G̃ᵢ)(Σᵢ G̃ᵢ)⁻¹ for already reduced (and weighted) Gram matrices."""
     total = torch.stack(reduced).sum(dim=0)
     rhs = torch.stack([g @ w.T for g, w in zip(reduced, weights)]).sum(dim=0)  # Σ G̃ᵢ Wᵢᵀ (in × out)
     solution, info = torch.linalg.solve_ex(total, rhs)
@@ -52,3 +62,19 @@ def regmean(weights: Sequence[torch.Tensor], statistics: Sequence[torch.Tensor |
     if statistics[0].dim() == 1:
         return regmean_diagonal(weights, statistics)
     return regmean_full(weights, statistics, alpha)
+
+
+def weighted_statistics(statistics: Sequence[torch.Tensor | None], importance: Sequence[float]
+                        ) -> list[torch.Tensor | None]:
+    """Each model's Gram matrix (or its diagonal) × its importance wᵢ: Σᵢ wᵢ G̃ᵢ in RegMean's sums."""
+    return [None if s is None else s * w for s, w in zip(statistics, importance)]
+
+
+def weighted_mean(weights: Sequence[torch.Tensor], importance: Sequence[float]) -> torch.Tensor:
+    """Σᵢ wᵢ Wᵢ / Σᵢ wᵢ: RegMean's fallback for tensors without statistics, weighted like its Gram matrices."""
+    return torch.stack([w * c for w, c in zip(weights, importance)]).sum(dim=0) / sum(importance)
+
+
+def along_task_vector(base: torch.Tensor, merged: torch.Tensor, strength: float) -> torch.Tensor:
+    """base + λ·(merged − base): the merge's task vector scaled by λ."""
+    return base + strength * (merged - base)
