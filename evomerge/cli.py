@@ -148,6 +148,21 @@ def export_cmd(
     console.print(f"[green]wrote[/] {path}")
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="a search's output directory (finished or still running)"),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="where to write the page (default RUN_DIR/report.html)"),
+) -> None:
+    """Write one self-contained HTML page of a search: test table, history, per-layer winner, timing, recipe."""
+    from evomerge.report import write_report
+
+    try:
+        path = write_report(run_dir, out_file)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(str(e))
+    console.print(f"[green]wrote[/] {path}")
+
+
 @app.command("finetune")
 def finetune_cmd(
     model_dir: Path = typer.Argument(..., help="Hugging Face model directory (e.g. a search's merged/)"),
