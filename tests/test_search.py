@@ -230,6 +230,23 @@ def test_search_outputs(finished_run):
     assert json.loads((out / "summary.json").read_text())["winner_trial"] == summary.winner_trial
 
 
+def test_the_winners_card_says_how_it_was_found_with_metadata_the_hub_reads(finished_run):
+    """merged/README.md: tags, model-index with the winner's test scores per task (read back by
+    huggingface_hub's parser), the search that found it and the test table beside the baselines."""
+    from huggingface_hub import ModelCard
+
+    run, summary = finished_run
+    card = ModelCard.load(run.out / "merged" / "README.md")
+    assert card.data.tags == ["merge", "evomerge", "mergekit"] and card.data.library_name == "transformers"
+    winner = summary.rows[0]
+    got = {r.dataset_name: r.metric_value for r in card.data.eval_results}
+    assert got == {t: round(v, 4) for t, v in winner.per_task.items()}
+    assert {r.dataset_split for r in card.data.eval_results} == {"test"}
+    assert f"trial {summary.winner_trial} won there" in card.text and "sampler `cmaes`" in card.text
+    assert f"| {winner.label} | {winner.aggregate:.3f} |" in card.text and "| base |" in card.text
+    assert "merge_method: ties" in card.text
+
+
 def test_exported_checkpoint_equals_candidate(finished_run):
     """The merged checkpoint written by the engine equals, bit for bit, the candidate the search scored."""
     from evomerge.recipe import load_recipe
@@ -441,6 +458,7 @@ def test_export_command_reexports_a_trial(finished_run, tmp_path):
     from evomerge.recipe import load_recipe
     t3 = [t for t in run.study.get_trials(deepcopy=False) if t.number == 3][0]
     assert load_recipe((tmp_path / "t3" / "mergekit_config.yml").read_text()) == load_recipe(t3.user_attrs["recipe"])
+    assert "Trial 3 of the evomerge search" in (tmp_path / "t3" / "README.md").read_text()
     res = CliRunner().invoke(app, ["export", str(run.out), str(tmp_path / "t99"), "--trial", "99"])
     assert res.exit_code == 2 and "no trial 99" in res.output
 

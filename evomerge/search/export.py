@@ -96,13 +96,14 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
 
     files = {"recipe": str(out / "best_recipe.yaml")}
     write_atomic(out / "best_recipe.yaml", winner_recipe.to_yaml())
-    if export_checkpoint:
-        log(f"writing the merged checkpoint to {out / 'merged'}")
-        run_merge(winner_recipe, out / "merged", device=builder.device, seed=cfg.seed, overwrite=True)
-        files["checkpoint"] = str(out / "merged")
-    files["trials"] = str(write_trials_csv(study, out / "trials.csv"))
     counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    if export_checkpoint:
+        log(f"writing the merged checkpoint to {out / 'merged'}")
+        card = search_card(run, winner_recipe, rows, counts, winner.number, winner_val, len(ranked))
+        run_merge(winner_recipe, out / "merged", device=builder.device, seed=cfg.seed, overwrite=True, card=card)
+        files["checkpoint"] = str(out / "merged")
+    files["trials"] = str(write_trials_csv(study, out / "trials.csv"))
     timing = {"setup_s": run.stats.setup_s, "first_build_s": run.stats.first_build_s,
               "build_s": run.stats.build_s, "eval_s": run.stats.eval_s,
               "finalize_s": time.perf_counter() - t0,
@@ -128,6 +129,29 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     except Exception as e:  # like the plots: a convenience, never worth losing a finished search over
         log(f"warning: report.html failed: {type(e).__name__}: {e}")
     return summary
+
+
+def search_card(run: SearchRun, recipe, rows: list[Row], counts: dict[str, int], winner: int, winner_val: float,
+                n_finalists: int) -> str:
+    """The winner's model card: the recipe, how the search found it (space, sampler, trials, selection) and
+    the test table beside the baselines (``evomerge.card``)."""
+    import yaml
+
+    from evomerge.card import ScoreRow, merge_facts, render_card, task_metrics
+
+    space, cfg = run.space, run.cfg
+    how = [f"Found by an evomerge search (`{cfg.name}`): method "
+           f"`{space.method}`, granularity `{space.granularity}`, {len(run.distributions)} searched dimensions; "
+           f"Optuna sampler `{cfg.sampler.name}`; {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} "
+           f"pruned and {counts.get('FAIL', 0)} failed trials, each candidate merged in memory and scored on the "
+           f"tasks' search split ({cfg.objectives} objective{'s' if run.n_objectives > 1 else ''}).",
+           f"The top {n_finalists} candidates were re-scored on the validation split; trial {winner} won there "
+           f"({winner_val:.3f}). The test split below was never used for selection.",
+           "The search space:\n\n```yaml\n" + yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).rstrip()
+           + "\n```"]
+    return render_card(merge_facts(recipe, num_layers=run.num_layers, seed=cfg.seed, how=how,
+                                   results=[ScoreRow(r.label, r.aggregate, r.ci, r.per_task) for r in rows],
+                                   metrics=task_metrics(run.task_specs)))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -300,5 +324,13 @@ def export_trial(run_dir: str | Path, out_dir: str | Path, *, trial: int | None 
     if "recipe" not in t.user_attrs:
         raise ValueError(f"{run_dir}: trial {trial} has no recorded recipe (state {t.state.name})")
     recipe = load_recipe(t.user_attrs["recipe"], where=f"{run_dir} trial {trial}")
-    return run_merge(recipe, out_dir, device=device, seed=saved.get("seed", 0) if seed is None else seed,
-                     overwrite=overwrite)
+    seed = saved.get("seed", 0) if seed is None else seed
+    from evomerge.card import merge_facts, render_card
+    from evomerge.engine import plan_merge
+
+    plan = plan_merge(recipe)
+    score = "" if t.values is None else f", search-split score {trial_score(t):.4f}"
+    card = render_card(merge_facts(recipe, num_layers=plan.num_layers, seed=seed, how=[
+        f"Trial {trial} of the evomerge search in `{run_dir}` (study `{name}`, state {t.state.name}{score}), "
+        "re-exported with `evomerge export`."]))
+    return run_merge(plan, out_dir, device=device, seed=seed, overwrite=overwrite, card=card)
