@@ -22,6 +22,8 @@ MERGEKIT_METHODS = frozenset({
     "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl",
     "sce", "slerp", "task_arithmetic", "ties"})
 
+USAGE_PLACEHOLDER = "PATH_OR_REPO_ID"  # the usage snippet's model id; `evomerge push` puts the repo id there
+
 LIMITATIONS = [
     "The scores above come from the tasks this model was searched and tested on; they say nothing about "
     "other tasks, safety or factuality, which were not evaluated.",
@@ -116,8 +118,8 @@ def render_card(facts: CardFacts) -> str:
         body += ["## Recipe", "", "`mergekit_config.yml`:" if facts.mergekit_runnable else "The recipe:", "",
                  "```yaml", facts.recipe_yaml.rstrip(), "```", ""]
     body += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_ID")',
-             'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_ID")', "```", ""]
+             f'model = AutoModelForCausalLM.from_pretrained("{USAGE_PLACEHOLDER}")',
+             f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_PLACEHOLDER}")', "```", ""]
     body += ["## Limitations", "", *[f"- {x}" for x in facts.limitations], ""]
     return "---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(body)
 

@@ -247,6 +247,21 @@ def test_the_winners_card_says_how_it_was_found_with_metadata_the_hub_reads(fini
     assert "merge_method: ties" in card.text
 
 
+def test_push_plan_of_a_run_directory_is_the_winner_at_the_root_and_the_report_beside_it(finished_run):
+    """`evomerge push RUN_DIR`: merged/ at the repository's root (from_pretrained loads it), the report, summaries,
+    trials and plots under search/; never the study journal or lock files."""
+    from evomerge.push import plan_upload
+
+    run, _ = finished_run
+    plan = {u.path_in_repo: u.local for u in plan_upload(run.out)}
+    assert plan["README.md"] == run.out / "merged" / "README.md" and "model.safetensors" in plan
+    assert "mergekit_config.yml" in plan and plan["search/report.html"] == run.out / "report.html"
+    for f in ("search/summary.md", "search/trials.csv", "search/best_recipe.yaml",
+              "search/plots/optimization_history.png"):
+        assert f in plan, f
+    assert not [p for p in plan if "journal" in p or "lock" in p or "/." in p or p.startswith(".")]
+
+
 def test_exported_checkpoint_equals_candidate(finished_run):
     """The merged checkpoint written by the engine equals, bit for bit, the candidate the search scored."""
     from evomerge.recipe import load_recipe
