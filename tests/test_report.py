@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import optuna
@@ -100,3 +101,35 @@ def test_the_browser_check_sees_console_errors_and_broken_charts(browser, tmp_pa
     res = browser.open(page.as_uri())
     assert any("boom" in e for e in res.errors) and any("undefinedFunction" in e for e in res.errors)
     assert res.charts == [{"chart": "x", "loaded": False, "width": 0}]
+
+
+def _get(app, path: str):
+    """GET ``path`` from a WSGI app in-process; returns the decoded JSON body."""
+    import json
+    from wsgiref.util import setup_testing_defaults
+
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    status = []
+    body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+    assert status[0].startswith("200"), (path, status, body[:300])
+    return json.loads(body)
+
+
+def test_optuna_dashboard_reads_the_runs_journal_with_each_trials_recipe_and_scores(report_run):
+    """`optuna-dashboard RUN_DIR/study.journal` (the same storage guess, through its WSGI app): the study is
+    listed, and every finished trial shows its recipe and per-task scores as user attributes."""
+    dashboard = pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is in the test extras")
+    run, _, _ = report_run
+    app = dashboard.wsgi(str(run.out / "study.journal"))
+    studies = _get(app, "/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["rep"]
+    detail = _get(app, f"/api/studies/{studies[0]['study_id']}")
+    trials = detail["trials"]
+    assert len(trials) == len(run.study.trials) == 10
+    tasks = {t.name for t in run.task_specs}
+    for t in trials:
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        assert "merge_method: ties" in attrs["recipe"]
+        if t["state"] == "Complete":
+            assert set(json.loads(attrs["scores"])) == tasks  # the dashboard shows a dict attribute as JSON
