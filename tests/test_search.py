@@ -111,34 +111,65 @@ def test_eta_counts_trials_left_or_time_left_whichever_ends_first():
     assert eta_seconds(None, 3, 2.0, None, 10.0) is None
 
 
+def _drive_display(display, outcomes):
+    """Feed ``display`` one finished trial per (value, state, first_build) through a real study."""
+    from evomerge.search.run import TrialRecord
+
+    study = optuna.create_study(direction="maximize")
+    started = time.perf_counter()
+    with display:
+        for number, (value, state, first) in enumerate(outcomes):
+            trial = study.ask()
+            if state == "COMPLETE":
+                study.tell(trial, value)
+            else:
+                study.tell(trial, state=getattr(optuna.trial.TrialState, state))
+            reason = {"FAIL": "FloatingPointError: NaN", "PRUNED": "pruned"}.get(state, "")
+            record = TrialRecord(number, state, value, {}, 20.5 if first else 0.01, 0.02, reason, first)
+            display.event("trial", {"record": record, "study": study, "started": started})
+
+
+OUTCOMES = [(0.5, "COMPLETE", True), (0.7, "COMPLETE", False), (None, "PRUNED", False), (None, "FAIL", False)]
+
+
 def test_display_prints_trial_of_budget_best_last_score_and_eta_without_a_terminal():
-    """Without a TTY the live display prints one line per finished trial: i/N, the best so far, the last
-    score (or its failure reason), merge and eval seconds, and the ETA."""
+    """Without a TTY the live display prints one plain line per finished trial: i/N, the best so far with its
+    trial, the last score (or state and failure reason), merge vs eval seconds (the first build labelled as a
+    one-off), time per trial, ETA, pruned and failed counts."""
     import io
 
     from rich.console import Console
 
     from evomerge.search.cli_search import Display
-    from evomerge.search.run import TrialRecord
 
-    study = optuna.create_study(direction="maximize")
     buffer = io.StringIO()
-    display = Display(Console(file=buffer, width=200, force_terminal=False), budget_trials=10, timeout_s=None)
-    started = time.perf_counter()
-    with display:
-        for number, (value, state) in enumerate([(0.5, "COMPLETE"), (0.7, "COMPLETE"), (None, "FAIL")]):
-            trial = study.ask()
-            if value is None:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            else:
-                study.tell(trial, value)
-            record = TrialRecord(number, state, value, {}, 0.01, 0.02, "" if value else "FloatingPointError: NaN")
-            display.event("trial", {"record": record, "study": study, "started": started})
+    _drive_display(Display(Console(file=buffer, width=80, force_terminal=False), budget_trials=10, timeout_s=None),
+                   OUTCOMES)
     lines = buffer.getvalue().splitlines()
-    assert len(lines) == 3
-    assert lines[1].startswith("trial 1 [2/10] 0.7000 | best 0.7000 (trial 1) | 0.01s merge + 0.02s eval | ETA ")
-    assert lines[2].startswith("trial 2 [3/10] fail (FloatingPointError: NaN) | best 0.7000 (trial 1)")
-    assert lines[2].endswith(" min")
+    assert len(lines) == 4  # one unwrapped line per trial, even on a narrow console
+    assert lines[0].startswith("trial 1/10 | best 0.5000 (#0) | last #0 0.5000 | first build 20.5s (one-off: "
+                               "compile, plan) + eval 0.02s |")
+    assert lines[1].startswith("trial 2/10 | best 0.7000 (#1) | last #1 0.7000 | merge 0.01s + eval 0.02s |")
+    assert lines[2].startswith("trial 3/10 | best 0.7000 (#1) | last #2 pruned | merge 0.01s")
+    assert lines[3].startswith("trial 4/10 | best 0.7000 (#1) | last #3 fail (FloatingPointError: NaN) |")
+    assert lines[3].endswith(" min | pruned 1, failed 1")
+
+
+def test_display_redraws_one_line_in_a_terminal():
+    import io
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from evomerge.search.cli_search import Display
+
+    display = Display(Console(file=io.StringIO(), width=300, force_terminal=True), budget_trials=10, timeout_s=None)
+    _drive_display(display, OUTCOMES)
+    shown = display.live.renderable
+    assert isinstance(shown, Text) and "\n" not in shown.plain
+    assert shown.plain.startswith("trial 4/10 | best 0.7000 (#1) | last #3 fail")
+    # the ETA leaves out the first build's compile: three trials of a few ms, not 20 s
+    assert "| ETA 0.0 min |" in shown.plain
 
 
 def test_config_paths_are_relative_to_the_file_and_command_line_paths_to_the_cwd(tmp_path, monkeypatch):
