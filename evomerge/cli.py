@@ -151,7 +151,7 @@ def export_cmd(
 @app.command("report")
 def report_cmd(
     run_dir: Path = typer.Argument(..., help="a search's output directory (finished or still running)"),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="where to write the page (default RUN_DIR/report.html)"),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="the page (default RUN_DIR/report.html)"),
 ) -> None:
     """Write one self-contained HTML page of a search: test table, history, per-layer winner, timing, recipe."""
     from evomerge.report import write_report
@@ -165,7 +165,7 @@ def report_cmd(
 
 @app.command("push")
 def push_cmd(
-    path: Path = typer.Argument(..., help="a search's run directory (pushes merged/ and the report) or a model directory"),
+    path: Path = typer.Argument(..., help="a search's run directory (merged/ and the report) or a model directory"),
     repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME on the Hugging Face Hub"),
     private: bool = typer.Option(False, help="create the repository as private"),
     revision: Optional[str] = typer.Option(None, help="branch to push to (created if needed)"),

@@ -94,7 +94,7 @@ def render_report(data: RunData) -> str:
     if importances is not None:
         sections.append(_chart_section("importances", "Parameter importances", importances,
                                        "PED-ANOVA: which searched parameters matter most for a high score."))
-    if data.multi_objective:
+    if data.multi_objective and any(t.state == TrialState.COMPLETE for t in data.study.get_trials(deepcopy=False)):
         sections.append(_chart_section("pareto", "Pareto front", _pareto(data),
                                        "Per-task search scores in every pair of tasks."))
     if data.summary and data.summary.get("finalists"):
@@ -145,8 +145,9 @@ def _text_section(key: str, title: str, text: str) -> str:
 
 def _table(header: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(f"<tr class=\"{(classes or [''] * len(rows))[i]}\">" + "".join(f"<td>{html.escape(c)}</td>" for c in r)
-                   + "</tr>" for i, r in enumerate(rows))
+    classes = classes or [""] * len(rows)
+    body = "".join(f"<tr class=\"{cls}\">" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                   for cls, r in zip(classes, rows))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

@@ -16,8 +16,8 @@ def merged(llama_family, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("push")
     recipe = tmp / "r.yaml"
-    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {llama_family['ft0']}\n    parameters: {{weight: 1}}\n"
-                      f"  - model: {llama_family['ft1']}\n    parameters: {{weight: 1}}\n")
+    recipe.write_text("merge_method: linear\nmodels:\n"
+                      + "".join(f"  - model: {llama_family[k]}\n    parameters: {{weight: 1}}\n" for k in ("ft0", "ft1")))
     out = run_merge(recipe, tmp / "model", device="cpu")
     (out / ".README.md.123.tmp").write_text("half written")
     return out

@@ -20,7 +20,8 @@ CHARTS = {"test", "history", "layers", "importances", "finalists", "time"}
 
 @pytest.fixture(scope="module")
 def report_run(tiny_zoo, tmp_path_factory):
-    """A short search on the tiny zoo, four complete trials then some pruned: the report mid-run (before finalize) and at the end."""
+    """A short search on the tiny zoo, four complete trials then some pruned: the report mid-run (before
+    finalize) and at the end."""
     from evomerge.report import write_report
     from evomerge.search.export import finalize
     from evomerge.search.run import SearchRun

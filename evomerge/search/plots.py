@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 import numpy as np  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
@@ -67,34 +68,44 @@ def history_figure(study):
 
 
 def layers_figure(recipe, model_names: list[str], num_layers: int, attn_mlp: bool):
-    """Winner's per-layer value of every per-model parameter, for MLP and attention tensors."""
+    """Winner's per-layer value of every numeric parameter, for MLP and attention tensors: a row per model
+    (per-model parameters) or one row for all of them (global ones, such as task arithmetic's lambda)."""
     L = num_layers
-    names = list(model_names)
-    params = sorted({k for m in recipe.models or [] for k in (m.parameters or {})})
+    rows = {}  # parameter -> [(row label, setting)]
+    for name, m in zip(model_names, recipe.models or []):
+        for k, setting in (m.parameters or {}).items():
+            rows.setdefault(k, []).append((name, setting))
+    for k, setting in (recipe.parameters or {}).items():
+        if not isinstance(setting, bool):
+            rows.setdefault(k, []).append(("all models", setting))
+    params = sorted(rows)
     parts = [("mlp", "model.layers.{i}.mlp.up_proj.weight"), ("attn", "model.layers.{i}.self_attn.q_proj.weight")]
     if not attn_mlp:
         parts = parts[:1]
-    fig, axes = plt.subplots(len(params) or 1, len(parts), figsize=(4 + 0.35 * L * len(parts), 1.2 + 1.1 * len(names) * max(1, len(params))),
-                             squeeze=False)
+    heights = [len(rows[p]) for p in params] or [1]
+    fig, axes = plt.subplots(len(heights), len(parts), figsize=(4 + 0.35 * L * len(parts), 1.2 + 0.9 * sum(heights)),
+                             squeeze=False, gridspec_kw={"height_ratios": [h + 0.8 for h in heights]})
     for pi, pname in enumerate(params):
         for ci, (part, pattern) in enumerate(parts):
-            grid = np.full((len(names), L), np.nan)
-            for mi, m in enumerate(recipe.models):
-                setting = (m.parameters or {}).get(pname)
-                if setting is None:
-                    continue
+            grid = np.full((len(rows[pname]), L), np.nan)
+            for ri, (_, setting) in enumerate(rows[pname]):
                 for i in range(L):
                     t = i / (L - 1) if L > 1 else 1.0
                     v = evaluate_setting(setting, pattern.format(i=i), t)
-                    grid[mi, i] = np.nan if v is None else float(v)
+                    grid[ri, i] = np.nan if v is None or isinstance(v, bool) else float(v)
             ax = axes[pi][ci]
             im = ax.imshow(grid, aspect="auto", cmap="viridis")
-            ax.set_yticks(range(len(names)), names)
+            ax.set_yticks(range(len(rows[pname])), [label for label, _ in rows[pname]])
             ax.set_xticks(range(L))
             ax.set_xlabel("layer")
             ax.set_title(f"{pname}" + (f" ({part})" if attn_mlp else ""))
             fig.colorbar(im, ax=ax)
-    fig.suptitle("Winner: per-layer parameters per model")
+            if grid.size <= 160:  # small grids: the values themselves, readable on the colours
+                for (r, c), v in np.ndenumerate(grid):
+                    if np.isfinite(v):
+                        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white",
+                                path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
+    fig.suptitle("Winner: per-layer parameters")
     fig.tight_layout()
     return fig
 
