@@ -178,7 +178,7 @@ def push_cmd(
         if dry_run:
             check_repo_id(repo_id)
             for u in plan_upload(path):
-                out.print(f"{u.path_in_repo}  <-  {u.local}", highlight=False, markup=False)
+                out.print(f"{u.path_in_repo}  <-  {u.local}", highlight=False, markup=False, soft_wrap=True)
             return
         token = require_hub_access()  # before reading anything: offline or logged out is a clear error
         url = push(path, repo_id, private=private, revision=revision, token=token)
