@@ -150,6 +150,47 @@ def export_cmd(
     console.print(f"[green]wrote[/] {path}")
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="a search's output directory (finished or still running)"),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="the page (default RUN_DIR/report.html)"),
+) -> None:
+    """Write one self-contained HTML page of a search: test table, history, per-layer winner, timing, recipe."""
+    from evomerge.report import write_report
+
+    try:
+        path = write_report(run_dir, out_file)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(str(e))
+    console.print(f"[green]wrote[/] {path}")
+
+
+@app.command("push")
+def push_cmd(
+    path: Path = typer.Argument(..., help="a search's run directory (merged/ and the report) or a model directory"),
+    repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME on the Hugging Face Hub"),
+    private: bool = typer.Option(False, help="create the repository as private"),
+    revision: Optional[str] = typer.Option(None, help="branch to push to (created if needed)"),
+    dry_run: bool = typer.Option(False, help="list the files that would be uploaded; no network, no token"),
+) -> None:
+    """Upload a checkpoint with its model card (and a search's report) to the Hugging Face Hub."""
+    from evomerge.push import PushError, check_repo_id, plan_upload, push, require_hub_access
+
+    try:
+        if dry_run:
+            check_repo_id(repo_id)
+            for u in plan_upload(path):
+                out.print(f"{u.path_in_repo}  <-  {u.local}", highlight=False, markup=False, soft_wrap=True)
+            return
+        token = require_hub_access()  # before reading anything: offline or logged out is a clear error
+        url = push(path, repo_id, private=private, revision=revision, token=token)
+    except PushError as e:
+        _fail(str(e))
+    except Exception as e:  # the Hub's answer (permissions, network): its message, not a traceback
+        _fail(f"push to {repo_id} failed: {type(e).__name__}: {e}")
+    console.print(f"[green]pushed[/] {url}")
+
+
 @app.command("finetune")
 def finetune_cmd(
     model_dir: Path = typer.Argument(..., help="Hugging Face model directory (e.g. a search's merged/)"),

@@ -608,12 +608,14 @@ def iter_merged(plan: MergePlan, *, device="auto", seed: int = 0) -> Iterable[tu
 def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device="auto", seed: int = 0,
               out_shard_size: str | int = "2GB", overwrite: bool = False, allow_pickle: bool = False,
               progress: Callable[[TensorTask, int], None] | None = None,
-              where: str | None = None, statistics_cache: str | Path | None = None) -> Path:
+              where: str | None = None, statistics_cache: str | Path | None = None,
+              card: str | None = None) -> Path:
     """Merge file to file: plan (headers only), then stream every tensor into an atomic checkpoint.
 
-    ``progress(task, nbytes)`` is called after each tensor is written. Returns the output directory.
-    Data-aware methods first compute their calibration statistics, cached in ``statistics_cache``
-    (default: ``.evomerge-statistics`` next to the output directory).
+    ``progress(task, nbytes)`` is called after each tensor is written. Data-aware methods first compute
+    their calibration statistics, cached in ``statistics_cache`` (default: ``.evomerge-statistics`` next
+    to the output directory). ``card``: the README.md to write (a search's card, with how the recipe
+    was found); default ``model_card``. Returns the output directory.
     """
     plan = recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_pickle=allow_pickle, where=where)
     dev = resolve_device(device)
@@ -633,31 +635,15 @@ def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device
         if plan.tokenizer_dir is not None:
             copy_tokenizer_files(plan.tokenizer_dir, writer)
         writer.write_text("mergekit_config.yml", plan.recipe.to_yaml())
-        writer.write_text("README.md", model_card(plan, seed))
+        writer.write_text("README.md", card if card is not None else model_card(plan, seed))
         return writer.commit()
 
 
 def model_card(plan: MergePlan, seed: int) -> str:
-    """A Hugging Face model card (README.md) with the recipe and the source models."""
-    recipe = plan.recipe
-    models = recipe.referenced_models()
-    lines = ["---", "library_name: transformers", "tags:", "- merge", "- evomerge", "- mergekit", "---", "",
-             f"# {recipe.name or 'Merged model'}", "",
-             f"This model was merged with [evomerge](https://pypi.org/project/evomerge/) using the "
-             f"**{plan.method.pretty_name}** method ({plan.method.reference}).", "",
-             "## Source models", ""]
-    note = mergekit_note(recipe.merge_method)
-    if note:
-        lines[-2:-2] = [f"Note: {note}", ""]
-    for m in models:
-        role = " (base)" if m == recipe.base_model else ""
-        lines.append(f"- `{m}`{role}")
-    lines += ["", f"Output layers: {plan.num_layers}. Random seed: {seed}.", "",
-              "## Recipe", "", ("The recipe (`mergekit_config.yml`) is in mergekit's format; mergekit cannot run its "
-                                "method:" if note else
-                                "The recipe is mergekit-compatible (`mergekit_config.yml`):"), "",
-              "```yaml", recipe.to_yaml().rstrip(), "```", ""]
-    return "\n".join(lines)
+    """The Hub model card (README.md) of a plain merge: metadata, sources, recipe (``evomerge.card``)."""
+    from evomerge.card import merge_facts, render_card
+
+    return render_card(merge_facts(plan.recipe, num_layers=plan.num_layers, seed=seed))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -149,8 +149,25 @@ def finetune_and_report(model_dir: str | Path, out_dir: str | Path | None, cfg, 
     result = FinetuneResult(trainable, n_params, sources, losses, before, after, time.perf_counter() - t0, None)
     if out_dir is not None:
         result.out_dir = _save_atomic(model, tokenizer, Path(out_dir), overwrite=overwrite,
-                                      report=render_report(result, cfg, Path(model_dir)))
+                                      report=render_report(result, cfg, Path(model_dir)),
+                                      card=finetune_card(result, cfg, Path(model_dir), specs))
     return result
+
+
+def finetune_card(res: FinetuneResult, cfg, model_dir: Path, specs) -> str:
+    """The fine-tuned checkpoint's model card: where it started, what trained on what, test before/after."""
+    from evomerge.card import ScoreRow, finetune_facts, render_card, task_metrics
+
+    layers = "" if cfg.layers is None else f", layers [{cfg.layers[0]}, {cfg.layers[1]})"
+    how = [f"Fine-tuned from `{model_dir}` with `evomerge finetune`: {cfg.steps} AdamW steps (lr {cfg.lr:g}, "
+           f"batch {cfg.batch_size}, seed {cfg.seed}) on {len(res.trainable)} tensors matching "
+           f"{', '.join(f'`{p}`' for p in cfg.train)}{layers} ({res.n_params:,} parameters); everything else "
+           "frozen. Training examples: " + ", ".join(f"{t} ({s} split)" for t, s in res.sources.items())
+           + "; never the validation or test split. Details: `finetune_report.md`."]
+    rows = [ScoreRow(label, r.aggregate, r.ci, dict(r.per_task)) for label, r in
+            (("after fine-tuning (this model)", res.after), ("before fine-tuning", res.before))]
+    return render_card(finetune_facts(model_dir, title=f"{model_dir.name} (fine-tuned)", how=how,
+                                      before=rows[1], after=rows[0], metrics=task_metrics(specs)))
 
 
 def render_report(res: FinetuneResult, cfg, model_dir: Path) -> str:
@@ -172,7 +189,8 @@ def render_report(res: FinetuneResult, cfg, model_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_atomic(model, tokenizer, out: Path, overwrite: bool, report: str | None = None) -> Path:
+def _save_atomic(model, tokenizer, out: Path, overwrite: bool, report: str | None = None,
+                 card: str | None = None) -> Path:
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +200,8 @@ def _save_atomic(model, tokenizer, out: Path, overwrite: bool, report: str | Non
         tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_NAME).write_text(report)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

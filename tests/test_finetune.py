@@ -43,6 +43,14 @@ def test_finetune_trains_only_the_selection(tiny_zoo, tmp_path):
     assert "1 tensors" not in report and f"{len(res.trainable)} tensors matching `*.mlp.*`, layers [1, 2)" in report
     assert f"| after | {res.after.aggregate:.3f} |" in report and "(train split)" in report
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ft.tmp")]
+    # the card: evomerge's tags, the model-index with the test scores after fine-tuning, what was trained
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "ft" / "README.md")
+    assert "evomerge" in card.data.tags and "mergekit" not in card.data.tags
+    assert {r.dataset_name: r.metric_value for r in card.data.eval_results} == {
+        t: round(v, 4) for t, v in res.after.per_task.items()}
+    assert "8 AdamW steps" in card.text and "| before fine-tuning |" in card.text
 
 
 def test_training_examples_come_from_the_train_split_else_search(tiny_zoo, tmp_path):

@@ -111,34 +111,65 @@ def test_eta_counts_trials_left_or_time_left_whichever_ends_first():
     assert eta_seconds(None, 3, 2.0, None, 10.0) is None
 
 
+def _drive_display(display, outcomes):
+    """Feed ``display`` one finished trial per (value, state, first_build) through a real study."""
+    from evomerge.search.run import TrialRecord
+
+    study = optuna.create_study(direction="maximize")
+    started = time.perf_counter()
+    with display:
+        for number, (value, state, first) in enumerate(outcomes):
+            trial = study.ask()
+            if state == "COMPLETE":
+                study.tell(trial, value)
+            else:
+                study.tell(trial, state=getattr(optuna.trial.TrialState, state))
+            reason = {"FAIL": "FloatingPointError: NaN", "PRUNED": "pruned"}.get(state, "")
+            record = TrialRecord(number, state, value, {}, 20.5 if first else 0.01, 0.02, reason, first)
+            display.event("trial", {"record": record, "study": study, "started": started})
+
+
+OUTCOMES = [(0.5, "COMPLETE", True), (0.7, "COMPLETE", False), (None, "PRUNED", False), (None, "FAIL", False)]
+
+
 def test_display_prints_trial_of_budget_best_last_score_and_eta_without_a_terminal():
-    """Without a TTY the live display prints one line per finished trial: i/N, the best so far, the last
-    score (or its failure reason), merge and eval seconds, and the ETA."""
+    """Without a TTY the live display prints one plain line per finished trial: i/N, the best so far with its
+    trial, the last score (or state and failure reason), merge vs eval seconds (the first build labelled as a
+    one-off), time per trial, ETA, pruned and failed counts."""
     import io
 
     from rich.console import Console
 
     from evomerge.search.cli_search import Display
-    from evomerge.search.run import TrialRecord
 
-    study = optuna.create_study(direction="maximize")
     buffer = io.StringIO()
-    display = Display(Console(file=buffer, width=200, force_terminal=False), budget_trials=10, timeout_s=None)
-    started = time.perf_counter()
-    with display:
-        for number, (value, state) in enumerate([(0.5, "COMPLETE"), (0.7, "COMPLETE"), (None, "FAIL")]):
-            trial = study.ask()
-            if value is None:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            else:
-                study.tell(trial, value)
-            record = TrialRecord(number, state, value, {}, 0.01, 0.02, "" if value else "FloatingPointError: NaN")
-            display.event("trial", {"record": record, "study": study, "started": started})
+    _drive_display(Display(Console(file=buffer, width=80, force_terminal=False), budget_trials=10, timeout_s=None),
+                   OUTCOMES)
     lines = buffer.getvalue().splitlines()
-    assert len(lines) == 3
-    assert lines[1].startswith("trial 1 [2/10] 0.7000 | best 0.7000 (trial 1) | 0.01s merge + 0.02s eval | ETA ")
-    assert lines[2].startswith("trial 2 [3/10] fail (FloatingPointError: NaN) | best 0.7000 (trial 1)")
-    assert lines[2].endswith(" min")
+    assert len(lines) == 4  # one unwrapped line per trial, even on a narrow console
+    assert lines[0].startswith("trial 1/10 | best 0.5000 (#0) | last #0 0.5000 | first build 20.5s (one-off: "
+                               "compile, plan) + eval 0.02s |")
+    assert lines[1].startswith("trial 2/10 | best 0.7000 (#1) | last #1 0.7000 | merge 0.01s + eval 0.02s |")
+    assert lines[2].startswith("trial 3/10 | best 0.7000 (#1) | last #2 pruned | merge 0.01s")
+    assert lines[3].startswith("trial 4/10 | best 0.7000 (#1) | last #3 fail (FloatingPointError: NaN) |")
+    assert lines[3].endswith(" min | pruned 1, failed 1")
+
+
+def test_display_redraws_one_line_in_a_terminal():
+    import io
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from evomerge.search.cli_search import Display
+
+    display = Display(Console(file=io.StringIO(), width=300, force_terminal=True), budget_trials=10, timeout_s=None)
+    _drive_display(display, OUTCOMES)
+    shown = display.live.renderable
+    assert isinstance(shown, Text) and "\n" not in shown.plain
+    assert shown.plain.startswith("trial 4/10 | best 0.7000 (#1) | last #3 fail")
+    # the ETA leaves out the first build's compile: three trials of a few ms, not 20 s
+    assert "| ETA 0.0 min |" in shown.plain
 
 
 def test_config_paths_are_relative_to_the_file_and_command_line_paths_to_the_cwd(tmp_path, monkeypatch):
@@ -215,7 +246,9 @@ def test_search_outputs(finished_run):
     # the whole study's time (from what every trial records), not only this process's
     t = summary.timing
     assert t["study_trials"] == 14 and t["study_workers"] == 1
-    assert t["study_build_s"] == pytest.approx(sum(float(r["build_s"]) for r in rows), abs=1e-3)
+    assert t["study_build_s"] + t["study_first_build_s"] == pytest.approx(sum(float(r["build_s"]) for r in rows),
+                                                                          abs=1e-3)
+    assert t["study_first_build_s"] == pytest.approx(float(rows[0]["build_s"]), abs=1e-3)  # the one-off compile
     assert t["study_eval_s"] == pytest.approx(sum(float(r["eval_s"]) for r in rows), abs=1e-3)
     assert t["study_build_s"] + t["study_eval_s"] <= t["study_trial_s"] + 1e-3 <= t["study_wall_s"] + 2e-3
     labels = [r.label for r in summary.rows]
@@ -227,6 +260,38 @@ def test_search_outputs(finished_run):
     assert "merging candidates" in md and "evaluating candidates" in md
     assert "## Where the time went (the whole study)" in md and "14 finished trials by 1 worker process," in md
     assert json.loads((out / "summary.json").read_text())["winner_trial"] == summary.winner_trial
+
+
+def test_the_winners_card_says_how_it_was_found_with_metadata_the_hub_reads(finished_run):
+    """merged/README.md: tags, model-index with the winner's test scores per task (read back by
+    huggingface_hub's parser), the search that found it and the test table beside the baselines."""
+    from huggingface_hub import ModelCard
+
+    run, summary = finished_run
+    card = ModelCard.load(run.out / "merged" / "README.md")
+    assert card.data.tags == ["merge", "evomerge", "mergekit"] and card.data.library_name == "transformers"
+    winner = summary.rows[0]
+    got = {r.dataset_name: r.metric_value for r in card.data.eval_results}
+    assert got == {t: round(v, 4) for t, v in winner.per_task.items()}
+    assert {r.dataset_split for r in card.data.eval_results} == {"test"}
+    assert f"trial {summary.winner_trial} won there" in card.text and "sampler `cmaes`" in card.text
+    assert f"| {winner.label} | {winner.aggregate:.3f} |" in card.text and "| base |" in card.text
+    assert "merge_method: ties" in card.text
+
+
+def test_push_plan_of_a_run_directory_is_the_winner_at_the_root_and_the_report_beside_it(finished_run):
+    """`evomerge push RUN_DIR`: merged/ at the repository's root (from_pretrained loads it), the report, summaries,
+    trials and plots under search/; never the study journal or lock files."""
+    from evomerge.push import plan_upload
+
+    run, _ = finished_run
+    plan = {u.path_in_repo: u.local for u in plan_upload(run.out)}
+    assert plan["README.md"] == run.out / "merged" / "README.md" and "model.safetensors" in plan
+    assert "mergekit_config.yml" in plan and plan["search/report.html"] == run.out / "report.html"
+    for f in ("search/summary.md", "search/trials.csv", "search/best_recipe.yaml",
+              "search/plots/optimization_history.png"):
+        assert f in plan, f
+    assert not [p for p in plan if "journal" in p or "lock" in p or "/." in p or p.startswith(".")]
 
 
 def test_exported_checkpoint_equals_candidate(finished_run):
@@ -441,6 +506,7 @@ def test_export_command_reexports_a_trial(finished_run, tmp_path):
     from evomerge.recipe import load_recipe
     t3 = [t for t in run.study.get_trials(deepcopy=False) if t.number == 3][0]
     assert load_recipe((tmp_path / "t3" / "mergekit_config.yml").read_text()) == load_recipe(t3.user_attrs["recipe"])
+    assert "Trial 3 of the evomerge search" in (tmp_path / "t3" / "README.md").read_text()
     res = CliRunner().invoke(app, ["export", str(run.out), str(tmp_path / "t99"), "--trial", "99"])
     assert res.exit_code == 2 and "no trial 99" in res.output
 
@@ -521,6 +587,7 @@ def test_multi_objective_nsga2_per_task(tiny_zoo, tmp_path):
     assert run.study.best_trials  # a non-empty Pareto front
     summary = finalize(run, export_checkpoint=False)
     assert (run.out / "plots" / "pareto_front.png").exists()
+    assert 'data-chart="pareto"' in (run.out / "report.html").read_text()
     assert "checkpoint" not in summary.files and summary.rows[0].label.startswith("winner")
 
 

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 
 def eta_seconds(budget: int | None, done: int, per_trial_s: float, timeout_s: float | None,
@@ -21,21 +22,41 @@ def eta_seconds(budget: int | None, done: int, per_trial_s: float, timeout_s: fl
     return min(left) if left else None
 
 
+def status_line(record, *, done: int, budget: int | None, best: tuple[float, int] | None, per_trial_s: float,
+                eta_s: float | None, pruned: int, failed: int) -> str:
+    """The search's one-line status: trial i/N, best so far (trial), last score, merge vs eval, ETA, counts.
+
+    A process's first build compiles (or loads from the cache) the merge kernels and plans: it is
+    labelled as the one-off it is, not as the time a merge takes."""
+    of = f"{done}/{budget}" if budget else f"{done}"
+    best_s = f"{best[0]:.4f} (#{best[1]})" if best else "-"
+    last = f"{record.value:.4f}" if record.value is not None else record.state.lower()
+    if record.state == "FAIL":
+        last += f" ({record.reason[:60]})"
+    merge = (f"first build {record.build_s:.1f}s (one-off: compile, plan)" if record.first_build
+             else f"merge {record.build_s:.2f}s")
+    eta = "-" if eta_s is None else f"{eta_s / 60:.1f} min"
+    return (f"trial {of} | best {best_s} | last #{record.number} {last} | {merge} + eval {record.eval_s:.2f}s "
+            f"| {per_trial_s:.2f}s/trial | ETA {eta} | pruned {pruned}, failed {failed}")
+
+
 class Display:
-    """Live status: trial i of N, best so far, last score, time per trial, ETA (plain lines without a TTY).
+    """Live status on one line (``status_line``), redrawn in a terminal; a plain line per trial otherwise.
 
     The time per trial is the wall time between this process's finished trials (merge, evaluation,
-    sampler and storage), averaged over the last ten."""
+    sampler and storage), averaged over the last ten, leaving out the first build's one-off compile."""
 
     def __init__(self, console: Console, budget_trials: int | None, timeout_s: float | None):
         self.console, self.budget, self.timeout = console, budget_trials, timeout_s
         self.live: Live | None = None
-        self.times: list[float] = []
+        self.times: list[float] = []  # seconds between finished trials, without first builds
+        self.first_build_times: list[float] = []
         self.last_event: float | None = None
 
     def __enter__(self):
         if self.console.is_terminal:
-            self.live = Live(Table(), console=self.console, refresh_per_second=4, transient=False)
+            self.live = Live(Text("waiting for the first trial"), console=self.console, refresh_per_second=4,
+                             transient=False)
             self.live.__enter__()
         return self
 
@@ -52,28 +73,25 @@ class Display:
         now = time.perf_counter()
         self.times.append(now - (self.last_event if self.last_event is not None else data["started"]))
         self.last_event = now
+        from optuna.trial import TrialState
+
         from evomerge.search.run import _budget_count, best_trials, trial_score
 
         done = _budget_count(study)
         best = best_trials(study, 1)
-        best_s = f"{trial_score(best[0]):.4f} (trial {best[0].number})" if best else "-"
-        per = sum(self.times[-10:]) / len(self.times[-10:])
-        eta_s = eta_seconds(self.budget, done, per, self.timeout, now - data["started"])
-        eta = "-" if eta_s is None else f"{eta_s / 60:.1f} min"
-        last = f"{rec.value:.4f}" if rec.value is not None else rec.state.lower()
-        if rec.state == "FAIL":
-            last += f" ({rec.reason[:60]})"
-        of = f"{done}/{self.budget}" if self.budget else f"{done}"
+        if rec.first_build:  # a one-off compile would inflate the ETA of the next ten trials
+            self.first_build_times.append(self.times.pop())
+        recent = self.times[-10:] or self.first_build_times[-1:]
+        per = sum(recent) / len(recent)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        line = status_line(rec, done=done, budget=self.budget,
+                           best=(trial_score(best[0]), best[0].number) if best else None, per_trial_s=per,
+                           eta_s=eta_seconds(self.budget, done, per, self.timeout, now - data["started"]),
+                           pruned=states.count(TrialState.PRUNED), failed=states.count(TrialState.FAIL))
         if self.live:
-            t = Table(title="evomerge search", show_header=False)
-            for k, v in (("trial", of), ("best so far", best_s), ("last score", last),
-                         ("time per trial", f"{per:.2f} s (merge {rec.build_s:.2f} s, eval {rec.eval_s:.2f} s)"),
-                         ("ETA", eta)):
-                t.add_row(k, v)
-            self.live.update(t)
+            self.live.update(Text(line, no_wrap=True, overflow="ellipsis"))
         else:
-            self.console.print(f"trial {rec.number} [{of}] {last} | best {best_s} | "
-                               f"{rec.build_s:.2f}s merge + {rec.eval_s:.2f}s eval | ETA {eta}", highlight=False)
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)  # a log line: never wrapped
 
 
 def run_search_command(config: Path, *, overrides: dict[str, Any], finalize: bool, console: Console,

@@ -10,7 +10,8 @@ split with bootstrap confidence intervals. Written to the run directory:
 - ``trials.csv`` — every trial: state, scores, parameters, durations, failure reasons;
 - ``summary.md`` / ``summary.json`` — the test table and where the time went (the whole study, over
   every worker and session, and this process);
-- ``plots/`` — optimization history, the winner's per-layer parameters, importances, Pareto front.
+- ``plots/`` — optimization history, the winner's per-layer parameters, importances, Pareto front;
+- ``report.html`` — all of the above on one self-contained page (``evomerge.report``).
 """
 
 from __future__ import annotations
@@ -120,14 +121,16 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
 
     files = {"recipe": str(out / "best_recipe.yaml")}
     write_atomic(out / "best_recipe.yaml", winner_recipe.to_yaml())
-    if export_checkpoint:
-        log(f"writing the merged checkpoint to {out / 'merged'}")
-        run_merge(winner_recipe, out / "merged", device=builder.device, seed=cfg.seed, overwrite=True)
-        files["checkpoint"] = str(out / "merged")
-    files["trials"] = str(write_trials_csv(study, out / "trials.csv"))
     counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    timing = {"setup_s": run.stats.setup_s, "build_s": run.stats.build_s, "eval_s": run.stats.eval_s,
+    if export_checkpoint:
+        log(f"writing the merged checkpoint to {out / 'merged'}")
+        card = search_card(run, winner_recipe, rows, counts, winner.number, winner_val, len(ranked))
+        run_merge(winner_recipe, out / "merged", device=builder.device, seed=cfg.seed, overwrite=True, card=card)
+        files["checkpoint"] = str(out / "merged")
+    files["trials"] = str(write_trials_csv(study, out / "trials.csv"))
+    timing = {"setup_s": run.stats.setup_s, "first_build_s": run.stats.first_build_s,
+              "build_s": run.stats.build_s, "eval_s": run.stats.eval_s,
               "finalize_s": time.perf_counter() - t0,
               "trials_this_process": len(run.stats.trials),
               **{f"study_{k}": v for k, v in study_timing(study).items()}}
@@ -144,7 +147,36 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     write_atomic(out / "summary.md", render_summary(run, summary))
     write_atomic(out / "summary.json", json.dumps(_jsonable(summary), indent=2))
     files["summary"] = str(out / "summary.md")
+    try:
+        from evomerge.report import write_report
+
+        files["report"] = str(write_report(out))
+    except Exception as e:  # like the plots: a convenience, never worth losing a finished search over
+        log(f"warning: report.html failed: {type(e).__name__}: {e}")
     return summary
+
+
+def search_card(run: SearchRun, recipe, rows: list[Row], counts: dict[str, int], winner: int, winner_val: float,
+                n_finalists: int) -> str:
+    """The winner's model card: the recipe, how the search found it (space, sampler, trials, selection) and
+    the test table beside the baselines (``evomerge.card``)."""
+    import yaml
+
+    from evomerge.card import ScoreRow, merge_facts, render_card, task_metrics
+
+    space, cfg = run.space, run.cfg
+    how = [f"Found by an evomerge search (`{cfg.name}`): method "
+           f"`{space.method}`, granularity `{space.granularity}`, {len(run.distributions)} searched dimensions; "
+           f"Optuna sampler `{cfg.sampler.name}`; {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} "
+           f"pruned and {counts.get('FAIL', 0)} failed trials, each candidate merged in memory and scored on the "
+           f"tasks' search split ({cfg.objectives} objective{'s' if run.n_objectives > 1 else ''}).",
+           f"The top {n_finalists} candidates were re-scored on the validation split; trial {winner} won there "
+           f"({winner_val:.3f}). The test split below was never used for selection.",
+           "The search space:\n\n```yaml\n" + yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).rstrip()
+           + "\n```"]
+    return render_card(merge_facts(recipe, num_layers=run.num_layers, seed=cfg.seed, how=how,
+                                   results=[ScoreRow(r.label, r.aggregate, r.ci, r.per_task) for r in rows],
+                                   metrics=task_metrics(run.task_specs)))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -193,19 +225,22 @@ def study_timing(study: optuna.Study) -> dict[str, float]:
 
     From what each finished trial records: its build and evaluation seconds (``build_s``,
     ``eval_s``) and its duration (ask to tell); the rest of a duration is the sampler, the storage
-    and decoding the recipe. ``wall_s`` spans the first trial's start to the last one's end (with
+    and decoding the recipe. The first build of each process (``first_build``: compiling the merge
+    kernels, or loading them from the cache, and planning) is a one-off, counted apart from merging. ``wall_s`` spans the first trial's start to the last one's end (with
     several workers, or pauses between sessions, it differs from the sum of durations).
     """
     trials = [t for t in study.get_trials(deepcopy=False)
               if t.state.is_finished() and t.datetime_start is not None and t.datetime_complete is not None]
-    build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in trials)
+    first = sum(float(t.user_attrs.get("build_s", 0.0)) for t in trials if t.user_attrs.get("first_build"))
+    build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in trials if not t.user_attrs.get("first_build"))
     evaluate = sum(float(t.user_attrs.get("eval_s", 0.0)) for t in trials)
     durations = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
     wall = ((max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
             if trials else 0.0)
     workers = {t.user_attrs.get("worker") for t in trials if t.user_attrs.get("worker")}
     return {"trials": len(trials), "workers": len(workers), "wall_s": wall, "trial_s": durations,
-            "build_s": build, "eval_s": evaluate, "other_s": max(durations - build - evaluate, 0.0)}
+            "first_build_s": first, "build_s": build, "eval_s": evaluate,
+            "other_s": max(durations - first - build - evaluate, 0.0)}
 
 
 def _fmt_ci(row: Row) -> str:
@@ -240,6 +275,7 @@ def render_summary(run: SearchRun, s: Summary) -> str:
     lines += ["", "## This process", "",
               "| phase | seconds | share of search |", "|---|---:|---:|",
               f"| setup (zoo build if not cached, load models, task vectors, order statistics) | {t['setup_s']:.1f} | |",
+              f"| first build (one-off: compile or load the merge kernels, plan) | {t['first_build_s']:.1f} | |",
               f"| merging candidates | {t['build_s']:.1f} | {100 * t['build_s'] / max(searched, 1e-9):.0f}% |",
               f"| evaluating candidates (search split) | {t['eval_s']:.1f} | "
               f"{100 * t['eval_s'] / max(searched, 1e-9):.0f}% |",
@@ -258,6 +294,8 @@ def _study_time_lines(t: dict[str, float]) -> list[str]:
             f"first start to last end {_duration(t['study_wall_s'])}; "
             f"{t['study_trial_s'] / max(t['study_trials'], 1):.2f} s per trial.", "",
             "| phase | seconds | share of trial time |", "|---|---:|---:|",
+            f"| first build of each process (one-off: compile or load the merge kernels, plan) | "
+            f"{t['study_first_build_s']:.1f} | {100 * t['study_first_build_s'] / total:.0f}% |",
             f"| merging candidates | {t['study_build_s']:.1f} | {100 * t['study_build_s'] / total:.0f}% |",
             f"| evaluating candidates (search split) | {t['study_eval_s']:.1f} | "
             f"{100 * t['study_eval_s'] / total:.0f}% |",
@@ -312,5 +350,13 @@ def export_trial(run_dir: str | Path, out_dir: str | Path, *, trial: int | None 
     if "recipe" not in t.user_attrs:
         raise ValueError(f"{run_dir}: trial {trial} has no recorded recipe (state {t.state.name})")
     recipe = load_recipe(t.user_attrs["recipe"], where=f"{run_dir} trial {trial}")
-    return run_merge(recipe, out_dir, device=device, seed=saved.get("seed", 0) if seed is None else seed,
-                     overwrite=overwrite)
+    seed = saved.get("seed", 0) if seed is None else seed
+    from evomerge.card import merge_facts, render_card
+    from evomerge.engine import plan_merge
+
+    plan = plan_merge(recipe)
+    score = "" if t.values is None else f", search-split score {trial_score(t):.4f}"
+    card = render_card(merge_facts(recipe, num_layers=plan.num_layers, seed=seed, how=[
+        f"Trial {trial} of the evomerge search in `{run_dir}` (study `{name}`, state {t.state.name}{score}), "
+        "re-exported with `evomerge export`."]))
+    return run_merge(plan, out_dir, device=device, seed=seed, overwrite=overwrite, card=card)

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 import numpy as np  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
@@ -18,17 +19,19 @@ from evomerge.recipe import evaluate_setting  # noqa: E402
 def write_plots(run, winner_recipe, out_dir: Path) -> dict[str, str]:
     """Write every plot that applies to this run; returns {name: path}."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"history": _history(run.study, out_dir / "optimization_history.png"),
-             "layers": _layer_heatmap(run, winner_recipe, out_dir / "winner_layers.png")}
-    importance = _importances(run.study, out_dir / "param_importances.png")
-    if importance:
-        files["importances"] = importance
+    files = {"history": _save(history_figure(run.study), out_dir / "optimization_history.png"),
+             "layers": _save(layers_figure(winner_recipe, run.model_names, run.num_layers, run.space.attn_mlp),
+                             out_dir / "winner_layers.png")}
+    importance = importances_figure(run.study)
+    if importance is not None:
+        files["importances"] = _save(importance, out_dir / "param_importances.png")
     if run.n_objectives > 1:
-        files["pareto"] = _pareto(run, out_dir / "pareto_front.png")
+        files["pareto"] = _save(pareto_figure(run.study, [t.name for t in run.task_specs]),
+                                out_dir / "pareto_front.png")
     return files
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path) -> str:
     """Save ``fig`` as a PNG whole or not at all (a temporary file beside it, then a rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -37,60 +40,74 @@ def _save(fig, path: Path) -> None:
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
+    return str(path)
 
 
-def _history(study, path: Path) -> str:
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    xs = [t.number for t in trials]
-    ys = [t.values[0] if len(t.values) == 1 else float(np.mean(t.values)) for t in trials]
+def history_figure(study):
+    """Every trial's search score by trial number, the best so far, and where pruned and failed trials fell."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    xs = [t.number for t in complete]
+    ys = [t.values[0] if len(t.values) == 1 else float(np.mean(t.values)) for t in complete]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(xs, ys, s=12, alpha=0.6, label="trial (search split)")
     if ys:
         ax.plot(xs, np.maximum.accumulate(ys), color="C3", label="best so far")
-    pruned = [t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.PRUNED]
-    if pruned and ys:
-        ax.scatter(pruned, [min(ys)] * len(pruned), marker="x", color="gray", s=12, label="pruned")
+    floor = min(ys) if ys else 0.0
+    for state, marker, color in ((TrialState.PRUNED, "x", "gray"), (TrialState.FAIL, "v", "black")):
+        numbers = [t.number for t in trials if t.state == state]
+        if numbers:
+            ax.scatter(numbers, [floor] * len(numbers), marker=marker, color=color, s=14,
+                       label=f"{state.name.lower()} ({len(numbers)})")
     ax.set_xlabel("trial")
-    ax.set_ylabel("aggregate score")
+    ax.set_ylabel("aggregate score" if not complete or len(complete[0].values) == 1 else "mean of objectives")
     ax.set_title("Optimization history")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    _save(fig, path)
-    return str(path)
+    return fig
 
 
-def _layer_heatmap(run, recipe, path: Path) -> str:
-    """Winner's per-layer value of every per-model parameter, for MLP and attention tensors."""
-    L = run.num_layers
-    names = list(run.inputs.models)
-    params = sorted({k for m in recipe.models or [] for k in (m.parameters or {})})
+def layers_figure(recipe, model_names: list[str], num_layers: int, attn_mlp: bool):
+    """Winner's per-layer value of every numeric parameter, for MLP and attention tensors: a row per model
+    (per-model parameters) or one row for all of them (global ones, such as task arithmetic's lambda)."""
+    L = num_layers
+    rows = {}  # parameter -> [(row label, setting)]
+    for name, m in zip(model_names, recipe.models or []):
+        for k, setting in (m.parameters or {}).items():
+            rows.setdefault(k, []).append((name, setting))
+    for k, setting in (recipe.parameters or {}).items():
+        if not isinstance(setting, bool):
+            rows.setdefault(k, []).append(("all models", setting))
+    params = sorted(rows)
     parts = [("mlp", "model.layers.{i}.mlp.up_proj.weight"), ("attn", "model.layers.{i}.self_attn.q_proj.weight")]
-    if not run.space.attn_mlp:
+    if not attn_mlp:
         parts = parts[:1]
-    fig, axes = plt.subplots(len(params) or 1, len(parts), figsize=(4 + 0.35 * L * len(parts), 1.2 + 1.1 * len(names) * max(1, len(params))),
-                             squeeze=False)
+    heights = [len(rows[p]) for p in params] or [1]
+    fig, axes = plt.subplots(len(heights), len(parts), figsize=(4 + 0.35 * L * len(parts), 1.2 + 0.9 * sum(heights)),
+                             squeeze=False, gridspec_kw={"height_ratios": [h + 0.8 for h in heights]})
     for pi, pname in enumerate(params):
         for ci, (part, pattern) in enumerate(parts):
-            grid = np.full((len(names), L), np.nan)
-            for mi, m in enumerate(recipe.models):
-                setting = (m.parameters or {}).get(pname)
-                if setting is None:
-                    continue
+            grid = np.full((len(rows[pname]), L), np.nan)
+            for ri, (_, setting) in enumerate(rows[pname]):
                 for i in range(L):
                     t = i / (L - 1) if L > 1 else 1.0
                     v = evaluate_setting(setting, pattern.format(i=i), t)
-                    grid[mi, i] = np.nan if v is None else float(v)
+                    grid[ri, i] = np.nan if v is None or isinstance(v, bool) else float(v)
             ax = axes[pi][ci]
             im = ax.imshow(grid, aspect="auto", cmap="viridis")
-            ax.set_yticks(range(len(names)), names)
+            ax.set_yticks(range(len(rows[pname])), [label for label, _ in rows[pname]])
             ax.set_xticks(range(L))
             ax.set_xlabel("layer")
-            ax.set_title(f"{pname}" + (f" ({part})" if run.space.attn_mlp else ""))
+            ax.set_title(f"{pname}" + (f" ({part})" if attn_mlp else ""))
             fig.colorbar(im, ax=ax)
-    fig.suptitle("Winner: per-layer parameters per model")
+            if grid.size <= 160:  # small grids: the values themselves, readable on the colours
+                for (r, c), v in np.ndenumerate(grid):
+                    if np.isfinite(v):
+                        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white",
+                                path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
+    fig.suptitle("Winner: per-layer parameters")
     fig.tight_layout()
-    _save(fig, path)
-    return str(path)
+    return fig
 
 
 def param_importances(study) -> dict[str, float] | None:
@@ -110,7 +127,8 @@ def param_importances(study) -> dict[str, float] | None:
             study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target=target)
 
 
-def _importances(study, path: Path) -> str | None:
+def importances_figure(study):
+    """The PED-ANOVA importances (``param_importances``) as bars, the 25 largest; None with too few trials."""
     imp = param_importances(study)
     if imp is None:
         return None
@@ -120,17 +138,14 @@ def _importances(study, path: Path) -> str | None:
     ax.set_xlabel("importance (PED-ANOVA)")
     ax.set_title("Parameter importances")
     fig.tight_layout()
-    _save(fig, path)
-    return str(path)
+    return fig
 
 
-def _pareto(run, path: Path) -> str:
+def pareto_figure(study, tasks: list[str]):
     """Every complete trial's per-task search scores, one panel per pair of tasks, the Pareto front (over
     all objectives, so a front point may look dominated in a single panel) highlighted."""
     from itertools import combinations
 
-    study = run.study
-    tasks = [t.name for t in run.task_specs]
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     front = {t.number for t in study.best_trials}
     vals = np.array([t.values for t in complete]).reshape(len(complete), len(tasks))
@@ -149,5 +164,4 @@ def _pareto(run, path: Path) -> str:
     axes.flat[0].legend()
     fig.suptitle(f"Pareto front over {len(tasks)} objectives (search split)")
     fig.tight_layout()
-    _save(fig, path)
-    return str(path)
+    return fig

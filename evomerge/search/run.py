@@ -69,13 +69,15 @@ class TrialRecord:
     build_s: float
     eval_s: float
     reason: str = ""
+    first_build: bool = False  # this process's first build: one-off compiling (numba, Triton) and planning
 
 
 @dataclass
 class LoopStats:
     """Where this process's search time went."""
 
-    build_s: float = 0.0
+    build_s: float = 0.0  # merging candidates, without the first build (``first_build_s``)
+    first_build_s: float = 0.0  # this process's first build: one-off compile and planning
     eval_s: float = 0.0
     plan_s: float = 0.0
     setup_s: float = 0.0
@@ -115,6 +117,7 @@ class SearchRun:
         _save_config(cfg, self.out)  # only now: a config refused above leaves a previous run's file alone
         self.stats = LoopStats()
         self._current: optuna.Trial | None = None  # the trial this process is running, if any
+        self._built = False  # whether this process has built a candidate yet (the first one compiles)
         self.stats.setup_s = time.perf_counter() - t0 + self.builder.precompute()
 
     # -- pieces -----------------------------------------------------------------------------------
@@ -238,11 +241,18 @@ class SearchRun:
         recipe = self.recipe_for(trial.params, name=f"{self.cfg.name}-trial-{trial.number}")
         trial.set_user_attr("recipe", recipe.to_yaml())
         build_s = eval_s = 0.0
+        first_build = False
         try:
             t0 = time.perf_counter()
             bstats = self.builder.build(recipe)
             build_s = time.perf_counter() - t0
-            self.stats.build_s += build_s
+            first_build = not self._built
+            self._built = True
+            if first_build:
+                trial.set_user_attr("first_build", True)
+                self.stats.first_build_s += build_s
+            else:
+                self.stats.build_s += build_s
             self.stats.plan_s += bstats.plan
             _check_finite(self.builder)
             t1 = time.perf_counter()
@@ -260,18 +270,19 @@ class SearchRun:
             trial.set_user_attr("fail_reason", reason[:2000])
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
             self.study.tell(trial, state=TrialState.FAIL)
-            return TrialRecord(trial.number, "FAIL", None, {}, build_s, eval_s, reason)
+            return TrialRecord(trial.number, "FAIL", None, {}, build_s, eval_s, reason, first_build)
         trial.set_user_attr("build_s", round(build_s, 4))
         trial.set_user_attr("eval_s", round(eval_s, 4))
         trial.set_user_attr("scores", result.per_task if result else {})
         if pruned:
             self.study.tell(trial, state=TrialState.PRUNED)
-            return TrialRecord(trial.number, "PRUNED", None, {}, build_s, eval_s, "pruned")
+            return TrialRecord(trial.number, "PRUNED", None, {}, build_s, eval_s, "pruned", first_build)
         values = ([result.per_task[t.name] for t in self.task_specs] if self.n_objectives > 1
                   else result.aggregate)
         self.study.tell(trial, values)
         value = result.aggregate
-        return TrialRecord(trial.number, "COMPLETE", value, dict(result.per_task), build_s, eval_s)
+        return TrialRecord(trial.number, "COMPLETE", value, dict(result.per_task), build_s, eval_s,
+                           first_build=first_build)
 
     def _score(self, trial: optuna.Trial):
         """Score on the search split, reporting running scores chunk by chunk to the pruner."""
