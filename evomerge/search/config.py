@@ -148,7 +148,7 @@ class RunConfig(_Strict):
     # where the sampler starts: "anchors" scores the space's anchor points first (the default point and
     # each parameter at its range's quartiles; SearchSpace.anchor_points) and starts CMA-ES at the best
     # of them; "default" enqueues the default point alone and CMA-ES starts at the middle of the ranges
-    start: Literal["anchors", "default"] = "default"
+    start: Literal["anchors", "default"] = "anchors"
     budget: Budget = Field(default_factory=lambda: Budget(trials=50))
     sampler: Sampler = Field(default_factory=Sampler)
     pruner: Pruner = Field(default_factory=Pruner)
