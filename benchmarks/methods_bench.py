@@ -163,6 +163,20 @@ def merge_times(work: Path) -> list[tuple]:
     return rows
 
 
+def timing_table(times: list[tuple]) -> list[str]:
+    """Markdown lines of ``merge_times``'s rows."""
+    lines = ["## Merge time, three ~170M bf16 Llamas (base + 2 fine-tunes; merge_speed.py's models)", "",
+             "Both tools on the CPU in fresh processes (`evomerge merge`, `mergekit-yaml`), `dtype: bfloat16`,",
+             "each method's default recipe as above; wudi (400 Adam steps per matrix, 32000 × 768 embeddings",
+             "included) is left out on the CPU.", "",
+             "| method | evomerge s | evomerge peak RSS MiB | mergekit s | mergekit peak RSS MiB |",
+             "|---|---:|---:|---:|---:|"]
+    for method, t, r, tm, rm in times:
+        lines.append(f"| {method} | {t:.1f} | {r:.0f} | {'—' if tm is None else f'{tm:.1f}'} | "
+                     f"{'—' if rm is None else f'{rm:.0f}'} |")
+    return lines
+
+
 def read_weights(model_dir) -> dict:
     """Every tensor of a safetensors model directory."""
     from safetensors.torch import load_file
@@ -183,6 +197,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--skip-search", action="store_true")
     ap.add_argument("--timing", action="store_true", help="also time merges of ~170M bf16 Llamas (minutes)")
+    ap.add_argument("--timing-only", action="store_true", help="only the merge times (a separate table)")
     ap.add_argument("--work", default="/tmp/evomerge-methods-bench")
     ap.add_argument("--timing-work", default="/tmp/evomerge-merge-bench")
     ap.add_argument("--out", default="results/bench/methods.md")
@@ -192,6 +207,13 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.timing_only:
+        t0 = time.perf_counter()
+        text = "\n".join(timing_table(merge_times(Path(args.timing_work)))) + "\n"
+        text += f"\nCommand: `python benchmarks/methods_bench.py --timing-only` ({time.perf_counter() - t0:.0f} s).\n"
+        print(text)
+        Path(args.out).write_text(text)
+        return
     zoo = build_zoo(size=args.size, seed=0, progress=False)
     t0 = time.perf_counter()
     defaults = score_defaults(zoo, work)
@@ -222,12 +244,7 @@ def main() -> None:
         for label, value, ci, seconds, trial in searches:
             lines.append(f"| {label} | {value:.4f} | {fmt_ci(ci)} | {seconds:.0f} | {trial} |")
     if times:
-        lines += ["", "## Merge time, three ~170M bf16 Llamas (base + 2 fine-tunes; merge_speed.py's models)", "",
-                  "| method | evomerge s | evomerge peak RSS MiB | mergekit s | mergekit peak RSS MiB |",
-                  "|---|---:|---:|---:|---:|"]
-        for method, t, r, tm, rm in times:
-            lines.append(f"| {method} | {t:.1f} | {r:.0f} | {'—' if tm is None else f'{tm:.1f}'} | "
-                         f"{'—' if rm is None else f'{rm:.0f}'} |")
+        lines += ["", *timing_table(times)]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

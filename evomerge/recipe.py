@@ -217,6 +217,8 @@ class Recipe(_Strict):
                 s["base_model"] = sub(s["base_model"])
             for src in s["sources"]:
                 src["model"] = sub(src["model"])
+        if (data.get("calibration") or {}).get("model_tasks"):
+            data["calibration"]["model_tasks"] = {sub(m): t for m, t in data["calibration"]["model_tasks"].items()}
         return Recipe.model_validate(data)
 
 

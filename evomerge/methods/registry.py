@@ -1,8 +1,11 @@
 """Registry of merge methods: names, parameters, input contracts and the tensor kernel behind each.
 
-Names, parameters, scopes and defaults follow mergekit 0.1.5
+mergekit's 20 methods keep its 0.1.5 names, parameters, scopes and defaults
 (``merge_methods/registry.py``); evomerge adds value ranges and rejects
-unknown parameters (mergekit's config layer ignores them).
+unknown parameters (mergekit's config layer ignores them). evomerge's own
+methods (``in_mergekit=False``: tsv_m, iso_c, iso_cts, wudi, regmean, fisher)
+follow FusionBench 0.2.33's defaults; the data-aware ones name the calibration
+statistics their kernel takes (``calibration``).
 """
 
 from __future__ import annotations
