@@ -148,6 +148,20 @@ def export_cmd(
     console.print(f"[green]wrote[/] {path}")
 
 
+@app.command("finalize")
+def finalize_cmd(
+    run_dir: Optional[Path] = typer.Argument(None, help="a search's output directory"),
+    storage: Optional[str] = typer.Option(None, help="storage URL (with --study-name: no run directory needed)"),
+    study_name: Optional[str] = typer.Option(None, help="study name (default: the run's)"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="where to write (default: the run's)"),
+) -> None:
+    """Finalize a search by hand: re-rank finalists, score on test, export the winner (idempotent)."""
+    from evomerge.search.cli_search import run_finalize_command
+
+    run_finalize_command(run_dir, storage=storage, study_name=study_name, output_dir=output_dir,
+                         console=console, out=out, fail=_fail)
+
+
 @app.command("finetune")
 def finetune_cmd(
     model_dir: Path = typer.Argument(..., help="Hugging Face model directory (e.g. a search's merged/)"),
