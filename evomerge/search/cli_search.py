@@ -115,7 +115,10 @@ def _search(config: Path, *, overrides: dict[str, Any], finalize: bool, console:
                   f"setup {run.stats.setup_s:.1f} s; {len(run.study.trials)} trials already in the study")
     with Display(console, cfg.budget.trials, parse_duration(cfg.budget.timeout)) as display:
         run.on_event = display.event
-        run.run()
+        try:
+            run.run()
+        except StorageUnreachable as e:
+            fail(f"{e}; re-run the same command when it is back: finished trials are kept")
     if not finalize:
         return
     from evomerge.search.finish import claim_or_report

@@ -30,10 +30,10 @@ from optuna.trial import TrialState
 from evomerge.search.builder import CandidateBuilder
 from evomerge.search.config import RunConfig, parse_duration
 from evomerge.search.space import SearchSpace, load_space
-from evomerge.search.study import make_pruner, make_sampler, make_storage, open_study
+from evomerge.search.study import StorageUnreachable, make_pruner, make_sampler, make_storage, open_study
 from evomerge.search.finish import CONFIG_ATTR, stored_config
 from evomerge.search.fingerprint import differences, fingerprint
-from evomerge.search.workers import Heartbeat, fail_dead_here, fail_lost, worker_id
+from evomerge.search.workers import Heartbeat, fail_dead_here, fail_lost, worker_id, worker_seed
 
 
 @dataclass
@@ -161,6 +161,9 @@ class SearchRun:
                 if diff:
                     raise ValueError(f"study '{self.study_name()}' was created with another config than this "
                                      f"worker's: " + "; ".join(diff))
+                # a joining worker samples its own points (the same seed would repeat the first worker's)
+                study.sampler = make_sampler(self.cfg.sampler, seed=worker_seed(self.cfg.seed),
+                                             n_objectives=self.n_objectives)
             fail_dead_here(study, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         return study
 
@@ -267,6 +270,8 @@ class SearchRun:
         lost meanwhile (this worker was silent past the grace period) keeps that verdict: its result is dropped."""
         try:
             return self._run_trial(trial)
+        except StorageUnreachable:
+            raise
         except (RuntimeError, ValueError):
             frozen = self.study._storage.get_trial(trial._trial_id)
             if not (frozen.state.is_finished() and frozen.user_attrs.get("interrupted")):

@@ -40,6 +40,14 @@ def worker_id() -> str:
     return f"{host_name()}:{os.getpid()}"
 
 
+def worker_seed(seed: int) -> int:
+    """The sampler seed of a worker joining a study: ``seed`` mixed with ``worker_id()``, so that workers do not
+    draw the same points (the study's creator keeps ``seed`` itself: a one-process run stays reproducible)."""
+    import hashlib
+
+    return int(hashlib.sha256(f"{seed}:{worker_id()}".encode()).hexdigest()[:8], 16)
+
+
 class Heartbeat:
     """A background thread that stamps the current trial's ``heartbeat`` user attribute every ``interval_s``.
 
