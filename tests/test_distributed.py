@@ -74,13 +74,13 @@ def _check_budget(study: optuna.Study, budget: int) -> list:
 @pytest.mark.parametrize("storage", [pytest.param("postgres", marks=needs_pg), "journal"])
 def test_four_workers_finish_the_budget_exactly_and_finalize_once(tiny_zoo, tmp_path, storage, request):
     url = request.getfixturevalue("pg_url") if storage == "postgres" else None
-    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 40}, sampler={"name": "random"}, storage=url,
+    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 24}, sampler={"name": "random"}, storage=url,
                   export_checkpoint=False, workers=FAST_WORKERS)
     procs = [_cli(["search", str(cfg)]) for _ in range(4)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     study = _load(url, tmp_path / "run")
-    counted = _check_budget(study, 40)
+    counted = _check_budget(study, 24)
     assert len({t.user_attrs["worker"] for t in counted}) >= 2
     finalizers = [o for o in outs if "test split" in o]
     assert len(finalizers) == 1, outs  # one finalize; the others say who does it
@@ -97,8 +97,11 @@ def _running_trial_of(study_fn, pid: int, proc) -> optuna.trial.FrozenTrial:
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()
         os.kill(pid, signal.SIGSTOP)
-        mine = [t for t in study_fn().get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if t.user_attrs.get("worker", "").endswith(f":{pid}")]
+        try:
+            running = study_fn().get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except KeyError:  # the study is not created yet
+            running = []
+        mine = [t for t in running if t.user_attrs.get("worker", "").endswith(f":{pid}")]
         if mine:
             return mine[0]
         os.kill(pid, signal.SIGCONT)
@@ -111,7 +114,7 @@ def test_a_remote_worker_killed_mid_trial_is_marked_lost_and_its_slot_rerun(tiny
     """A worker on another "host" (its host name faked, so no pid check can see it) is killed with SIGKILL in
     the middle of a trial: a worker on this host marks the trial "worker lost" within the grace period, and
     the budget is still completed; no finished trial is lost."""
-    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 60}, sampler={"name": "random"}, storage=pg_url,
+    cfg = _config(tmp_path, tiny_zoo, budget={"trials": 30}, sampler={"name": "random"}, storage=pg_url,
                   workers=FAST_WORKERS)
     local = _cli(["search", str(cfg), "--no-finalize"])
     remote = _cli(["search", str(cfg), "--no-finalize"], env_extra={"EVOMERGE_WORKER_HOST": "remote-host"})
@@ -133,7 +136,7 @@ def test_a_remote_worker_killed_mid_trial_is_marked_lost_and_its_slot_rerun(tiny
     assert lost.datetime_complete.timestamp() - killed_at < grace + 3  # marked within the grace period (+ a poll)
     for n, t in before.items():  # 0 finished trials lost
         assert trials[n].state == t.state and trials[n].params == t.params
-    _check_budget(study(), 60)
+    _check_budget(study(), 30)
 
 
 @pytest.mark.skipif(pgserver.pg_bin("pg_ctl") is None or pgserver.unavailable_reason() is not None,
@@ -144,11 +147,11 @@ def test_workers_ride_out_a_database_restart(tiny_zoo, tmp_path):
     server = pgserver.PrivateServer()
     try:
         url = pgserver.new_database(server.url)
-        cfg = _config(tmp_path, tiny_zoo, budget={"trials": 60}, sampler={"name": "random"}, storage=url,
+        cfg = _config(tmp_path, tiny_zoo, budget={"trials": 30}, sampler={"name": "random"}, storage=url,
                       workers={**FAST_WORKERS, "grace_s": 30.0})
         procs = [_cli(["search", str(cfg), "--no-finalize"]) for _ in range(2)]
         deadline = time.time() + 120
-        while len([t for t in _load(url, tmp_path).get_trials(deepcopy=False) if t.state.is_finished()]) < 8:
+        while not _has_trials(url, "t", 8):
             assert time.time() < deadline and all(p.poll() is None for p in procs)
             time.sleep(0.3)
         before = {t.number: t for t in _load(url, tmp_path).get_trials(deepcopy=False) if t.state.is_finished()}
@@ -160,27 +163,145 @@ def test_workers_ride_out_a_database_restart(tiny_zoo, tmp_path):
         trials = {t.number: t for t in _load(url, tmp_path).get_trials(deepcopy=False)}
         for n, t in before.items():
             assert trials[n].state == t.state and trials[n].params == t.params
-        _check_budget(_load(url, tmp_path), 60)
+        _check_budget(_load(url, tmp_path), 30)
 
         # down for good: bounded retries, then a clear error
         cfg = _config(tmp_path, tiny_zoo, budget={"trials": 1000}, sampler={"name": "random"}, storage=url,
                       study_name="down", workers={**FAST_WORKERS, "storage_retry_s": 2.0})
         proc = _cli(["search", str(cfg), "--no-finalize"])
-        while not _has_trials(url, "down"):
+        while not _has_trials(url, "down", 3):
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.3)
         server.stop()
         out = proc.communicate(timeout=120)[0]
         assert proc.returncode == 2, out
-        assert "stayed unreachable for 2 s" in out and "Traceback" not in out, out
+        flat = " ".join(out.split())  # rich wraps long lines
+        assert "stayed unreachable for 2 s" in flat and "Traceback" not in out, out
     finally:
         server.close()
 
 
-def _has_trials(url: str, name: str) -> bool:
+def _has_trials(url: str, name: str, n: int) -> bool:
+    """Whether study ``name`` exists and has ``n`` finished trials."""
     from evomerge.search.study import make_storage
 
     try:
-        return len(optuna.load_study(study_name=name, storage=make_storage(url, Path("."))).trials) > 2
+        study = optuna.load_study(study_name=name, storage=make_storage(url, Path(".")))
     except KeyError:
         return False
+    return len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]) >= n
+
+
+def _wsgi_get(app, path: str) -> dict:
+    """GET ``path`` from a WSGI app; the JSON body."""
+    from wsgiref.util import setup_testing_defaults
+
+    env: dict = {}
+    setup_testing_defaults(env)
+    env.update(PATH_INFO=path, REQUEST_METHOD="GET")
+    status = {}
+    body = b"".join(app(env, lambda s, headers, exc=None: status.update(s=s)))
+    assert status["s"].startswith("200"), (path, status, body[:500])
+    return json.loads(body)
+
+
+def test_status_finalize_by_hand_and_the_dashboard_read_a_finished_study(tiny_zoo, tmp_path):
+    """`evomerge status` counts a study's trials per worker with the best so far; `evomerge finalize` (from the
+    run directory, or from the storage alone) finalizes it again with the same winner, files rewritten whole;
+    optuna-dashboard reads the study evomerge wrote."""
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+    from evomerge.search.run import SearchRun, trial_score
+    from evomerge.search.status import study_status
+    from evomerge.search.workers import worker_id
+
+    cfg = load_config(_config(tmp_path, tiny_zoo, budget={"trials": 6}, sampler={"name": "random"},
+                              export_checkpoint=False))
+    run = SearchRun(cfg)
+    run.run()
+    st = study_status(run.study, 6)
+    assert st.counted == 6 and st.eta_s == 0 and [w.worker for w in st.workers] == [worker_id()]
+    row = st.workers[0]
+    assert row.complete + row.pruned + row.failed == 6 and row.running == 0
+    best = max((t for t in run.study.trials if t.state == TrialState.COMPLETE), key=trial_score)
+    assert st.best == (best.number, trial_score(best))
+
+    runner = CliRunner()
+    run_dir = tmp_path / "run"
+    res = runner.invoke(app, ["finalize", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    first = ((run_dir / "best_recipe.yaml").read_text(), json.loads((run_dir / "summary.json").read_text()))
+    res = runner.invoke(app, ["finalize", str(run_dir)])  # again: the same files
+    assert res.exit_code == 0, res.output
+    assert (run_dir / "best_recipe.yaml").read_text() == first[0]
+    assert json.loads((run_dir / "summary.json").read_text())["winner_trial"] == first[1]["winner_trial"]
+    elsewhere = tmp_path / "elsewhere"
+    res = runner.invoke(app, ["finalize", "--storage", f"journal:{run_dir / 'study.journal'}", "--study-name", "t",
+                              "--output-dir", str(elsewhere)])  # no run directory: the config stored in the study
+    assert res.exit_code == 0, res.output
+    assert (elsewhere / "best_recipe.yaml").read_text() == first[0]
+    assert not list(run_dir.glob(".*.tmp")) and not list(elsewhere.glob(".*.tmp"))
+
+    res = runner.invoke(app, ["status", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert worker_id() in res.output and "6/6 trials" in res.output
+    assert f"winner trial {first[1]['winner_trial']}" in res.output
+
+    from optuna_dashboard import wsgi
+
+    from evomerge.search.study import make_storage
+
+    dash = wsgi(make_storage(None, run_dir))
+    studies = _wsgi_get(dash, "/api/studies")["study_summaries"]
+    sid = next(s["study_id"] for s in studies if s["study_name"] == "t")
+    trials = _wsgi_get(dash, f"/api/studies/{sid}")["trials"]
+    assert len(trials) == 6 and {p["name"] for p in trials[-1]["params"]} == set(run.distributions)
+
+
+def test_a_worker_with_other_models_or_a_bad_storage_is_refused_before_any_trial(tiny_zoo, tmp_path, monkeypatch):
+    """A worker whose models differ in content from the study's (same names, other files) is refused naming
+    the model; a storage URL that is not one, or a database that cannot be reached, is a clear error."""
+    from evomerge.search.run import SearchRun
+    from evomerge.search.study import StorageUnreachable, make_storage
+
+    SearchRun(load_config(_config(tmp_path, tiny_zoo)))
+    names = sorted(tiny_zoo.experts)
+    swapped = {**{k: str(v) for k, v in tiny_zoo.experts.items()}, names[0]: str(tiny_zoo.experts[names[1]])}
+    cfg = load_config(_config(tmp_path, tiny_zoo, models=swapped))
+    with pytest.raises(ValueError, match=f"another config .*models.{names[0]}: study has files with hash"):
+        SearchRun(cfg)
+    assert len(_load(None, tmp_path / "run").trials) == 1  # only the enqueued default: nothing ran
+
+    with pytest.raises(ValueError, match="not a database URL"):
+        make_storage("postgres-typo://x/y", tmp_path)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    with pytest.raises(StorageUnreachable, match=r"cannot reach .*postgresql://u:\*\*\*@127.0.0.1:1/db"):
+        make_storage("postgresql://u:secret@127.0.0.1:1/db", tmp_path)
+
+
+def test_cmaes_discarded_trials_are_counted_when_workers_outnumber_the_population():
+    """Optuna's CMA-ES ignores trials that finish after their generation moved on: none with one worker,
+    some with seven asynchronous workers and a population of four."""
+    from evomerge.search.workers import cmaes_discarded
+
+    def study(workers: int) -> optuna.Study:
+        s = optuna.create_study(sampler=optuna.samplers.CmaEsSampler(seed=0, popsize=4, n_startup_trials=0,
+                                                                     warn_independent_sampling=False))
+        pending = []
+        for _ in range(40):
+            t = s.ask()
+            t.suggest_float("x", 0, 1)
+            t.suggest_float("y", 0, 1)
+            pending.append(t)
+            if len(pending) >= workers:  # the oldest running trial finishes
+                done = pending.pop(0)
+                s.tell(done, done.params["x"])
+        for done in pending:
+            s.tell(done, done.params["x"])
+        return s
+
+    assert cmaes_discarded(study(1).trials, 4) == 0
+    many = study(7).trials
+    gens = [t.system_attrs.get("cma:generation") for t in many]
+    assert cmaes_discarded(many, 4) == sum(max(0, gens.count(g) - 4) for g in set(gens) - {None}) > 0

@@ -111,6 +111,8 @@ def _search(config: Path, *, overrides: dict[str, Any], finalize: bool, console:
     if cfg.sampler.name == "cmaes" and run.space.off_center():
         console.print("[yellow]note:[/] CMA-ES starts at the middle of each range, not at the default of "
                       + ", ".join(run.space.off_center()) + "; the default is still the first trial")
+    for warning in run.worker_warnings():
+        console.print(f"[yellow]note:[/] {warning}")
     console.print(f"{len(run.distributions)} searched dimensions ({run.space.method}, {run.space.granularity}); "
                   f"setup {run.stats.setup_s:.1f} s; {len(run.study.trials)} trials already in the study")
     with Display(console, cfg.budget.trials, parse_duration(cfg.budget.timeout)) as display:

@@ -2,8 +2,9 @@
 
 The first worker stores the fingerprint in the study; every worker that joins compares its own and
 names each difference before running a trial. Models are compared by content, not path (each host may
-keep them elsewhere: a worker-local config): by a hash of their safetensors headers, which hold every
-tensor's name, dtype, shape and byte offsets, read in microseconds without loading a weight.
+keep them elsewhere: a worker-local config): by a hash of each safetensors file's header (every tensor's
+name, dtype, shape and offsets) and of a sample of its weights (the first and last 64 KiB: fine-tunes
+of one base share their headers), read in milliseconds without loading the model.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 
-def safetensors_header_digest(model_dir: str | Path) -> str:
-    """A short sha256 over the headers of a model's ``*.safetensors`` files, in file-name order."""
+SAMPLE_BYTES = 64 * 1024
+
+
+def safetensors_digest(model_dir: str | Path) -> str:
+    """A short sha256 over a model's ``*.safetensors`` files, in file-name order: each file's header and the
+    first and last ``SAMPLE_BYTES`` of its tensor data."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         return "no-safetensors"
@@ -24,6 +29,10 @@ def safetensors_header_digest(model_dir: str | Path) -> str:
         with open(f, "rb") as fh:
             n = struct.unpack("<Q", fh.read(8))[0]
             h.update(fh.read(n))
+            data_start, size = 8 + n, f.stat().st_size
+            h.update(fh.read(SAMPLE_BYTES))
+            fh.seek(max(data_start, size - SAMPLE_BYTES))
+            h.update(fh.read(SAMPLE_BYTES))
     return h.hexdigest()[:16]
 
 
@@ -36,8 +45,8 @@ def fingerprint(run) -> dict[str, Any]:
         "search_metric": cfg.search_metric,
         "sampler": cfg.sampler.name,
         "tasks": [t.name for t in run.task_specs],
-        "base_model": safetensors_header_digest(run.inputs.base_model),
-        "models": {name: safetensors_header_digest(p) for name, p in run.inputs.models.items()},
+        "base_model": safetensors_digest(run.inputs.base_model),
+        "models": {name: safetensors_digest(p) for name, p in run.inputs.models.items()},
     }
 
 
@@ -61,5 +70,5 @@ def _show(v: Any) -> str:
     if v is None:
         return "none"
     if isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef" for c in v):
-        return f"files with header hash {v}"
+        return f"files with hash {v}"
     return repr(v)

@@ -81,7 +81,20 @@ def run_for_finalize(run_dir: Path | None, *, storage: str | None, study_name: s
         data["study_name"] = study_name
     if output_dir is not None:
         data["output_dir"] = str(Path(output_dir).resolve())
-    return SearchRun(RunConfig.model_validate(data))
+    return SearchRun(RunConfig.model_validate(_without_defaults(data)))
+
+
+def _without_defaults(data: dict) -> dict:
+    """A saved (fully dumped) config made loadable again: sampler and pruner options left at their defaults are
+    dropped, since the config refuses an option set for a sampler or pruner that does not use it."""
+    from evomerge.search.config import Pruner, Sampler
+
+    data = dict(data)
+    for key, model in (("sampler", Sampler), ("pruner", Pruner)):
+        if isinstance(data.get(key), dict):
+            data[key] = {k: v for k, v in data[key].items()
+                         if k == "name" or k not in model.model_fields or v != model.model_fields[k].default}
+    return data
 
 
 def _study_config(storage: str, study_name: str) -> str:

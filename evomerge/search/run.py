@@ -168,9 +168,10 @@ class SearchRun:
         return study
 
     # -- the loop ---------------------------------------------------------------------------------
-    def budget_left(self, started: float) -> bool:
+    def _budget_left(self, started: float, taken: int) -> bool:
+        """Whether a trial may start: fewer than ``budget.trials`` taken, and this invocation's timeout not up."""
         b = self.cfg.budget
-        if b.trials is not None and _budget_count(self.study) >= b.trials:
+        if b.trials is not None and taken >= b.trials:
             return False
         timeout = parse_duration(b.timeout)
         return timeout is None or time.perf_counter() - started < timeout
@@ -178,12 +179,14 @@ class SearchRun:
     def _next_step(self, started: float) -> str:
         """"trial" (a budget slot is free), "wait" (the budget is taken but trials of other workers still
         run: one may be lost and its slot freed) or "done". Marks dead and lost workers' trials first."""
-        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        trials = self.study.get_trials(deepcopy=False)  # one read for the checks below
+        running = [t for t in trials if t.state == TrialState.RUNNING]
         gone = fail_dead_here(self.study, running) + fail_lost(self.study, running, self.cfg.workers.grace_s)
         if gone:
             self.on_event("note", {"text": f"trial{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))}: "
                                            f"worker lost; marked failed, the slot is run again"})
-        if not self.budget_left(started):
+        taken = sum(counts(t) for t in trials) - len(gone)
+        if not self._budget_left(started, taken):
             timeout = parse_duration(self.cfg.budget.timeout)
             if timeout is not None and time.perf_counter() - started >= timeout:
                 return "done"  # this invocation's time is up
@@ -233,6 +236,21 @@ class SearchRun:
     def running_trials(self) -> list[optuna.trial.FrozenTrial]:
         """The study's trials running now (on any worker)."""
         return self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+    def worker_warnings(self) -> list[str]:
+        """What a worker joining a busy study should know: CMA-ES with more workers than its population
+        wastes trials (Optuna's CmaEsSampler ignores trials that finish after their generation moved on)."""
+        if self.cfg.sampler.name != "cmaes":
+            return []
+        from evomerge.search.workers import active_workers, cmaes_popsize
+
+        workers = len(active_workers(self.running_trials()) | {worker_id()})
+        popsize = cmaes_popsize(self.cfg.sampler.popsize, len(self.distributions))
+        if workers <= popsize:
+            return []
+        return [f"{workers} workers share this study but CMA-ES's population is {popsize}: trials finishing after "
+                f"their generation moved on are discarded; set sampler.popsize to at least {workers}, or use "
+                f"tpe for wide runs (docs/distributed.md)"]
 
     def wait_for_running(self) -> None:
         """Block until no trial of the study is running (marking lost workers' trials on the way)."""

@@ -51,8 +51,9 @@ def worker_seed(seed: int) -> int:
 class Heartbeat:
     """A background thread that stamps the current trial's ``heartbeat`` user attribute every ``interval_s``.
 
-    The first beat is written as soon as a trial is set (off the main thread, so building the candidate
-    does not wait for the storage); a trial that finished meanwhile is left alone."""
+    A trial's start counts as its first beat (``last_beat``), so a trial shorter than the interval costs no
+    write at all; beats run off the main thread, so merging and scoring never wait for the storage; a
+    trial that finished meanwhile is left alone."""
 
     def __init__(self, storage: optuna.storages.BaseStorage, interval_s: float):
         self.storage, self.interval_s = storage, interval_s
@@ -68,8 +69,6 @@ class Heartbeat:
         """Beat for ``trial_id`` from now on (None: no trial running)."""
         with self._lock:
             self._trial_id = trial_id
-        if trial_id is not None:
-            self._wake.set()
 
     def close(self) -> None:
         self._stop = True
