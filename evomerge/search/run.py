@@ -220,6 +220,7 @@ class SearchRun:
                         if self._over_budget(trial):
                             # other workers took the last slots between our budget check and ask()
                             _fail(trial, "over budget (another worker took the last slot)")
+                            self.heartbeat.set(None)
                             continue
                         record = self.run_trial(trial)
                     except KeyboardInterrupt:
