@@ -191,6 +191,37 @@ def push_cmd(
     console.print(f"[green]pushed[/] {url}")
 
 
+@app.command("finalize")
+def finalize_cmd(
+    run_dir: Optional[Path] = typer.Argument(None, help="a search's output directory"),
+    storage: Optional[str] = typer.Option(None, help="storage URL (with --study-name: no run directory needed)"),
+    study_name: Optional[str] = typer.Option(None, help="study name (default: the run's)"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="where to write (default: the run's)"),
+) -> None:
+    """Finalize a search by hand: re-rank finalists, score on test, export the winner (idempotent)."""
+    from evomerge.search.cli_search import run_finalize_command
+
+    run_finalize_command(run_dir, storage=storage, study_name=study_name, output_dir=output_dir,
+                         console=console, out=out, fail=_fail)
+
+
+@app.command("status")
+def status_cmd(
+    run_dir: Optional[Path] = typer.Argument(None, help="a search's output directory"),
+    storage: Optional[str] = typer.Option(None, help="storage URL (with --study-name: no run directory needed)"),
+    study_name: Optional[str] = typer.Option(None, help="study name (default: the run's)"),
+) -> None:
+    """Where a search stands (read-only, while workers run): trials per worker, best so far, ETA."""
+    from evomerge.search.status import open_for_status, render, study_status
+    from evomerge.search.study import StorageUnreachable
+
+    try:
+        study, budget = open_for_status(run_dir, storage, study_name)
+    except (FileNotFoundError, KeyError, ValueError, StorageUnreachable) as e:
+        _fail(str(e).strip('"'))
+    out.print(render(study_status(study, budget)), highlight=False, markup=False)
+
+
 @app.command("finetune")
 def finetune_cmd(
     model_dir: Path = typer.Argument(..., help="Hugging Face model directory (e.g. a search's merged/)"),

@@ -653,21 +653,21 @@ def test_storage_creation_retries_while_another_worker_creates_the_schema(tmp_pa
 
     real, calls = optuna.storages.RDBStorage, {"n": 0}
 
-    def racing(url):
+    def racing(url, retry_s):
         calls["n"] += 1
         if calls["n"] == 1:
             raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
         return real(url)
 
-    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(study_mod, "open_rdb_storage", racing)
     monkeypatch.setattr("time.sleep", lambda seconds: None)
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     assert isinstance(study_mod.make_storage(url, tmp_path), real) and calls["n"] == 2
 
-    def broken(url):
+    def broken(url, retry_s):
         raise IntegrityError("INSERT", {}, Exception("always"))
 
-    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    monkeypatch.setattr(study_mod, "open_rdb_storage", broken)
     with pytest.raises(IntegrityError):
         study_mod.make_storage(url, tmp_path)
 

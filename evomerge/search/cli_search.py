@@ -65,6 +65,9 @@ class Display:
             self.live.__exit__(*exc)
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "note":
+            self.console.print(data["text"], highlight=False)
+            return
         if kind == "interrupted":
             self.console.print(f"[yellow]interrupted during trial {data['number']}: marked as failed "
                                f"('interrupted'); finished trials are kept in the study[/]")
@@ -112,28 +115,49 @@ def _search(config: Path, *, overrides: dict[str, Any], finalize: bool, console:
     from evomerge.evaluate import TaskError
     from evomerge.recipe import RecipeError
     from evomerge.search.config import ConfigError, load_config, parse_duration
-    from evomerge.search.export import finalize as do_finalize
-    from evomerge.search.run import SearchRun, _file_lock
+    from evomerge.search.run import SearchRun
     from evomerge.search.space import SpaceError
+    from evomerge.search.study import StorageUnreachable
 
     try:
         cfg = load_config(config, overrides)
         console.print(f"[bold]evomerge search[/] {cfg.name}: output in {cfg.output_dir}")
         run = SearchRun(cfg)
-    except (ConfigError, SpaceError, RecipeError, TaskError, MergeError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, SpaceError, RecipeError, TaskError, MergeError, FileNotFoundError, ValueError,
+            StorageUnreachable) as e:
         fail(str(e))
     if cfg.sampler.name == "cmaes" and run.space.off_center():
         console.print("[yellow]note:[/] CMA-ES starts at the middle of each range, not at the default of "
                       + ", ".join(run.space.off_center()) + "; the default is still the first trial")
+    for warning in run.worker_warnings():
+        console.print(f"[yellow]note:[/] {warning}")
     console.print(f"{len(run.distributions)} searched dimensions ({run.space.method}, {run.space.granularity}); "
                   f"setup {run.stats.setup_s:.1f} s; {len(run.study.trials)} trials already in the study")
     with Display(console, cfg.budget.trials, parse_duration(cfg.budget.timeout)) as display:
         run.on_event = display.event
-        run.run()
+        try:
+            run.run()
+        except StorageUnreachable as e:
+            fail(f"{e}; re-run the same command when it is back: finished trials are kept")
     if not finalize:
         return
+    from evomerge.search.finish import claim_or_report
+
+    if not claim_or_report(run, log=lambda m: console.print(m, highlight=False)):
+        return
+    _finalize_and_print(run, console=console, out=out)
+
+
+def _finalize_and_print(run, *, console: Console, out: Console) -> None:
+    """Finalize ``run`` (re-rank, test table, export), print the table, fine-tune the winner if asked."""
+    from evomerge.search.export import finalize as do_finalize
+    from evomerge.search.finish import mark_finalized
+    from evomerge.search.run import _file_lock
+
+    cfg = run.cfg
     with _file_lock(run.out / ".finalize.lock"):  # one worker finalizes at a time
         summary = do_finalize(run, export_checkpoint=cfg.export_checkpoint, log=lambda m: console.print(m))
+        mark_finalized(run, summary.winner_trial)
     out.print(_table(summary))
     for k, v in summary.files.items():
         console.print(f"  {k}: {v}")
@@ -147,6 +171,25 @@ def _search(config: Path, *, overrides: dict[str, Any], finalize: bool, console:
         append_section(run.out / "summary.md", "## Fine-tune of the winner (`finetuned/`)\n"
                        + report.split("\n", 1)[1].replace("\n## ", "\n### "))
         console.print(f"  finetuned: {res.out_dir}")
+
+
+def run_finalize_command(run_dir: Path | None, *, storage: str | None, study_name: str | None,
+                         output_dir: Path | None, console: Console, out: Console, fail: Callable[[str], None]) -> None:
+    """``evomerge finalize``: finalize a study by hand (again: the files are rewritten whole, the same way)."""
+    from evomerge.search.finish import run_for_finalize
+    from evomerge.search.study import StorageUnreachable
+
+    try:
+        run = run_for_finalize(run_dir, storage=storage, study_name=study_name, output_dir=output_dir)
+    except (FileNotFoundError, KeyError, ValueError, StorageUnreachable) as e:
+        fail(str(e))
+    running = run.running_trials()
+    if running:
+        console.print(f"[yellow]note:[/] {len(running)} trial(s) still running; finalizing what has finished")
+    try:
+        _finalize_and_print(run, console=console, out=out)
+    except RuntimeError as e:
+        fail(str(e))
 
 
 def _table(summary) -> Table:

@@ -132,6 +132,21 @@ class Finetune(_Strict):
     seed: int = 0
 
 
+class Workers(_Strict):
+    """How workers of one study watch each other (docs/distributed.md)."""
+
+    heartbeat_s: float = Field(5.0, gt=0)  # a running trial's heartbeat interval
+    grace_s: float = Field(60.0, gt=0)  # a running trial silent this long: its worker is lost, the trial failed
+    storage_retry_s: float = Field(120.0, ge=0)  # how long a lost database connection is retried
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.grace_s < 2 * self.heartbeat_s:
+            raise ValueError(f"workers.grace_s ({self.grace_s}) must be at least twice workers.heartbeat_s "
+                             f"({self.heartbeat_s}), or a slow beat marks a live worker lost")
+        return self
+
+
 class RunConfig(_Strict):
     name: str = "evomerge"
     zoo: Zoo | None = None
@@ -162,6 +177,7 @@ class RunConfig(_Strict):
     top_k: int = Field(5, ge=1)
     finetune: Finetune | None = None
     export_checkpoint: bool = True
+    workers: Workers = Field(default_factory=Workers)
 
     @model_validator(mode="after")
     def _check(self):

@@ -129,6 +129,11 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
         run_merge(winner_recipe, out / "merged", device=builder.device, seed=cfg.seed, overwrite=True, card=card)
         files["checkpoint"] = str(out / "merged")
     files["trials"] = str(write_trials_csv(study, out / "trials.csv"))
+    if cfg.sampler.name == "cmaes":  # trials finished after their generation moved on (many workers)
+        from evomerge.search.workers import cmaes_discarded, cmaes_popsize
+
+        counts["CMAES_DISCARDED"] = cmaes_discarded(study.get_trials(deepcopy=False),
+                                                    cmaes_popsize(cfg.sampler.popsize, len(run.distributions)))
     timing = {"setup_s": run.stats.setup_s, "first_build_s": run.stats.first_build_s,
               "build_s": run.stats.build_s, "eval_s": run.stats.eval_s,
               "finalize_s": time.perf_counter() - t0,
@@ -256,7 +261,10 @@ def render_summary(run: SearchRun, s: Summary) -> str:
              + (", attention and MLP separately" if run.space.attn_mlp else "")
              + f"; sampler `{run.cfg.sampler.name}`; {len(run.distributions)} searched dimensions.",
              f"Trials: {s.counts.get('COMPLETE', 0)} complete, {s.counts.get('PRUNED', 0)} pruned, "
-             f"{s.counts.get('FAIL', 0)} failed.", "",
+             f"{s.counts.get('FAIL', 0)} failed."
+             + (f" CMA-ES learned nothing from {s.counts['CMAES_DISCARDED']} complete trials that finished after "
+                f"their generation had moved on (more workers than its population: docs/distributed.md)."
+                if s.counts.get("CMAES_DISCARDED") else ""), "",
              "## Test split (never used for selection)", "",
              "| model | aggregate | 95% CI | " + " | ".join(tasks) + " |",
              "|---|---:|---|" + "---:|" * len(tasks)]

@@ -1,11 +1,14 @@
 """The search loop: ask Optuna for parameters, build the candidate in memory, score it, tell Optuna.
 
 One :class:`SearchRun` per process. Several processes pointed at the same storage and study act as
-workers of one search; re-running the same command resumes it and finishes the budget. Ctrl-C (or
-SIGTERM) marks the running trial as failed with reason "interrupted" and stops; nothing else is
-lost. A trial left RUNNING by a process that died (SIGKILL, power loss) is marked failed when the
-next process starts. A failed candidate (NaN weights, out of memory, an evaluation error) is
-recorded as failed with its reason and the search goes on.
+workers of one search (on one host or many: ``workers.py``); re-running the same command resumes it
+and finishes the budget. Ctrl-C (or SIGTERM) marks the running trial as failed with reason
+"interrupted" and stops; nothing else is lost. A trial left RUNNING by a process that died (SIGKILL,
+power loss) is marked failed by the next process to start on its host, or by any worker once its
+heartbeat has been silent for the grace period, and its budget slot is run again. A worker whose
+share of the budget is spent waits while other workers' trials run, so that a lost one is re-run.
+A failed candidate (NaN weights, out of memory, an evaluation error) is recorded as failed with its
+reason and the search goes on.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import dataclasses
 import math
 import os
 import signal
-import socket
 import time
 import traceback
 from contextlib import contextmanager
@@ -30,7 +32,10 @@ from evomerge.engine import STATISTICS_CACHE_NAME
 from evomerge.search.builder import CandidateBuilder
 from evomerge.search.config import RunConfig, parse_duration
 from evomerge.search.space import SearchSpace, load_space
-from evomerge.search.study import make_pruner, make_sampler, make_storage, open_study
+from evomerge.search.study import StorageUnreachable, make_pruner, make_sampler, make_storage, open_study
+from evomerge.search.finish import CONFIG_ATTR, stored_config
+from evomerge.search.fingerprint import differences, fingerprint
+from evomerge.search.workers import Heartbeat, fail_dead_here, fail_lost, worker_id, worker_seed
 
 
 @dataclass
@@ -118,6 +123,7 @@ class SearchRun:
         self.stats = LoopStats()
         self._current: optuna.Trial | None = None  # the trial this process is running, if any
         self._built = False  # whether this process has built a candidate yet (the first one compiles)
+        self.heartbeat: Heartbeat | None = None  # beats for the running trial while ``run`` runs
         self.stats.setup_s = time.perf_counter() - t0 + self.builder.precompute()
 
     # -- pieces -----------------------------------------------------------------------------------
@@ -146,14 +152,18 @@ class SearchRun:
         return self.cfg.study_name or self.cfg.name
 
     def _open_study(self) -> optuna.Study:
-        storage = make_storage(self.cfg.storage, self.out)
+        storage = make_storage(self.cfg.storage, self.out, retry_s=self.cfg.workers.storage_retry_s)
         pruner = make_pruner(self.cfg.pruner, self.n_objectives)
+        self._seed = self.cfg.seed  # a joining worker's own below
         with _file_lock(self.out / ".study.lock"):  # one creator; the start points enqueued once
             study = open_study(storage=storage, name=self.study_name(), sampler=self._sampler(None),
                                pruner=pruner, n_objectives=self.n_objectives)
+            mine = fingerprint(self)
             if not study.get_trials(deepcopy=False):
                 study.set_user_attr("distributions", sorted(self.distributions))
                 study.set_user_attr("method", self.space.method)
+                study.set_user_attr("fingerprint", mine)
+                study.set_user_attr(CONFIG_ATTR, stored_config(self.cfg))
                 starts = (self.space.anchor_points(self.model_names, self.num_layers)
                           if self.cfg.start == "anchors" else [self.default_point])
                 study.set_user_attr("anchors", len(starts))
@@ -164,44 +174,89 @@ class SearchRun:
                 if known is not None and known != sorted(self.distributions):
                     raise ValueError(f"study '{self.study_name()}' in this storage was created with a different "
                                      f"search space; use another --study-name or output_dir")
-            _fail_orphans(study)
+                diff = differences(study.user_attrs.get("fingerprint", mine), mine)
+                if diff:
+                    raise ValueError(f"study '{self.study_name()}' was created with another config than this "
+                                     f"worker's: " + "; ".join(diff))
+                # a joining worker samples its own points (the same seed would repeat the first worker's)
+                self._seed = worker_seed(self.cfg.seed)
+                study.sampler = self._sampler(study.user_attrs.get("start_point"))
+            fail_dead_here(study, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         return study
 
     # -- the loop ---------------------------------------------------------------------------------
-    def budget_left(self, started: float) -> bool:
+    def _budget_left(self, started: float, taken: int) -> bool:
+        """Whether a trial may start: fewer than ``budget.trials`` taken, and this invocation's timeout not up."""
         b = self.cfg.budget
-        if b.trials is not None and _budget_count(self.study) >= b.trials:
+        if b.trials is not None and taken >= b.trials:
             return False
         timeout = parse_duration(b.timeout)
         return timeout is None or time.perf_counter() - started < timeout
 
+    def _next_step(self, started: float) -> str:
+        """"trial" (a budget slot is free), "wait" (the budget is taken but trials of other workers still
+        run: one may be lost and its slot freed) or "done". Marks dead and lost workers' trials first."""
+        trials = self.study.get_trials(deepcopy=False)  # one read for the checks below
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        gone = fail_dead_here(self.study, running) + fail_lost(self.study, running, self.cfg.workers.grace_s)
+        if gone:
+            self.on_event("note", {"text": f"trial{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))}: "
+                                           f"worker lost; marked failed, the slot is run again"})
+        taken = sum(counts(t) for t in trials) - len(gone)
+        if not self._budget_left(started, taken):
+            timeout = parse_duration(self.cfg.budget.timeout)
+            if timeout is not None and time.perf_counter() - started >= timeout:
+                return "done"  # this invocation's time is up
+            others = len(running) - len(gone)
+            return "wait" if others > 0 else "done"
+        return "trial"
+
     def run(self) -> LoopStats:
-        """Run trials until the budget is spent; returns this process's statistics."""
+        """Run trials until the budget is spent and no other worker's trial still runs; returns this
+        process's statistics."""
         started = time.perf_counter()
-        with _sigterm_as_interrupt():
-            while self.budget_left(started):
-                self._current = None
-                try:
-                    trial = self._ask()
-                    if self.cfg.budget.trials is not None and _budget_count(self.study) > self.cfg.budget.trials:
-                        # another worker took the last slot between our budget check and ask()
-                        _fail(trial, "over budget (another worker took the last slot)")
-                        break
-                    record = self.run_trial(trial)
-                except KeyboardInterrupt:
-                    if self._current is not None and _fail(self._current, "interrupted"):
-                        self.on_event("interrupted", {"number": self._current.number})
-                    raise
-                self.stats.trials.append(record)
-                self.on_event("trial", {"record": record, "study": self.study, "started": started})
+        self.heartbeat = Heartbeat(self.study._storage, self.cfg.workers.heartbeat_s)
+        waiting = False
+        try:
+            with _sigterm_as_interrupt():
+                while True:
+                    self._current = None
+                    try:
+                        step = self._next_step(started)
+                        if step == "done":
+                            break
+                        if step == "wait":
+                            if not waiting:
+                                self.on_event("note", {"text": "budget taken; waiting for the trials other workers "
+                                                               "are running"})
+                            waiting = True
+                            time.sleep(min(1.0, self.cfg.workers.heartbeat_s))
+                            continue
+                        waiting = False
+                        trial = self._ask()
+                        if self._over_budget(trial):
+                            # other workers took the last slots between our budget check and ask()
+                            _fail(trial, "over budget (another worker took the last slot)")
+                            self.heartbeat.set(None)
+                            continue
+                        record = self.run_trial(trial)
+                    except KeyboardInterrupt:
+                        if self._current is not None and _fail(self._current, "interrupted"):
+                            self.on_event("interrupted", {"number": self._current.number})
+                        raise
+                    self.stats.trials.append(record)
+                    self.on_event("trial", {"record": record, "study": self.study, "started": started})
+        finally:
+            self.heartbeat.close()
+            self.heartbeat = None
         return self.stats
 
     def _sampler(self, x0: dict[str, float] | None) -> optuna.samplers.BaseSampler:
         """The run's sampler; while a CMA-ES run's anchors are still being scored, a random sampler
         (anchors are enqueued, so it samples nothing) that leaves no CMA-ES state behind."""
         if self.cfg.start == "anchors" and self.cfg.sampler.name == "cmaes" and x0 is None:
-            return optuna.samplers.RandomSampler(seed=self.cfg.seed)
-        return make_sampler(self.cfg.sampler, seed=self.cfg.seed, n_objectives=self.n_objectives, x0=x0,
+            return optuna.samplers.RandomSampler(seed=self._seed)
+        return make_sampler(self.cfg.sampler, seed=self._seed, n_objectives=self.n_objectives, x0=x0,
                             learn_from_pruned=self.cfg.pruner.name != "none")
 
     def _start_sampler(self) -> None:
@@ -223,6 +278,42 @@ class SearchRun:
             self.study.set_user_attr("start_point", x0)
         self.study.sampler = self._sampler(x0)
 
+    def running_trials(self) -> list[optuna.trial.FrozenTrial]:
+        """The study's trials running now (on any worker)."""
+        return self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+    def worker_warnings(self) -> list[str]:
+        """What a worker joining a busy study should know: CMA-ES with more workers than its population
+        wastes trials (Optuna's CmaEsSampler ignores trials that finish after their generation moved on)."""
+        if self.cfg.sampler.name != "cmaes":
+            return []
+        from evomerge.search.workers import active_workers, cmaes_popsize
+
+        workers = len(active_workers(self.running_trials()) | {worker_id()})
+        popsize = cmaes_popsize(self.cfg.sampler.popsize, len(self.distributions))
+        if workers <= popsize:
+            return []
+        return [f"{workers} workers share this study but CMA-ES's population is {popsize}: trials finishing after "
+                f"their generation moved on are discarded; set sampler.popsize to at least {workers}, or use "
+                f"tpe for wide runs (docs/distributed.md)"]
+
+    def wait_for_running(self) -> None:
+        """Block until no trial of the study is running (marking lost workers' trials on the way)."""
+        while True:
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            gone = fail_dead_here(self.study, running) + fail_lost(self.study, running, self.cfg.workers.grace_s)
+            if len(running) == len(gone):
+                return
+            time.sleep(min(1.0, self.cfg.workers.heartbeat_s))
+
+    def _over_budget(self, trial: optuna.Trial) -> bool:
+        """True when ``trial`` is not among the first ``budget`` counted trials by number: trial numbers are
+        handed out atomically, so of workers racing for the last slots exactly the earliest win."""
+        if self.cfg.budget.trials is None:
+            return False
+        ahead = [t for t in self.study.get_trials(deepcopy=False) if t.number <= trial.number and counts(t)]
+        return len(ahead) > self.cfg.budget.trials
+
     def _ask(self) -> optuna.Trial:
         """A new trial tagged with this worker before its parameters are sampled.
 
@@ -231,13 +322,30 @@ class SearchRun:
         """
         self._start_sampler()
         trial = self._current = self.study.ask()  # from here on, Ctrl-C marks it (``run``)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", worker_id())
+        if self.heartbeat is not None:
+            self.heartbeat.set(trial._trial_id)
         for name, dist in self.distributions.items():
             trial.suggest_float(name, dist.low, dist.high, log=dist.log)
         return trial
 
     def run_trial(self, trial: optuna.Trial) -> TrialRecord:
-        """Build, score and tell one trial; failures are recorded, not raised."""
+        """Build, score and tell one trial; failures are recorded, not raised. A trial another worker marked
+        lost meanwhile (this worker was silent past the grace period) keeps that verdict: its result is dropped."""
+        try:
+            return self._run_trial(trial)
+        except StorageUnreachable:
+            raise
+        except (RuntimeError, ValueError):
+            frozen = self.study._storage.get_trial(trial._trial_id)
+            if not (frozen.state.is_finished() and frozen.user_attrs.get("interrupted")):
+                raise
+            return TrialRecord(trial.number, "FAIL", None, {}, 0.0, 0.0, frozen.user_attrs.get("fail_reason", ""))
+        finally:
+            if self.heartbeat is not None:
+                self.heartbeat.set(None)
+
+    def _run_trial(self, trial: optuna.Trial) -> TrialRecord:
         recipe = self.recipe_for(trial.params, name=f"{self.cfg.name}-trial-{trial.number}")
         trial.set_user_attr("recipe", recipe.to_yaml())
         build_s = eval_s = 0.0
@@ -323,15 +431,17 @@ def _save_config(cfg: RunConfig, out: Path) -> None:
     tmp.replace(out / "run_config.yaml")
 
 
+def counts(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts against the budget: finished or running, and not interrupted (Ctrl-C, a dead or
+    lost worker, over budget)."""
+    if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
+        return False
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+
+
 def _budget_count(study: optuna.Study) -> int:
-    """Trials that count against the budget: finished (interrupted ones excluded) and running."""
-    n = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
-            continue
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING):
-            n += 1
-    return n
+    """Trials that count against the budget (``counts``)."""
+    return sum(counts(t) for t in study.get_trials(deepcopy=False))
 
 
 def _fail(trial: optuna.Trial, reason: str) -> bool:
@@ -344,37 +454,6 @@ def _fail(trial: optuna.Trial, reason: str) -> bool:
     except (RuntimeError, ValueError):  # optuna: "has already finished and can not be updated" / "Cannot tell"
         return False
     return True
-
-
-def _fail_orphans(study: optuna.Study) -> None:
-    """Mark RUNNING trials of dead workers on this host as failed ("worker died"); they are not counted."""
-    host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker", "")
-        if not worker.startswith(host + ":"):
-            continue
-        pid = int(worker.rsplit(":", 1)[1])
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        storage = study._storage
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker died (process ended while running)")
-        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (killed child not yet reaped) is dead for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _check_finite(builder: CandidateBuilder) -> None:

@@ -9,6 +9,7 @@ several processes pointed at it cooperate as workers.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ from evomerge.search.config import Pruner, Sampler, journal_file
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def make_storage(url: str | None, output_dir: Path) -> optuna.storages.BaseStorage:
-    """The study storage: a journal file in ``output_dir`` by default, else the given URL."""
+def make_storage(url: str | None, output_dir: Path, *, retry_s: float | None = None) -> optuna.storages.BaseStorage:
+    """The study storage: a journal file in ``output_dir`` by default, else the given URL (a database is
+    retried for ``retry_s`` seconds when its connection is lost; default ``STORAGE_RETRY_S``)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
@@ -33,24 +35,124 @@ def make_storage(url: str | None, output_dir: Path) -> optuna.storages.BaseStora
         from optuna.storages.journal import JournalRedisBackend
 
         return JournalStorage(JournalRedisBackend(url))
-    # no heartbeat: Optuna only beats inside study.optimize(); workers' dead trials are found by pid (run.py)
-    return _first_rdb_storage(url)
+    return first_rdb_storage(url, retry_s=STORAGE_RETRY_S if retry_s is None else retry_s)
 
 
-def _first_rdb_storage(url: str, attempts: int = 6) -> optuna.storages.BaseStorage:
-    """``RDBStorage(url)``, retried when another worker is creating the same database's tables at the same
-    moment (both then insert the schema version: one of them gets an IntegrityError, or SQLite's
-    "database is locked"); by the next attempt the schema is there."""
+# How long a worker keeps retrying a database it lost (a restart, a network blip) before it stops with an error.
+STORAGE_RETRY_S = 120.0
+
+
+def _retryable(e: BaseException) -> bool:
+    """True for a lost or refused database connection (worth retrying), False for anything else (bad SQL, a
+    constraint): Optuna wraps commit errors in StorageInternalError, so its cause is looked at too."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    for err in (e, e.__cause__):
+        if isinstance(err, (OperationalError, InterfaceError)):
+            return True
+        if isinstance(err, DBAPIError) and err.connection_invalidated:
+            return True
+    return False
+
+
+def _with_retries(name: str):
+    """The RDBStorage method ``name``, retried with back-off while the database is unreachable."""
     import time
 
     from optuna.storages import RDBStorage
-    from sqlalchemy.exc import SQLAlchemyError
+
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        deadline, delay = time.monotonic() + self.retry_s, 0.2
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:
+                if not _retryable(e):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StorageUnreachable(f"the study's database ({redact_url(self.url)}) stayed unreachable for "
+                                             f"{self.retry_s:.0f} s: {_first_line(e)}") from e
+                self.retries += 1
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    return call
+
+
+class StorageUnreachable(RuntimeError):
+    """The database stayed unreachable longer than the retry window."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e.__cause__ or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password (for messages and logs)."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+@functools.cache
+def _retrying_rdb_class():
+    """RDBStorage whose every storage call rides out a database restart: stale pooled connections are
+    replaced (``pool_pre_ping``) and a refused or dropped connection is retried for ``retry_s`` seconds.
+    A subclass, so that Optuna still puts its cache (``_CachedStorage``) in front of it."""
+    from optuna.storages import RDBStorage
+
+    names = [n for n in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+                         "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+                         "get_study_user_attrs", "get_study_system_attrs", "get_all_studies", "create_new_trial",
+                         "_create_new_trial", "set_trial_param", "_set_trial_param", "set_trial_state_values",
+                         "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+                         "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
+                         "_get_best_trial_id", "get_trial_user_attrs", "get_trial_system_attrs", "get_trial_param")
+             if hasattr(RDBStorage, n)]
+
+    def __init__(self, url: str, retry_s: float = STORAGE_RETRY_S):
+        RDBStorage.__init__(self, url, engine_kwargs={"pool_pre_ping": True})
+        self.retry_s, self.retries = retry_s, 0
+
+    def __setstate__(self, state):  # pickled with the storage (Optuna does for some samplers' state)
+        RDBStorage.__setstate__(self, state)
+
+    return type("RetryingRDBStorage", (RDBStorage,), {"__init__": __init__, "__setstate__": __setstate__,
+                                                      **{n: _with_retries(n) for n in names}})
+
+
+def open_rdb_storage(url: str, retry_s: float) -> optuna.storages.RDBStorage:
+    """An RDBStorage on ``url`` that retries lost connections for ``retry_s`` seconds."""
+    return _retrying_rdb_class()(url, retry_s=retry_s)
+
+
+def first_rdb_storage(url: str, attempts: int = 6, retry_s: float = STORAGE_RETRY_S) -> optuna.storages.BaseStorage:
+    """The study's database, retried when another worker is creating the same database's tables at the same
+    moment (both then insert the schema version: one of them gets an IntegrityError, or SQLite's
+    "database is locked"); by the next attempt the schema is there. A database that cannot be reached at
+    all is a ``StorageUnreachable`` naming it (no password)."""
+    import time
+
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     for attempt in range(attempts):
         try:
-            return RDBStorage(url)
-        except SQLAlchemyError:
+            return open_rdb_storage(url, retry_s)
+        except ImportError as e:
+            raise ValueError(f"storage {redact_url(url)}: {e} (for postgresql:// install psycopg: "
+                             f"pip install 'psycopg[binary]')") from None
+        except ArgumentError as e:
+            raise ValueError(f"storage URL {redact_url(url)!r} is not a database URL Optuna can open ({e}); use "
+                             f"postgresql://USER@HOST/DB, sqlite:///FILE, journal:FILE or redis://") from None
+        except SQLAlchemyError as e:
             if attempt == attempts - 1:
+                if _retryable(e):
+                    raise StorageUnreachable(f"cannot reach the study's database {redact_url(url)}: "
+                                             f"{_first_line(e)}") from None
                 raise
             time.sleep(0.2 * 2 ** attempt)
     raise AssertionError("unreachable")
