@@ -100,7 +100,7 @@ def render_card(facts: CardFacts) -> str:
         body += [f"This model is a merge made with evomerge using the "
                  f"{facts.method_text or facts.method} method." + (" The recipe is mergekit-compatible: "
                  "[mergekit](https://github.com/arcee-ai/mergekit) builds the same model from it."
-                 if facts.mergekit_runnable else " " + (mergekit_note(facts.method) or "")), ""]
+                 if facts.mergekit_runnable else " Note: " + (mergekit_note(facts.method) or "")), ""]
     body += ["## Source models", ""]
     for m in facts.sources:
         where = "Hub" if is_hub_id(m) else "local directory"
