@@ -143,7 +143,10 @@ def default_methods() -> list[str]:
 
 
 def default_recipe(method: str, zoo) -> dict:
-    """The recipe of `method` at its default merge over every expert of `zoo`."""
+    """The recipe of `method` at its default merge over every expert of `zoo` (a data-aware method calibrates
+    each expert on its own tasks, by the rule a search uses: ``evomerge.calibration.own_tasks``)."""
+    from evomerge.calibration import own_tasks
+
     recipe = {"merge_method": method, "dtype": "float32",
               "models": [{"model": e, **({"parameters": dict(DEFAULT_MERGES[method])} if DEFAULT_MERGES[method] else {})}
                          for e in zoo.experts]}
@@ -151,7 +154,7 @@ def default_recipe(method: str, zoo) -> dict:
         recipe["base_model"] = "base"
     if method in DATA_AWARE:
         recipe["calibration"] = {"tasks": str(zoo.tasks_yaml), "split": "search", "examples": 64,
-                                 "model_tasks": {e: list(zoo.variant.expert_tasks(zoo.size)[e]) for e in zoo.experts}}
+                                 "model_tasks": own_tasks({e: e for e in zoo.experts}, zoo.variant.families(zoo.size))}
     return recipe
 
 
