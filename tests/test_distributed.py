@@ -72,9 +72,11 @@ def _check_budget(study: optuna.Study, budget: int) -> list:
     return counted
 
 
-@pytest.mark.parametrize("storage", [pytest.param("postgres", marks=needs_pg), "journal"])
-def test_four_workers_finish_the_budget_exactly_and_finalize_once(tiny_zoo, tmp_path, storage, request):
-    url = request.getfixturevalue("pg_url") if storage == "postgres" else None
+@needs_pg
+def test_four_workers_finish_the_budget_exactly_and_finalize_once(tiny_zoo, tmp_path, pg_url):
+    """Four `evomerge search` processes on one PostgreSQL study (the journal file: test_search's two workers,
+    and the finalize claim below)."""
+    url = pg_url
     cfg = _config(tmp_path, tiny_zoo, budget={"trials": 20}, sampler={"name": "random"}, storage=url,
                   export_checkpoint=False, workers=FAST_WORKERS)
     procs = [_cli(["search", str(cfg)]) for _ in range(4)]
@@ -90,6 +92,37 @@ def test_four_workers_finish_the_budget_exactly_and_finalize_once(tiny_zoo, tmp_
     best = max(summary["finalists"], key=lambda f: f["validation"])
     assert summary["winner_trial"] == best["trial"]
     assert study.user_attrs["finalized"]["winner_trial"] == best["trial"]
+
+
+@pytest.mark.parametrize("storage", [pytest.param("postgres", marks=needs_pg), "journal"])
+def test_exactly_one_claim_to_finalize_wins(tmp_path, storage, request):
+    """Workers racing to claim the finalize, each with its own storage connection (on the journal file: its
+    own writer id): exactly one wins, and every loser names the winner; a larger budget is claimed anew."""
+    import threading
+
+    from evomerge.search.study import make_storage
+    from evomerge.search.workers import claim_finalize
+
+    url = request.getfixturevalue("pg_url") if storage == "postgres" else None
+    optuna.create_study(storage=make_storage(url, tmp_path), study_name="t")
+    studies = [optuna.load_study(study_name="t", storage=make_storage(url, tmp_path)) for _ in range(6)]
+    results: dict[int, str | None] = {}
+    start = threading.Barrier(len(studies))
+
+    def claim(i: int) -> None:
+        start.wait()
+        results[i] = claim_finalize(studies[i], 20, who=f"w{i}")
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(studies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, holder in results.items() if holder is None]
+    assert len(winners) == 1
+    assert all(holder in (f"w{winners[0]}", "another worker") for holder in results.values() if holder)
+    assert claim_finalize(studies[0], 20, who="late") == f"w{winners[0]}"
+    assert claim_finalize(studies[0], 30, who="later") is None  # the budget was extended and spent again
 
 
 def _running_trial_of(study_fn, pid: int, proc) -> optuna.trial.FrozenTrial:
