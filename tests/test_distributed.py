@@ -223,6 +223,52 @@ def test_workers_ride_out_a_database_restart(tiny_zoo, tmp_path):
         server.close()
 
 
+@pytest.mark.skipif(pgserver.pg_bin("pg_ctl") is None or pgserver.unavailable_reason() is not None,
+                    reason=_NO_PG or "needs the PostgreSQL server binaries to restart a private server")
+def test_storage_calls_ride_out_repeated_restarts(tmp_path):
+    """Four threads ask, suggest, write attributes, tell and read trials while the server is restarted five
+    times: no call fails. A restart in the middle of a multi-query read surfaces as SQLAlchemy's
+    PendingRollbackError wrapped in Optuna's StorageInternalError; it is retried like a refused connection."""
+    import threading
+
+    from evomerge.search.study import make_storage
+
+    server = pgserver.PrivateServer()
+    try:
+        url = pgserver.new_database(server.url)
+        optuna.create_study(study_name="s", storage=make_storage(url, tmp_path, retry_s=60), direction="maximize")
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def work() -> None:
+            study = optuna.load_study(study_name="s", storage=make_storage(url, tmp_path, retry_s=60))
+            while not done.is_set():
+                try:
+                    trial = study.ask()
+                    x = trial.suggest_float("x", 0, 1)
+                    trial.set_user_attr("heartbeat", time.time())
+                    study.tell(trial, x)
+                    study.get_trials(deepcopy=False)
+                except Exception as e:  # noqa: BLE001 - every failure is the finding
+                    errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(5):
+            time.sleep(1.5)
+            server.stop()
+            time.sleep(0.5)
+            server.start()
+        done.set()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, [f"{type(e).__name__}: {e} <- {e.__cause__!r}" for e in errors]
+        assert len(optuna.load_study(study_name="s", storage=make_storage(url, tmp_path)).trials) > 20
+    finally:
+        server.close()
+
+
 def _has_trials(url: str, name: str, n: int) -> bool:
     """Whether study ``name`` exists and has ``n`` finished trials."""
     from evomerge.search.study import make_storage

@@ -44,14 +44,19 @@ STORAGE_RETRY_S = 120.0
 
 def _retryable(e: BaseException) -> bool:
     """True for a lost or refused database connection (worth retrying), False for anything else (bad SQL, a
-    constraint): Optuna wraps commit errors in StorageInternalError, so its cause is looked at too."""
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    constraint). The whole chain of causes is looked at: Optuna wraps commit errors in StorageInternalError,
+    and a query on a connection that just dropped surfaces as SQLAlchemy's PendingRollbackError, whose
+    context is the disconnect."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, PendingRollbackError
 
-    for err in (e, e.__cause__):
-        if isinstance(err, (OperationalError, InterfaceError)):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (OperationalError, InterfaceError, PendingRollbackError)):
             return True
-        if isinstance(err, DBAPIError) and err.connection_invalidated:
+        if isinstance(e, DBAPIError) and e.connection_invalidated:
             return True
+        e = e.__cause__ or e.__context__
     return False
 
 
