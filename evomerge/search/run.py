@@ -35,6 +35,7 @@ from evomerge.search.space import SearchSpace, load_space
 from evomerge.search.study import StorageUnreachable, make_pruner, make_sampler, make_storage, open_study
 from evomerge.search.finish import CONFIG_ATTR, stored_config
 from evomerge.search.fingerprint import differences, fingerprint
+from evomerge.search.held_writes import held_writes
 from evomerge.search.workers import Heartbeat, fail_dead_here, fail_lost, worker_id, worker_seed
 
 
@@ -315,18 +316,20 @@ class SearchRun:
         return len(ahead) > self.cfg.budget.trials
 
     def _ask(self) -> optuna.Trial:
-        """A new trial tagged with this worker before its parameters are sampled.
+        """A new trial tagged with this worker, then its sampled parameters in one storage write
+        (``held_writes``).
 
-        Tagging first keeps the window in which a killed process leaves an untagged RUNNING trial
-        (one the next start cannot recognise as orphaned) down to two storage writes.
+        Tagging on its own write, first, keeps the window in which a killed process leaves an untagged
+        RUNNING trial (one the next start cannot recognise as orphaned) down to two storage writes.
         """
         self._start_sampler()
         trial = self._current = self.study.ask()  # from here on, Ctrl-C marks it (``run``)
         trial.set_user_attr("worker", worker_id())
         if self.heartbeat is not None:
             self.heartbeat.set(trial._trial_id)
-        for name, dist in self.distributions.items():
-            trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+        with held_writes(self.study._storage):
+            for name, dist in self.distributions.items():
+                trial.suggest_float(name, dist.low, dist.high, log=dist.log)
         return trial
 
     def run_trial(self, trial: optuna.Trial) -> TrialRecord:
@@ -347,7 +350,7 @@ class SearchRun:
 
     def _run_trial(self, trial: optuna.Trial) -> TrialRecord:
         recipe = self.recipe_for(trial.params, name=f"{self.cfg.name}-trial-{trial.number}")
-        trial.set_user_attr("recipe", recipe.to_yaml())
+        attrs: dict[str, Any] = {"recipe": recipe.to_yaml()}  # written with the outcome, in one write
         build_s = eval_s = 0.0
         first_build = False
         try:
@@ -357,14 +360,14 @@ class SearchRun:
             first_build = not self._built
             self._built = True
             if first_build:
-                trial.set_user_attr("first_build", True)
+                attrs["first_build"] = True
                 self.stats.first_build_s += build_s
             else:
                 self.stats.build_s += build_s
             self.stats.plan_s += bstats.plan
             _check_finite(self.builder)
             t1 = time.perf_counter()
-            result, pruned = self._score(trial)
+            result, pruned_at = self._score(trial)
             eval_s = time.perf_counter() - t1
             self.stats.eval_s += eval_s
         except KeyboardInterrupt:
@@ -373,18 +376,16 @@ class SearchRun:
             if isinstance(e, torch.OutOfMemoryError) and self.builder.device.type == "cuda":
                 torch.cuda.empty_cache()
             reason = f"{type(e).__name__}: {e}"
-            trial.set_user_attr("build_s", round(build_s, 4))
-            trial.set_user_attr("eval_s", round(eval_s, 4))
-            trial.set_user_attr("fail_reason", reason[:2000])
-            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+            self._record(trial, {**attrs, "build_s": round(build_s, 4), "eval_s": round(eval_s, 4),
+                                 "fail_reason": reason[:2000], "traceback": traceback.format_exc()[-4000:]})
             self.study.tell(trial, state=TrialState.FAIL)
             return TrialRecord(trial.number, "FAIL", None, {}, build_s, eval_s, reason, first_build)
-        trial.set_user_attr("build_s", round(build_s, 4))
-        trial.set_user_attr("eval_s", round(eval_s, 4))
-        trial.set_user_attr("scores", result.per_task if result else {})
-        if pruned:
+        attrs.update(build_s=round(build_s, 4), eval_s=round(eval_s, 4), scores=result.per_task if result else {})
+        if pruned_at is not None:
+            self._record(trial, {**attrs, "pruned_at": pruned_at})
             self.study.tell(trial, state=TrialState.PRUNED)
             return TrialRecord(trial.number, "PRUNED", None, {}, build_s, eval_s, "pruned", first_build)
+        self._record(trial, attrs)
         values = ([result.per_task[t.name] for t in self.task_specs] if self.n_objectives > 1
                   else result.aggregate)
         self.study.tell(trial, values)
@@ -392,22 +393,28 @@ class SearchRun:
         return TrialRecord(trial.number, "COMPLETE", value, dict(result.per_task), build_s, eval_s,
                            first_build=first_build)
 
+    def _record(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+        """A trial's user attributes (recipe, timings, scores, ...) in one storage write."""
+        with held_writes(self.study._storage):
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+
     def _score(self, trial: optuna.Trial):
-        """Score on the search split, reporting running scores chunk by chunk to the pruner."""
+        """Score on the search split, reporting running scores chunk by chunk to the pruner. Returns the
+        result and, for a pruned trial, where it was stopped (the result is then None)."""
         evs = self.search_evaluators()
         if self.cfg.pruner.name == "none" or self.n_objectives > 1:
-            return mean_result([ev.evaluate(self.builder.model) for ev in evs]), False
+            return mean_result([ev.evaluate(self.builder.model) for ev in evs]), None
         streams = [ev.evaluate_chunks(self.builder.model, self.cfg.pruner.chunk_size) for ev in evs]
         for step, running in enumerate(zip(*streams)):  # every evaluator chunks its split the same way
             score = sum(r.aggregate for r in running) / len(running)
             trial.report(score, step)
             if trial.should_prune():
-                trial.set_user_attr("pruned_at", {"examples": running[0].examples_seen, "score": score})
-                return None, True
+                return None, {"examples": running[0].examples_seen, "score": score}
         for stream in streams[1:]:  # zip stopped at the first one's end: let the others finish theirs
             for _ in stream:
                 pass
-        return mean_result([ev.last_result for ev in evs]), False
+        return mean_result([ev.last_result for ev in evs]), None
 
 
 # ---------------------------------------------------------------------------------------------------
