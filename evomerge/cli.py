@@ -278,6 +278,11 @@ def zoo_build(
     console.print(f"[green]zoo ready[/] at {zoo.root}")
 
 
+from evomerge.cli_moe import moe as _moe  # noqa: E402
+
+app.command("moe")(_moe)
+
+
 def main() -> None:
     from evomerge.methods import tune_host_allocator
 

@@ -1,0 +1,207 @@
+"""The ``evomerge moe`` config: mergekit-moe's YAML read strictly, plus evomerge's own keys.
+
+mergekit-moe keys (``mergekit/moe/config.py``, 0.1.5): ``base_model``, ``gate_mode``, ``dtype``,
+``experts`` (``source_model``, ``positive_prompts``, ``negative_prompts``), ``experts_per_token``,
+``shared_experts`` and ``architecture``. evomerge adds ``seed``, ``non_expert`` (where attention, norms,
+embeddings and lm_head come from), ``calibration`` (prompts drawn from a task YAML, per expert
+``tasks``), ``activations`` (the dtype router inputs are captured in) and ``max_length``.
+
+Unknown keys are errors (mergekit ignores them). :func:`load_moe_config` checks the file alone;
+:func:`check_models` reads the models' ``config.json`` files and tokenizers (never their weights) and
+checks that they can form one MoE.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evomerge.yamlfile import read_yaml_mapping
+
+GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden", "router_input_mean", "supervised", "zero")
+DATA_FREE_MODES = ("random", "uniform_random", "zero")
+MERGEKIT_GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden")
+# source model_type -> the MoE architectures it can become (mergekit's `architecture` names)
+TARGETS = {"llama": ("mixtral",), "mistral": ("mixtral",), "qwen2": ("qwen",)}
+UNSUPPORTED_TARGETS = {"deepseek": "DeepSeek-MoE needs trust_remote_code, which evomerge never enables",
+                       "qwen3": "Qwen3-MoE output is not supported yet"}
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "head_dim", "hidden_act")
+
+
+class MoeError(ValueError):
+    """An MoE config or set of models that cannot be assembled; the message names the key or model."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Expert(_Strict):
+    """One dense model whose MLPs become one expert of every layer."""
+
+    source_model: str
+    positive_prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    tasks: list[str] | None = None  # evomerge: positive prompts from these calibration tasks
+    noise_scale: float | None = None  # mergekit keys evomerge refuses (see `check`)
+    residual_scale: float | None = None
+
+
+class MoeCalibration(_Strict):
+    """Where experts' ``tasks`` prompts come from: a task YAML's split (never validation or test)."""
+
+    tasks: str
+    split: Literal["search", "train"] = "search"
+    examples: int = Field(32, ge=1)
+
+
+class MoeConfig(_Strict):
+    """A whole ``evomerge moe`` config (see the module docstring)."""
+
+    base_model: str
+    experts: list[Expert] = Field(min_length=1)
+    gate_mode: Literal[GATE_MODES] = "hidden"  # mergekit's default
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the base model's
+    experts_per_token: int = Field(2, ge=1)
+    shared_experts: list[Expert] | None = None
+    architecture: str | None = None  # mixtral | qwen; default from the base model's family
+    # evomerge's own keys
+    seed: int = 0
+    non_expert: Literal["base", "average"] = "base"
+    calibration: MoeCalibration | None = None
+    activations: Literal["model", "float32"] = "float32"
+    max_length: int = Field(128, ge=2)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        n = len(self.experts)
+        if self.experts_per_token > n:
+            raise ValueError(f"experts_per_token: {self.experts_per_token} is more than the {n} experts")
+        for where, e in self._all_experts():
+            for key in ("noise_scale", "residual_scale"):
+                if getattr(e, key) is not None:
+                    raise ValueError(f"{where}.{key}: not supported by evomerge (mergekit's noise and scaling of "
+                                     f"expert weights); remove it")
+            for key in ("positive_prompts", "negative_prompts", "tasks"):
+                value = getattr(e, key)
+                if value is not None and (not value or any(not str(p).strip() for p in value)):
+                    raise ValueError(f"{where}.{key}: empty list or empty prompt")
+            if e.tasks and self.calibration is None:
+                raise ValueError(f"{where}.tasks: needs a top-level 'calibration: {{tasks: FILE}}' naming the task YAML")
+        if self.gate_mode not in DATA_FREE_MODES:
+            for i, e in enumerate(self.experts):
+                if not (e.positive_prompts or e.tasks):
+                    raise ValueError(f"experts[{i}]: gate_mode {self.gate_mode} needs positive_prompts or tasks "
+                                     f"for every expert")
+            keys = [(tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ()), tuple(e.tasks or ()))
+                    for e in self.experts]
+            if n > 1 and len(set(keys)) == 1:
+                raise ValueError("experts: every expert has the same prompts; the routers could not tell them apart")
+        if self.shared_experts is not None and len(self.shared_experts) != 1:
+            raise ValueError(f"shared_experts: exactly one shared expert is supported, got {len(self.shared_experts)}")
+        return self
+
+    def _all_experts(self):
+        yield from ((f"experts[{i}]", e) for i, e in enumerate(self.experts))
+        yield from ((f"shared_experts[{i}]", e) for i, e in enumerate(self.shared_experts or []))
+
+
+def load_moe_config(source: str | Path | dict, *, where: str | None = None) -> MoeConfig:
+    """Parse and validate a config from a YAML file or a dict; relative model and task paths resolve
+    against the file's folder. Raises :class:`MoeError` naming the file and key."""
+    base_dir = None
+    if isinstance(source, dict):
+        raw, where = dict(source), where or "<moe config>"
+    else:
+        where = where or str(source)
+        raw = read_yaml_mapping(source, where=where, what="moe config", error=MoeError)
+        base_dir = Path(source).resolve().parent
+    try:
+        cfg = MoeConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise MoeError(f"{where}: {loc}: {msg}") from None
+    return resolve_paths(cfg, base_dir) if base_dir is not None else cfg
+
+
+def resolve_paths(cfg: MoeConfig, base_dir: Path) -> MoeConfig:
+    """``cfg`` with relative model and task paths that exist under ``base_dir`` made absolute."""
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(base_dir / q) if not q.is_absolute() and (base_dir / q).exists() else p
+
+    update = {"base_model": fix(cfg.base_model),
+              "experts": [e.model_copy(update={"source_model": fix(e.source_model)}) for e in cfg.experts]}
+    if cfg.shared_experts:
+        update["shared_experts"] = [e.model_copy(update={"source_model": fix(e.source_model)})
+                                    for e in cfg.shared_experts]
+    if cfg.calibration:
+        update["calibration"] = cfg.calibration.model_copy(update={"tasks": fix(cfg.calibration.tasks)})
+    return cfg.model_copy(update=update)
+
+
+def read_model_config(path: str | Path, key: str) -> dict:
+    """A model directory's config.json as a dict; MoeError naming ``key`` if absent or unreadable."""
+    file = Path(path) / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise MoeError(f"{key}: {path}: not a readable model directory ({type(e).__name__}: {e})") from None
+
+
+def target_architecture(cfg: MoeConfig, base_config: dict) -> str:
+    """The output architecture (``mixtral`` or ``qwen``): the config's, else the base family's."""
+    family = base_config.get("model_type")
+    if cfg.architecture in UNSUPPORTED_TARGETS:
+        raise MoeError(f"architecture: {cfg.architecture}: {UNSUPPORTED_TARGETS[cfg.architecture]}")
+    if family not in TARGETS:
+        raise MoeError(f"base_model: model_type {family!r} is not supported; experts can be "
+                       f"{', '.join(sorted(TARGETS))} models")
+    arch = cfg.architecture or TARGETS[family][0]
+    if arch not in TARGETS[family]:
+        raise MoeError(f"architecture: {arch!r} cannot be built from {family} experts; "
+                       f"expected one of {', '.join(TARGETS[family])}")
+    if arch == "mixtral" and (base_config.get("attention_bias") or base_config.get("mlp_bias")):
+        raise MoeError("base_model: attention or MLP biases cannot be represented in Mixtral")
+    if cfg.shared_experts and arch != "qwen":
+        raise MoeError(f"shared_experts: only the qwen architecture has a shared expert (target: {arch})")
+    return arch
+
+
+def check_models(cfg: MoeConfig) -> tuple[str, dict]:
+    """Check, before any weight is read, that base, experts and shared expert share one family, one
+    shape and one tokenizer vocabulary; returns (target architecture, base config dict)."""
+    base = read_model_config(cfg.base_model, "base_model")
+    arch = target_architecture(cfg, base)
+    vocab = tokenizer_vocab(cfg.base_model, "base_model")
+    for where, e in cfg._all_experts():
+        other = read_model_config(e.source_model, f"{where}.source_model")
+        if other.get("model_type") != base.get("model_type"):
+            raise MoeError(f"{where}.source_model: {e.source_model} is a {other.get('model_type')} model, "
+                           f"the base is {base.get('model_type')}")
+        for key in SHAPE_KEYS:
+            if other.get(key) != base.get(key):
+                raise MoeError(f"{where}.source_model: {key} is {other.get(key)}, the base's is {base.get(key)}")
+        if tokenizer_vocab(e.source_model, f"{where}.source_model") not in (None, vocab):
+            raise MoeError(f"{where}.source_model: its tokenizer's vocabulary differs from the base model's")
+    return arch, base
+
+
+def tokenizer_vocab(path: str | Path, key: str) -> dict | None:
+    """The vocabulary of a model directory's tokenizer (None when the folder has no tokenizer files)."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False).get_vocab()
+    except Exception as e:  # a broken tokenizer is the user's input: name it
+        raise MoeError(f"{key}: {path}: tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
