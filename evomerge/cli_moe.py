@@ -15,11 +15,12 @@ def moe(
     """Assemble an MoE from dense experts, initialise its routers and write it to OUT_DIR."""
     from evomerge.calibration import CalibrationError
     from evomerge.checkpoint import CheckpointError
-    from evomerge.cli import _fail, console
+    from evomerge.cli import console
     from evomerge.moe import MoeError, build_moe
 
     try:
         path = build_moe(config, out_dir, overwrite=overwrite, log=lambda m: console.print(m, highlight=False))
     except (MoeError, CheckpointError, CalibrationError) as e:
-        _fail(str(e))
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2)
     console.print(f"[green]wrote[/] {path}")

@@ -124,11 +124,9 @@ def load_moe_config(source: str | Path | dict, *, where: str | None = None) -> M
         cfg = MoeConfig.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        raise MoeError(f"{where}: {loc}: {msg}") from None
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise MoeError(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}") from None
     return resolve_paths(cfg, base_dir) if base_dir is not None else cfg
 
 

@@ -208,4 +208,4 @@ def router_init(name: str) -> RouterInit:
     if name not in GATES:
         raise ValueError(f"unknown gate_mode {name!r}; expected one of {', '.join(GATES)}")
     return GATES[name]()
-assert tuple(GATES) == GATE_MODES, "every gate_mode in config.GATE_MODES needs exactly one RouterInit"
+assert set(GATES) == set(GATE_MODES), "every gate_mode in config.GATE_MODES needs exactly one RouterInit"

@@ -1,0 +1,232 @@
+"""evomerge moe: config validation, router initialisations, assembly into Mixtral / Qwen2-MoE, writing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from evomerge.moe import GATE_MODES, MoeError, assemble_moe, build_moe, load_moe_config
+
+PROMPTS = [["a b c d", "e f g h"], ["1 2 3 4", "5 6 7 8"], ["yes no yes", "the is of and"]]
+
+
+def moe_config(family: dict[str, Path], mode: str = "router_input_mean", n: int = 3, **extra) -> dict:
+    names = [k for k in family if k.startswith("ft")][:n]
+    return {"base_model": str(family["base"]), "gate_mode": mode, "experts_per_token": 2,
+            "experts": [{"source_model": str(family[k]), "positive_prompts": PROMPTS[i]} for i, k in enumerate(names)],
+            **extra}
+
+
+def router_accuracy(built) -> float:
+    return min(s["mean_accuracy"] for s in built.report["router_statistics"])
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"experts_per_token": 4}, "experts_per_token: 4 is more than the 3 experts"),
+    ({"gate_mod": "random"}, "gate_mod: unknown key"),
+    ({"gate_mode": "sparse"}, "gate_mode"),
+    ({"non_expert": "ties"}, "non_expert"),
+    ({"experts": [{"source_model": "x", "positive_prompts": []}, {"source_model": "y", "positive_prompts": ["a"]}]},
+     "experts[0].positive_prompts: empty"),
+    ({"experts": [{"source_model": "x", "positive_prompts": ["a"]}, {"source_model": "y", "positive_prompts": ["a"]}]},
+     "every expert has the same prompts"),
+    ({"experts": [{"source_model": "x"}, {"source_model": "y", "positive_prompts": ["a"]}]},
+     "experts[0]: gate_mode router_input_mean needs positive_prompts"),
+    ({"experts": [{"source_model": "x", "tasks": ["rev"]}, {"source_model": "y", "tasks": ["map"]}]},
+     "needs a top-level 'calibration"),
+    ({"experts": [{"source_model": "x", "positive_prompts": ["a"], "noise_scale": 0.1},
+                  {"source_model": "y", "positive_prompts": ["b"]}]}, "noise_scale: not supported"),
+])
+def test_bad_configs_are_refused_naming_the_key(llama_family, change, message):
+    with pytest.raises(MoeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_moe_config({**moe_config(llama_family), **change})
+
+
+def test_data_free_modes_need_no_prompts(llama_family):
+    cfg = load_moe_config({"base_model": "b", "gate_mode": "random", "experts_per_token": 1,
+                           "experts": [{"source_model": "x"}, {"source_model": "y"}]})
+    assert cfg.experts_per_token == 1 and cfg.seed == 0
+
+
+def test_models_that_cannot_form_one_moe_are_refused_before_loading(llama_family, qwen_family, tmp_path):
+    mixed = moe_config(llama_family)
+    mixed["experts"][1]["source_model"] = str(qwen_family["ft0"])
+    with pytest.raises(MoeError, match=r"experts\[1\].source_model: .* is a qwen2 model, the base is llama"):
+        build_moe(mixed, tmp_path / "out")
+    with pytest.raises(MoeError, match="architecture: deepseek: DeepSeek-MoE needs trust_remote_code"):
+        build_moe({**moe_config(llama_family), "architecture": "deepseek"}, tmp_path / "out")
+    with pytest.raises(MoeError, match="shared_experts: only the qwen architecture"):
+        build_moe({**moe_config(llama_family), "shared_experts": [{"source_model": str(llama_family["base"])}]},
+                  tmp_path / "out")
+    with pytest.raises(MoeError, match=r"experts\[0\].source_model: .*not a readable model directory"):
+        build_moe({**moe_config(llama_family), "experts": [{"source_model": str(tmp_path), "positive_prompts": ["a"]},
+                                                           *moe_config(llama_family)["experts"][1:]]}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_experts_with_another_shape_or_tokenizer_are_refused(llama_family, tmp_path):
+    from evomerge.tiny import build_tiny_family
+
+    _, (wide,) = build_tiny_family(tmp_path / "wide", n_finetunes=1, num_layers=4, hidden_size=48)
+    cfg = moe_config(llama_family)
+    cfg["experts"][0]["source_model"] = str(wide)
+    with pytest.raises(MoeError, match=r"experts\[0\].source_model: hidden_size is 48, the base's is 32"):
+        build_moe(cfg, tmp_path / "out")
+    other_tok = tmp_path / "other_tok"
+    import shutil
+
+    shutil.copytree(llama_family["ft0"], other_tok)
+    from evomerge.tiny import make_tokenizer
+
+    make_tokenizer(["x", "y", "z"]).save_pretrained(other_tok)
+    cfg = moe_config(llama_family)
+    cfg["experts"][0]["source_model"] = str(other_tok)
+    with pytest.raises(MoeError, match="tokenizer's vocabulary differs"):
+        build_moe(cfg, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+@pytest.mark.parametrize("mode", GATE_MODES)
+def test_every_gate_mode_builds_reloads_and_generates(llama_family, tmp_path, mode):
+    from transformers import AutoModelForCausalLM
+
+    out = build_moe(moe_config(llama_family, mode), tmp_path / mode)
+    model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False, output_loading_info=True)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    report = yaml.safe_load((out / "moe_report.json").read_text())
+    assert report["reload_max_logit_difference"] <= 1e-5
+    gen = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 7)
+    assert (out / "moe.yaml").is_file() and (out / "README.md").is_file()
+    assert (out / "mergekit_moe.yaml").is_file() == (mode in ("random", "uniform_random", "cheap_embed", "hidden"))
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left
+
+
+def dense_hybrid(family, expert: str, dtype=torch.float32):
+    """The base model with expert ``expert``'s MLPs: what an MoE routing every slot to that expert computes."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(family["base"], dtype=dtype)
+    donor = AutoModelForCausalLM.from_pretrained(family[expert], dtype=dtype)
+    for lb, ld in zip(base.model.layers, donor.model.layers):
+        lb.mlp.load_state_dict(ld.mlp.state_dict())
+    return base.eval()
+
+
+@pytest.mark.parametrize("family_name", ["llama_family", "qwen_family"])
+def test_routing_every_slot_to_one_expert_reproduces_the_dense_hybrid(request, family_name):
+    family = request.getfixturevalue(family_name)
+    ids = torch.tensor([[4, 9, 17, 30, 2, 8]])
+    for e, name in enumerate(["ft0", "ft1"]):
+        built = assemble_moe(moe_config(family, "random", n=2))
+        with torch.no_grad():
+            for block in built.moe.blocks():  # every slot holds expert e: routing cannot matter
+                for p in (block.experts.gate_up_proj, block.experts.down_proj):
+                    p.copy_(p[e].clone().expand_as(p))
+            got = built.moe.model(input_ids=ids).logits
+            want = dense_hybrid(family, name)(input_ids=ids).logits
+        assert (got - want).abs().max().item() < 1e-5
+
+
+def test_qwen2_moe_with_and_without_a_shared_expert(qwen_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    plain = build_moe(moe_config(qwen_family, "zero", n=2), tmp_path / "plain")
+    shared = build_moe({**moe_config(qwen_family, "zero", n=2), "shared_experts": [{"source_model": str(qwen_family["base"])}]},
+                       tmp_path / "shared")
+    for out in (plain, shared):
+        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+        assert type(model).__name__ == "Qwen2MoeForCausalLM" and model.config.tie_word_embeddings
+    # without a shared expert the MoE equals the experts' MLPs averaged by uniform routing: check one expert
+    built = assemble_moe(moe_config(qwen_family, "zero", n=2))
+    assert built.moe.model.model.layers[0].mlp.shared_expert.down_proj.weight.abs().sum() == 0
+
+
+def test_non_expert_weights_from_the_experts_average(llama_family):
+    from evomerge.checkpoint import ModelReader
+
+    built = assemble_moe({**moe_config(llama_family, "zero", n=2), "non_expert": "average"})
+    name = "model.layers.1.self_attn.q_proj.weight"
+    with ModelReader(llama_family["ft0"]) as a, ModelReader(llama_family["ft1"]) as b:
+        want = (a.get_tensor(name) + b.get_tensor(name)) / 2
+    assert torch.allclose(built.moe.model.state_dict()[name], want, atol=1e-7)
+
+
+def test_same_seed_gives_byte_identical_files(llama_family, tmp_path):
+    cfg = {**moe_config(llama_family, "random"), "seed": 7}
+    a, b = build_moe(cfg, tmp_path / "a"), build_moe(cfg, tmp_path / "b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    c = build_moe({**cfg, "seed": 8}, tmp_path / "c")
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["random", "uniform_random"])
+def test_router_tensors_match_mergekit_moe(llama_family, mode):
+    from mergekit.common import ModelReference
+    from mergekit.moe.config import Expert
+    from mergekit.moe.router import get_gate_params
+
+    from evomerge.moe.build import load_tokenizer
+
+    cfg = {**moe_config(llama_family, mode), "seed": 3}
+    ours = assemble_moe(cfg).moe.router_weights()
+    torch.manual_seed(3)  # mergekit-moe draws from the global generator
+    theirs = get_gate_params(ModelReference.parse(str(llama_family["base"])), load_tokenizer(str(llama_family["base"])),
+                             [Expert(source_model=e["source_model"]) for e in cfg["experts"]], mode=mode)
+    assert torch.equal(ours, theirs)
+
+
+def test_existing_output_is_kept_and_a_failed_write_leaves_nothing(llama_family, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(MoeError, match="exists; pass overwrite"):
+        build_moe(moe_config(llama_family, "zero"), out)
+    import evomerge.moe.write as write
+
+    monkeypatch.setattr(write, "reload_difference", lambda moe, path: 1.0)
+    with pytest.raises(MoeError, match="logits differ from the in-memory model's by 1"):
+        build_moe(moe_config(llama_family, "zero"), tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_cli_builds_and_reports_bad_input(llama_family, tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    good = tmp_path / "moe.yaml"
+    good.write_text(yaml.safe_dump(moe_config(llama_family, "zero")))
+    res = CliRunner().invoke(app, ["moe", str(good), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "config.json").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**moe_config(llama_family), "experts_per_token": 9}))
+    res = CliRunner().invoke(app, ["moe", str(bad), str(tmp_path / "out2")])
+    assert res.exit_code == 2 and "experts_per_token" in res.output
+
+
+# ------------------------------------------------------------------------------------------- routing on the zoo
+
+
+@pytest.fixture(scope="module")
+def zoo_moe_config(tiny_zoo):
+    return {"base_model": str(tiny_zoo.base), "experts_per_token": 2,
+            "calibration": {"tasks": str(tiny_zoo.tasks_yaml), "split": "search", "examples": 32},
+            "experts": [{"source_model": str(p), "tasks": [name]} for name, p in tiny_zoo.experts.items()]}
+
+
+def test_data_driven_routers_send_calibration_tokens_to_their_expert(zoo_moe_config):
+    acc = {mode: router_accuracy(assemble_moe({**zoo_moe_config, "gate_mode": mode}))
+           for mode in ("supervised", "router_input_mean", "hidden", "random")}
+    assert acc["supervised"] >= 0.95
+    assert acc["router_input_mean"] >= 0.85 > acc["random"]
+    assert acc["router_input_mean"] > acc["hidden"]
