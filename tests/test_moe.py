@@ -230,3 +230,46 @@ def test_data_driven_routers_send_calibration_tokens_to_their_expert(zoo_moe_con
     assert acc["supervised"] >= 0.95
     assert acc["router_input_mean"] >= 0.85 > acc["random"]
     assert acc["router_input_mean"] > acc["hidden"]
+
+
+# ------------------------------------------------------------------------------------------- router training
+
+
+def test_top1_routing_gives_the_router_no_gradient_but_top2_does(llama_family):
+    from evomerge.moe.activations import encode
+    from evomerge.moe.train import lm_loss
+
+    built = assemble_moe({**moe_config(llama_family, "random"), "experts_per_token": 1})
+    batch = encode(built.tokenizer, [t for p in PROMPTS for t in p], 32)
+    norms = {}
+    for k in (1, 2):
+        for b in built.moe.blocks():
+            b.gate.top_k = k
+            b.gate.weight.requires_grad_(True)
+            b.gate.weight.grad = None
+        lm_loss(built.moe.model, batch).backward()
+        norms[k] = sum(b.gate.weight.grad.norm().item() for b in built.moe.blocks())
+    assert norms[1] < 1e-6 < 1e-3 < norms[2]
+
+
+def test_router_training_lowers_the_calibration_loss(llama_family):
+    built = assemble_moe({**moe_config(llama_family, "random"), "train": {"steps": 40, "lr": 0.05}})
+    t = built.report["training"]
+    assert t["top_k"] == 2 and t["trained_parameters"] == 4 * 3 * 32
+    assert t["loss_after"] < t["loss_before"]
+    assert built.moe.model.model.embed_tokens.weight.requires_grad is False
+
+
+def test_top1_training_switches_to_top2_with_a_message(llama_family):
+    messages = []
+    cfg = {**moe_config(llama_family, "zero"), "experts_per_token": 1, "train": {"steps": 20, "lr": 0.05}}
+    built = assemble_moe(cfg, log=messages.append)
+    assert any("no gradient" in m and "top-2" in m for m in messages)
+    assert built.report["training"]["top_k"] == 2
+    assert built.moe.blocks()[0].gate.top_k == 1  # inference keeps the configured top-1
+    assert built.moe.router_weights().abs().sum() > 0  # the zero routers moved
+
+
+def test_supervised_routing_loss_keeps_routing_accurate(zoo_moe_config):
+    cfg = {**zoo_moe_config, "gate_mode": "zero", "train": {"steps": 30, "lr": 0.05, "supervised": 1.0}}
+    assert router_accuracy(assemble_moe(cfg)) >= 0.9

@@ -13,6 +13,7 @@ from evomerge.moe.config import MoeConfig, MoeError, check_models, load_moe_conf
 from evomerge.moe.gates import GateContext, router_init
 from evomerge.moe.prompts import ExpertPrompts, expert_prompts
 from evomerge.moe.stats import router_statistics
+from evomerge.moe.train import train_routers
 from evomerge.moe.write import write_moe
 
 
@@ -52,12 +53,16 @@ def assemble_moe(config: MoeConfig | str | Path | dict, *, log: Callable[[str], 
     moe.set_router_weights(router_init(cfg.gate_mode).weights(ctx))
     log(f"routers initialised ({cfg.gate_mode}) in {time.perf_counter() - t0:.1f}s")
     has_prompts = all(p.positive for p in prompts)
+    training = None
+    if cfg.train.steps:
+        training = train_routers(moe, tokenizer, prompts, cfg.train, experts_per_token=cfg.experts_per_token,
+                                 seed=cfg.seed, max_length=cfg.max_length, log=log).to_dict()
     report = {
         "architecture": arch, "base_model": cfg.base_model, "non_expert": cfg.non_expert,
         "experts": [e.source_model for e in cfg.experts],
         "shared_expert": cfg.shared_experts[0].source_model if cfg.shared_experts else None,
         "gate_mode": cfg.gate_mode, "experts_per_token": cfg.experts_per_token, "seed": cfg.seed,
-        "dtype": str(moe.dtype).removeprefix("torch."),
+        "dtype": str(moe.dtype).removeprefix("torch."), "training": training,
         "router_statistics": router_statistics(moe, tokenizer, prompts, cfg.max_length) if has_prompts else [],
     }
     return MoeBuild(moe=moe, tokenizer=tokenizer, config=cfg, prompts=prompts, report=report)

@@ -59,6 +59,19 @@ class MoeCalibration(_Strict):
     examples: int = Field(32, ge=1)
 
 
+class RouterTraining(_Strict):
+    """``train:``: a short router-only training run on the experts' prompts mixed (see docs/moe.md)."""
+
+    steps: int = Field(0, ge=0)
+    lr: float = Field(1e-2, gt=0)
+    batch_size: int = Field(16, ge=1)
+    top_k: int | None = Field(None, ge=2)  # experts per token while training; default max(2, experts_per_token)
+    soft: bool = False  # route every token to all experts, softmax-weighted, while training
+    balance: float = Field(0.01, ge=0)  # load-balancing loss coefficient
+    supervised: float = Field(0.0, ge=0)  # routing cross-entropy towards the prompt's expert
+    norms: bool = False  # also train the RMSNorm weights
+
+
 class MoeConfig(_Strict):
     """A whole ``evomerge moe`` config (see the module docstring)."""
 
@@ -75,6 +88,7 @@ class MoeConfig(_Strict):
     calibration: MoeCalibration | None = None
     activations: Literal["model", "float32"] = "float32"
     max_length: int = Field(128, ge=2)
+    train: RouterTraining = RouterTraining()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -101,6 +115,10 @@ class MoeConfig(_Strict):
                     for e in self.experts]
             if n > 1 and len(set(keys)) == 1:
                 raise ValueError("experts: every expert has the same prompts; the routers could not tell them apart")
+        if self.train.steps and not all(e.positive_prompts or e.tasks for e in self.experts):
+            raise ValueError("train.steps: router training needs positive_prompts or tasks for every expert")
+        if self.train.top_k is not None and self.train.top_k > n:
+            raise ValueError(f"train.top_k: {self.train.top_k} is more than the {n} experts")
         if self.shared_experts is not None and len(self.shared_experts) != 1:
             raise ValueError(f"shared_experts: exactly one shared expert is supported, got {len(self.shared_experts)}")
         return self
