@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -15,7 +16,7 @@ def moe(
     """Assemble an MoE from dense experts, initialise its routers and write it to OUT_DIR."""
     from evomerge.calibration import CalibrationError
     from evomerge.checkpoint import CheckpointError
-    from evomerge.cli import console
+    from evomerge.cli import console, out
     from evomerge.moe import MoeError, build_moe
 
     try:
@@ -24,3 +25,6 @@ def moe(
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
     console.print(f"[green]wrote[/] {path}")
+    report = json.loads((path / "moe_report.json").read_text())
+    if report.get("comparison_table"):
+        out.print(report["comparison_table"], highlight=False, markup=False, soft_wrap=True)

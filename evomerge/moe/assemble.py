@@ -11,6 +11,7 @@ starts at zero, i.e. a constant factor 1/2.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -77,6 +78,18 @@ def non_expert_tensor(name: str, readers: list[ModelReader], dtype: torch.dtype)
     return (total / len(readers)).to(dtype)
 
 
+def dense_merge(recipe: str, seed: int):
+    """Run an evomerge dense recipe file to file into ``TMP/merged`` of a temporary directory TMP (removed by
+    its ``.cleanup()``)."""
+    import tempfile
+
+    from evomerge.engine import run_merge
+
+    tmp = tempfile.TemporaryDirectory(prefix="evomerge-moe-nonexpert-")
+    run_merge(recipe, Path(tmp.name) / "merged", seed=seed, where=f"non_expert ({recipe})")
+    return tmp
+
+
 def assemble(cfg: MoeConfig, arch: str, base_config: dict) -> MoeModel:
     """Build the MoE in memory (routers at zero), reading base, experts and shared expert tensor by tensor."""
     from transformers import AutoModelForCausalLM
@@ -91,7 +104,14 @@ def assemble(cfg: MoeConfig, arch: str, base_config: dict) -> MoeModel:
     experts = [ModelReader(e.source_model) for e in cfg.experts]
     base = ModelReader(cfg.base_model)
     shared_reader = ModelReader(cfg.shared_experts[0].source_model) if shared else None
-    non_expert = [base] if cfg.non_expert == "base" else experts
+    merged_dir = None
+    if cfg.non_expert == "base":
+        non_expert = [base]
+    elif cfg.non_expert == "average":
+        non_expert = experts
+    else:
+        merged_dir = dense_merge(cfg.non_expert, cfg.seed)
+        non_expert = [ModelReader(Path(merged_dir.name) / "merged")]
     state, own = {}, model.state_dict()
     try:
         for name in own:
@@ -110,8 +130,10 @@ def assemble(cfg: MoeConfig, arch: str, base_config: dict) -> MoeModel:
                                   else torch.zeros_like(own[key]))
                 state[f"{p}.shared_expert_gate.weight"] = torch.zeros_like(own[f"{p}.shared_expert_gate.weight"])
     finally:
-        for r in [base, *experts, *([shared_reader] if shared_reader else [])]:
+        for r in {id(r): r for r in [base, *experts, *non_expert, *([shared_reader] if shared_reader else [])]}.values():
             r.close()
+        if merged_dir is not None:
+            merged_dir.cleanup()
     model.load_state_dict(state, strict=True)
     if getattr(mcfg, "tie_word_embeddings", False):
         model.tie_weights()

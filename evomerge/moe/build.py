@@ -74,4 +74,11 @@ def build_moe(config: MoeConfig | str | Path | dict, out_dir: str | Path, *, ove
     if Path(out_dir).exists() and not overwrite:
         raise MoeError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     built = assemble_moe(config, log=log)
+    if built.config.evaluate is not None:
+        from evomerge.moe.compare import compare_moe, render_comparison
+
+        log(f"scoring on the {built.config.evaluate.split} split:")
+        rows = compare_moe(built, log=log)
+        built.report["comparison"] = [r.to_dict() for r in rows]
+        built.report["comparison_table"] = render_comparison(rows, built.config.evaluate.split)
     return write_moe(built.moe, built.tokenizer, built.config, out_dir, built.report, overwrite=overwrite)

@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from evomerge.search.config import Zoo
 from evomerge.yamlfile import read_yaml_mapping
 
 GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden", "router_input_mean", "supervised", "zero")
@@ -28,6 +29,7 @@ MERGEKIT_GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden")
 TARGETS = {"llama": ("mixtral",), "mistral": ("mixtral",), "qwen2": ("qwen",)}
 UNSUPPORTED_TARGETS = {"deepseek": "DeepSeek-MoE needs trust_remote_code, which evomerge never enables",
                        "qwen3": "Qwen3-MoE output is not supported yet"}
+NON_EXPERT_SOURCES = ("base", "average")
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "head_dim", "hidden_act")
 
@@ -72,6 +74,18 @@ class RouterTraining(_Strict):
     norms: bool = False  # also train the RMSNorm weights
 
 
+class Evaluation(_Strict):
+    """``evaluate:``: score the MoE (and variants) beside base, experts and dense merges on a task YAML."""
+
+    tasks: str
+    split: Literal["search", "validation", "test"] = "test"
+    gate_modes: list[Literal[GATE_MODES]] = []  # further router inits to build and score (same experts)
+    dense: dict[str, str | dict] = {}  # label -> model directory, dense recipe YAML or inline recipe
+    inputs: bool = True  # also score the base and each expert
+    batch_size: int = Field(32, ge=1)
+    bootstrap_iters: int = Field(1000, ge=0)
+
+
 class MoeConfig(_Strict):
     """A whole ``evomerge moe`` config (see the module docstring)."""
 
@@ -83,12 +97,14 @@ class MoeConfig(_Strict):
     shared_experts: list[Expert] | None = None
     architecture: str | None = None  # mixtral | qwen; default from the base model's family
     # evomerge's own keys
+    zoo: Zoo | None = None  # the built-in demo zoo: relative model and task paths resolve inside it
     seed: int = 0
-    non_expert: Literal["base", "average"] = "base"
+    non_expert: str = "base"  # base | average | a dense recipe YAML (e.g. TIES over the experts)
     calibration: MoeCalibration | None = None
     activations: Literal["model", "float32"] = "float32"
     max_length: int = Field(128, ge=2)
     train: RouterTraining = RouterTraining()
+    evaluate: Evaluation | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -119,6 +135,11 @@ class MoeConfig(_Strict):
             raise ValueError("train.steps: router training needs positive_prompts or tasks for every expert")
         if self.train.top_k is not None and self.train.top_k > n:
             raise ValueError(f"train.top_k: {self.train.top_k} is more than the {n} experts")
+        if self.evaluate and any(m not in DATA_FREE_MODES for m in self.evaluate.gate_modes):
+            if not all(e.positive_prompts or e.tasks for e in self.experts):
+                raise ValueError("evaluate.gate_modes: data-driven modes need positive_prompts or tasks for every expert")
+        if self.non_expert not in NON_EXPERT_SOURCES and not self.non_expert.endswith((".yaml", ".yml")):
+            raise ValueError(f"non_expert: {self.non_expert!r}; expected base, average or a dense recipe .yaml")
         if self.shared_experts is not None and len(self.shared_experts) != 1:
             raise ValueError(f"shared_experts: exactly one shared expert is supported, got {len(self.shared_experts)}")
         return self
@@ -145,20 +166,44 @@ def load_moe_config(source: str | Path | dict, *, where: str | None = None) -> M
         loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise MoeError(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}") from None
-    return resolve_paths(cfg, base_dir) if base_dir is not None else cfg
+    dirs = [base_dir] if base_dir is not None else []
+    if cfg.zoo is not None:
+        from evomerge.zoo import build_zoo
+
+        zoo = build_zoo(cfg.zoo.dir, size=cfg.zoo.size, seed=cfg.zoo.seed, progress=True, variant=cfg.zoo.variant())
+        dirs.append(zoo.root)
+    return resolve_paths(cfg, dirs) if dirs else cfg
 
 
-def resolve_paths(cfg: MoeConfig, base_dir: Path) -> MoeConfig:
-    """``cfg`` with relative model and task paths that exist under ``base_dir`` made absolute."""
+def resolve_paths(cfg: MoeConfig, base_dirs: list[Path]) -> MoeConfig:
+    """``cfg`` with relative model, task and recipe paths made absolute: the first of ``base_dirs`` (the
+    config's folder, then the zoo's) under which the path exists."""
     def fix(p: str) -> str:
         q = Path(p).expanduser()
-        return str(base_dir / q) if not q.is_absolute() and (base_dir / q).exists() else p
+        if q.is_absolute():
+            return p
+        return next((str(d / q) for d in base_dirs if (d / q).exists()), p)
+
+    def fix_recipe(r: str | dict) -> str | dict:
+        if isinstance(r, str):
+            return fix(r)
+        r = dict(r)
+        if isinstance(r.get("base_model"), str):
+            r["base_model"] = fix(r["base_model"])
+        r["models"] = [{**m, "model": fix(m["model"])} if isinstance(m, dict) and isinstance(m.get("model"), str)
+                       else m for m in r.get("models", [])]
+        return r
 
     update = {"base_model": fix(cfg.base_model),
               "experts": [e.model_copy(update={"source_model": fix(e.source_model)}) for e in cfg.experts]}
     if cfg.shared_experts:
         update["shared_experts"] = [e.model_copy(update={"source_model": fix(e.source_model)})
                                     for e in cfg.shared_experts]
+    if cfg.non_expert not in NON_EXPERT_SOURCES:
+        update["non_expert"] = fix(cfg.non_expert)
+    if cfg.evaluate:
+        update["evaluate"] = cfg.evaluate.model_copy(update={"tasks": fix(cfg.evaluate.tasks),
+                                                             "dense": {k: fix_recipe(v) for k, v in cfg.evaluate.dense.items()}})
     if cfg.calibration:
         update["calibration"] = cfg.calibration.model_copy(update={"tasks": fix(cfg.calibration.tasks)})
     return cfg.model_copy(update=update)
@@ -208,7 +253,21 @@ def check_models(cfg: MoeConfig) -> tuple[str, dict]:
                 raise MoeError(f"{where}.source_model: {key} is {other.get(key)}, the base's is {base.get(key)}")
         if tokenizer_vocab(e.source_model, f"{where}.source_model") not in (None, vocab):
             raise MoeError(f"{where}.source_model: its tokenizer's vocabulary differs from the base model's")
+    if cfg.non_expert not in NON_EXPERT_SOURCES:
+        check_dense_recipe(cfg.non_expert, "non_expert")
     return arch, base
+
+
+def check_dense_recipe(path: str, key: str) -> None:
+    """Plan a dense recipe (headers only), so a broken one fails before any weight is read."""
+    from evomerge.checkpoint import CheckpointError
+    from evomerge.engine import MergeError, plan_merge
+    from evomerge.recipe import RecipeError
+
+    try:
+        plan_merge(path, where=f"{key} ({path})")
+    except (RecipeError, MergeError, CheckpointError) as e:
+        raise MoeError(f"{key}: {e}") from None
 
 
 def tokenizer_vocab(path: str | Path, key: str) -> dict | None:

@@ -106,4 +106,6 @@ def render_card(report: dict) -> str:
         for s in stats:
             lines.append(f"| {s['layer']} | {s['mean_accuracy']:.1%} | "
                          + " | ".join(f"{x:.1%}" for x in s["share"]) + " |")
+    if report.get("comparison_table"):
+        lines += ["", "## Scores beside the inputs and dense merges", "", report["comparison_table"].rstrip()]
     return "\n".join(lines) + "\n"
