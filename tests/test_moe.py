@@ -273,3 +273,41 @@ def test_top1_training_switches_to_top2_with_a_message(llama_family):
 def test_supervised_routing_loss_keeps_routing_accurate(zoo_moe_config):
     cfg = {**zoo_moe_config, "gate_mode": "zero", "train": {"steps": 30, "lr": 0.05, "supervised": 1.0}}
     assert router_accuracy(assemble_moe(cfg)) >= 0.9
+
+
+def test_non_expert_weights_from_a_dense_recipe(llama_family, tmp_path):
+    recipe = tmp_path / "linear.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(llama_family["ft0"]), "parameters": {"weight": 0.5}},
+        {"model": str(llama_family["ft1"]), "parameters": {"weight": 0.5}}]}))
+    via_recipe = assemble_moe({**moe_config(llama_family, "zero", n=2), "non_expert": str(recipe)})
+    averaged = assemble_moe({**moe_config(llama_family, "zero", n=2), "non_expert": "average"})
+    a, b = via_recipe.moe.model.state_dict(), averaged.moe.model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    recipe.write_text(yaml.safe_dump({"merge_method": "ties", "models": [{"model": "nowhere"}]}))
+    with pytest.raises(MoeError, match="non_expert: "):
+        assemble_moe({**moe_config(llama_family, "zero", n=2), "non_expert": str(recipe)})
+
+
+def test_the_moe_is_scored_beside_base_experts_and_a_dense_merge(zoo_moe_config, tiny_zoo, tmp_path):
+    experts = [str(p) for p in tiny_zoo.experts.values()]
+    cfg = {**zoo_moe_config, "gate_mode": "supervised",
+           "evaluate": {"tasks": str(tiny_zoo.tasks_yaml), "split": "validation", "gate_modes": ["zero"],
+                        "bootstrap_iters": 50,
+                        "dense": {"linear": {"merge_method": "linear", "dtype": "float32",
+                                             "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts]}}}}
+    out = build_moe(cfg, tmp_path / "moe")
+    report = yaml.safe_load((out / "moe_report.json").read_text())
+    rows = {r["label"]: r for r in report["comparison"]}
+    assert list(rows) == ["base", "expert 0 (rev)", "expert 1 (map)", "expert 2 (cmp)", "linear", "moe supervised",
+                          "moe zero"]
+    moe, base = rows["moe supervised"], rows["base"]
+    assert base["active_parameters"] < moe["active_parameters"] < moe["total_parameters"]
+    assert all(r["ci"][0] <= r["aggregate"] <= r["ci"][1] for r in rows.values())
+    assert "| moe zero |" in (out / "README.md").read_text()
+    # scoring other router inits leaves the written MoE with its own (supervised) routers
+    from safetensors.torch import load_file
+
+    written = load_file(out / "model.safetensors")
+    own = assemble_moe({k: v for k, v in cfg.items() if k != "evaluate"}).moe.router_weights()
+    assert torch.equal(written["model.layers.1.block_sparse_moe.gate.weight"], own[1])
