@@ -311,3 +311,34 @@ def test_the_moe_is_scored_beside_base_experts_and_a_dense_merge(zoo_moe_config,
     written = load_file(out / "model.safetensors")
     own = assemble_moe({k: v for k, v in cfg.items() if k != "evaluate"}).moe.router_weights()
     assert torch.equal(written["model.layers.1.block_sparse_moe.gate.weight"], own[1])
+
+
+# ------------------------------------------------------------------------------------------- search
+
+
+def test_a_short_moe_search_beats_its_first_trial_and_its_output_rebuilds(zoo_moe_config, tiny_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = {**zoo_moe_config, "gate_mode": "random",
+           "search": {"tasks": str(tiny_zoo.tasks_yaml), "trials": 8,
+                      "gate_modes": ["random", "zero", "router_input_mean", "supervised"], "experts_per_token": [1, 2]}}
+    out = build_moe(cfg, tmp_path / "searched")
+    report = yaml.safe_load((out / "moe_report.json").read_text())
+    trials = report["search"]["trials"]
+    assert len(trials) == 8 and trials[0]["params"]["gate_mode"] == "random"
+    assert all(trials[0]["params"][f"w{i}"] == 0.0 for i in range(3))  # the first trial is the config's own
+    assert max(t["score"] for t in trials) > trials[0]["score"]
+    written = yaml.safe_load((out / "moe.yaml").read_text())
+    assert "search" not in written and written["non_expert"] == "non_expert_recipe.yaml"
+    assert written["gate_mode"] == report["search"]["best"]["gate_mode"]
+    again = build_moe(out / "moe.yaml", tmp_path / "rebuilt")  # the written config reproduces the winner
+    ids = torch.tensor([[5, 40, 41, 42, 60, 61]])
+    a, b = (AutoModelForCausalLM.from_pretrained(p)(input_ids=ids).logits for p in (out, again))
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_search_options_are_checked(zoo_moe_config, tiny_zoo):
+    with pytest.raises(MoeError, match=r"search.experts_per_token: \[4\] outside 1..3"):
+        load_moe_config({**zoo_moe_config, "search": {"tasks": "t.yaml", "experts_per_token": [2, 4]}})
+    with pytest.raises(MoeError, match="search.trail: unknown key"):
+        load_moe_config({**zoo_moe_config, "search": {"tasks": "t.yaml", "trail": 3}})

@@ -74,6 +74,9 @@ def build_moe(config: MoeConfig | str | Path | dict, out_dir: str | Path, *, ove
     if Path(out_dir).exists() and not overwrite:
         raise MoeError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     built = assemble_moe(config, log=log)
+    extra_files = {}
+    if built.config.search is not None:
+        extra_files = adopt_search_winner(built, log)
     if built.config.evaluate is not None:
         from evomerge.moe.compare import compare_moe, render_comparison
 
@@ -81,4 +84,34 @@ def build_moe(config: MoeConfig | str | Path | dict, out_dir: str | Path, *, ove
         rows = compare_moe(built, log=log)
         built.report["comparison"] = [r.to_dict() for r in rows]
         built.report["comparison_table"] = render_comparison(rows, built.config.evaluate.split)
-    return write_moe(built.moe, built.tokenizer, built.config, out_dir, built.report, overwrite=overwrite)
+    return write_moe(built.moe, built.tokenizer, built.config, out_dir, built.report, overwrite=overwrite,
+                     extra_files=extra_files)
+
+
+NON_EXPERT_RECIPE = "non_expert_recipe.yaml"
+
+
+def adopt_search_winner(built: MoeBuild, log: Callable[[str], None]) -> dict[str, str]:
+    """Run the config's search, leave its winner in ``built`` (config, report, statistics) and return the
+    files the output needs (the winner's non-expert recipe)."""
+    import yaml
+
+    from evomerge.moe.search import non_expert_recipe, search_moe
+
+    cfg = built.config
+    log(f"searching {cfg.search.trials} trials on the search split of {cfg.search.tasks}:")
+    trials, best = search_moe(built, log=log)
+    update = {"gate_mode": best["gate_mode"], "experts_per_token": best["experts_per_token"],
+              "train": cfg.train.model_copy(update={"steps": best["train_steps"]}), "search": None}
+    files = {}
+    if cfg.search.non_expert_weights:
+        weights = [best[f"w{i}"] for i in range(len(cfg.experts))]
+        files[NON_EXPERT_RECIPE] = yaml.safe_dump(non_expert_recipe(built, weights), sort_keys=False)
+        update["non_expert"] = NON_EXPERT_RECIPE
+    built.config = cfg.model_copy(update=update)
+    built.report.update(gate_mode=best["gate_mode"], experts_per_token=best["experts_per_token"],
+                        non_expert=built.config.non_expert, training=None,
+                        search={"trials": [t.__dict__ for t in trials], "best": best},
+                        router_statistics=router_statistics(built.moe, built.tokenizer, built.prompts,
+                                                            cfg.max_length) if built.report["router_statistics"] else [])
+    return files

@@ -86,6 +86,19 @@ class Evaluation(_Strict):
     bootstrap_iters: int = Field(1000, ge=0)
 
 
+class MoeSearch(_Strict):
+    """``search:``: an Optuna search over MoE options on a task YAML's search split (see docs/moe.md)."""
+
+    tasks: str
+    trials: int = Field(20, ge=1)
+    gate_modes: list[Literal[GATE_MODES]] = ["zero", "hidden", "router_input_mean", "supervised"]
+    experts_per_token: list[int] = Field([1, 2], min_length=1)
+    non_expert_weights: bool = True  # search each expert's weight in the non-expert task arithmetic
+    train_steps: list[int] = [0]
+    sampler: Literal["tpe", "random"] = "tpe"
+    batch_size: int = Field(32, ge=1)
+
+
 class MoeConfig(_Strict):
     """A whole ``evomerge moe`` config (see the module docstring)."""
 
@@ -105,6 +118,7 @@ class MoeConfig(_Strict):
     max_length: int = Field(128, ge=2)
     train: RouterTraining = RouterTraining()
     evaluate: Evaluation | None = None
+    search: MoeSearch | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -138,6 +152,17 @@ class MoeConfig(_Strict):
         if self.evaluate and any(m not in DATA_FREE_MODES for m in self.evaluate.gate_modes):
             if not all(e.positive_prompts or e.tasks for e in self.experts):
                 raise ValueError("evaluate.gate_modes: data-driven modes need positive_prompts or tasks for every expert")
+        if self.search:
+            bad = [k for k in self.search.experts_per_token if not 1 <= k <= n]
+            if bad:
+                raise ValueError(f"search.experts_per_token: {bad} outside 1..{n} (the number of experts)")
+            if any(s < 0 for s in self.search.train_steps):
+                raise ValueError("search.train_steps: steps must be >= 0")
+            if (any(m not in DATA_FREE_MODES for m in self.search.gate_modes) or any(self.search.train_steps)) \
+                    and not all(e.positive_prompts or e.tasks for e in self.experts):
+                raise ValueError("search: data-driven gate modes and training need prompts or tasks for every expert")
+            if self.non_expert != "base":
+                raise ValueError("search: non-expert weights are searched from the base; set non_expert: base")
         if self.non_expert not in NON_EXPERT_SOURCES and not self.non_expert.endswith((".yaml", ".yml")):
             raise ValueError(f"non_expert: {self.non_expert!r}; expected base, average or a dense recipe .yaml")
         if self.shared_experts is not None and len(self.shared_experts) != 1:
@@ -204,6 +229,8 @@ def resolve_paths(cfg: MoeConfig, base_dirs: list[Path]) -> MoeConfig:
     if cfg.evaluate:
         update["evaluate"] = cfg.evaluate.model_copy(update={"tasks": fix(cfg.evaluate.tasks),
                                                              "dense": {k: fix_recipe(v) for k, v in cfg.evaluate.dense.items()}})
+    if cfg.search:
+        update["search"] = cfg.search.model_copy(update={"tasks": fix(cfg.search.tasks)})
     if cfg.calibration:
         update["calibration"] = cfg.calibration.model_copy(update={"tasks": fix(cfg.calibration.tasks)})
     return cfg.model_copy(update=update)

@@ -24,6 +24,8 @@ def mergekit_recipe(cfg: MoeConfig) -> dict | None:
     """The mergekit-moe config that builds the same layout (router tensors reproduced for the data-free
     modes), or None when an option has no mergekit equivalent."""
     uses_tasks = any(e.tasks for _, e in cfg._all_experts())
+    if cfg.train.steps:
+        return None
     if cfg.gate_mode not in MERGEKIT_GATE_MODES or cfg.non_expert != "base" or uses_tasks:
         return None
     doc = cfg.model_dump(include=set(MERGEKIT_KEYS), exclude_none=True)
@@ -52,7 +54,7 @@ def reload_difference(moe: MoeModel, path: Path) -> float:
 
 
 def write_moe(moe: MoeModel, tokenizer, cfg: MoeConfig, out_dir: str | Path, report: dict,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
     """Write ``moe`` to ``out_dir`` atomically (see the module docstring); returns ``out_dir``."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -73,6 +75,8 @@ def write_moe(moe: MoeModel, tokenizer, cfg: MoeConfig, out_dir: str | Path, rep
         if mk is not None:
             (tmp / "mergekit_moe.yaml").write_text("# mergekit-moe config for the same layout\n"
                                                    + yaml.safe_dump(mk, sort_keys=False))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / "moe_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(render_card(report))
         if out.exists():
