@@ -20,6 +20,24 @@ def moe_config(family: dict[str, Path], mode: str = "router_input_mean", n: int 
             **extra}
 
 
+@pytest.fixture(scope="module")
+def qwen3_family(tmp_path_factory) -> dict[str, Path]:
+    """A tiny float32 Qwen3 base and two perturbed fine-tunes (evomerge.tiny builds llama/qwen2/mistral only)."""
+    from transformers import Qwen3Config
+
+    from evomerge.tiny import build_tiny_model, make_tokenizer, perturbed_copy, save_model
+
+    root, tok = tmp_path_factory.mktemp("qwen3"), make_tokenizer()
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=2,
+                      eos_token_id=3, tie_word_embeddings=False)
+    base = build_tiny_model(cfg, seed=3)
+    out = {"base": save_model(base, tok, root / "base")}
+    for i in range(2):
+        out[f"ft{i}"] = save_model(perturbed_copy(base, seed=30 + i), tok, root / f"ft{i}")
+    return out
+
+
 def router_accuracy(built) -> float:
     return min(s["mean_accuracy"] for s in built.report["router_statistics"])
 
@@ -122,7 +140,7 @@ def dense_hybrid(family, expert: str, dtype=torch.float32):
     return base.eval()
 
 
-@pytest.mark.parametrize("family_name", ["llama_family", "qwen_family"])
+@pytest.mark.parametrize("family_name", ["llama_family", "qwen_family", "qwen3_family"])
 def test_routing_every_slot_to_one_expert_reproduces_the_dense_hybrid(request, family_name):
     family = request.getfixturevalue(family_name)
     ids = torch.tensor([[4, 9, 17, 30, 2, 8]])
@@ -149,6 +167,13 @@ def test_qwen2_moe_with_and_without_a_shared_expert(qwen_family, tmp_path):
     # without a shared expert the MoE equals the experts' MLPs averaged by uniform routing: check one expert
     built = assemble_moe(moe_config(qwen_family, "zero", n=2))
     assert built.moe.model.model.layers[0].mlp.shared_expert.down_proj.weight.abs().sum() == 0
+
+
+def test_qwen3_moe_output(qwen3_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = build_moe(moe_config(qwen3_family, "supervised", n=2), tmp_path / "q3")
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "Qwen3MoeForCausalLM"
 
 
 def test_non_expert_weights_from_the_experts_average(llama_family):

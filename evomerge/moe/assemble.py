@@ -1,4 +1,5 @@
-"""Assembling the MoE model in memory from dense models (transformers' own Mixtral / Qwen2-MoE classes).
+"""Assembling the MoE model in memory from dense models (transformers' own Mixtral / Qwen2-MoE / Qwen3-MoE
+classes).
 
 Each layer's MLP of expert e becomes routed expert e of that layer (``gate_up_proj[e]`` = gate rows then
 up rows, ``down_proj[e]`` = down); attention, norms, embeddings and lm_head ("non-expert" weights) come
@@ -29,12 +30,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def moe_config(arch: str, base: dict, num_experts: int, experts_per_token: int, shared: bool, dtype: str):
     """The transformers config of the MoE: the base's shape with one routed expert per dense model."""
-    from transformers import MixtralConfig, Qwen2MoeConfig
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     carried = {k: base[k] for k in CARRIED_KEYS if k in base and base[k] is not None}
     if arch == "mixtral":
         return MixtralConfig(**carried, intermediate_size=base["intermediate_size"], num_local_experts=num_experts,
                              num_experts_per_tok=experts_per_token, router_jitter_noise=0.0, dtype=dtype)
+    if arch == "qwen3":
+        return Qwen3MoeConfig(**carried, moe_intermediate_size=base["intermediate_size"],
+                              intermediate_size=base["intermediate_size"], num_experts=num_experts,
+                              num_experts_per_tok=experts_per_token, norm_topk_prob=True, decoder_sparse_step=1,
+                              mlp_only_layers=[], dtype=dtype)
     return Qwen2MoeConfig(**carried, moe_intermediate_size=base["intermediate_size"],
                           intermediate_size=base["intermediate_size"],
                           shared_expert_intermediate_size=base["intermediate_size"] if shared else 1,

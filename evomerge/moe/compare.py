@@ -104,7 +104,8 @@ def compare_moe(built: MoeBuild, *, log: Callable[[str], None] = lambda m: None)
     for label, path in ev.dense.items():
         score(label, load_dense(path, cfg.seed))
     score(moe_label(cfg.gate_mode, cfg.train.steps), built.moe.model)
-    own = {n: p.detach().clone() for n, p in built.moe.model.named_parameters() if "gate" in n or "norm" in n}
+    own = {n: p.detach().clone() for n, p in built.moe.model.named_parameters()
+           if n.endswith("mlp.gate.weight") or "norm" in n}  # what router init and training change
     ctx = GateContext(moe=built.moe, tokenizer=built.tokenizer, prompts=built.prompts, seed=cfg.seed,
                       max_length=cfg.max_length, base_model=cfg.base_model,
                       float32_activations=cfg.activations == "float32")

@@ -26,9 +26,8 @@ GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden", "router_input
 DATA_FREE_MODES = ("random", "uniform_random", "zero")
 MERGEKIT_GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden")
 # source model_type -> the MoE architectures it can become (mergekit's `architecture` names)
-TARGETS = {"llama": ("mixtral",), "mistral": ("mixtral",), "qwen2": ("qwen",)}
-UNSUPPORTED_TARGETS = {"deepseek": "DeepSeek-MoE needs trust_remote_code, which evomerge never enables",
-                       "qwen3": "Qwen3-MoE output is not supported yet"}
+TARGETS = {"llama": ("mixtral",), "mistral": ("mixtral",), "qwen2": ("qwen",), "qwen3": ("qwen3",)}
+UNSUPPORTED_TARGETS = {"deepseek": "DeepSeek-MoE needs trust_remote_code, which evomerge never enables"}
 NON_EXPERT_SOURCES = ("base", "average")
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "head_dim", "hidden_act")
@@ -108,7 +107,7 @@ class MoeConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the base model's
     experts_per_token: int = Field(2, ge=1)
     shared_experts: list[Expert] | None = None
-    architecture: str | None = None  # mixtral | qwen; default from the base model's family
+    architecture: str | None = None  # mixtral | qwen | qwen3; default from the base model's family
     # evomerge's own keys
     zoo: Zoo | None = None  # the built-in demo zoo: relative model and task paths resolve inside it
     seed: int = 0
@@ -125,7 +124,7 @@ class MoeConfig(_Strict):
         n = len(self.experts)
         if self.experts_per_token > n:
             raise ValueError(f"experts_per_token: {self.experts_per_token} is more than the {n} experts")
-        for where, e in self._all_experts():
+        for where, e in self.all_experts():
             for key in ("noise_scale", "residual_scale"):
                 if getattr(e, key) is not None:
                     raise ValueError(f"{where}.{key}: not supported by evomerge (mergekit's noise and scaling of "
@@ -169,7 +168,7 @@ class MoeConfig(_Strict):
             raise ValueError(f"shared_experts: exactly one shared expert is supported, got {len(self.shared_experts)}")
         return self
 
-    def _all_experts(self):
+    def all_experts(self):
         yield from ((f"experts[{i}]", e) for i, e in enumerate(self.experts))
         yield from ((f"shared_experts[{i}]", e) for i, e in enumerate(self.shared_experts or []))
 
@@ -246,7 +245,7 @@ def read_model_config(path: str | Path, key: str) -> dict:
 
 
 def target_architecture(cfg: MoeConfig, base_config: dict) -> str:
-    """The output architecture (``mixtral`` or ``qwen``): the config's, else the base family's."""
+    """The output architecture (``mixtral``, ``qwen`` or ``qwen3``): the config's, else the base family's."""
     family = base_config.get("model_type")
     if cfg.architecture in UNSUPPORTED_TARGETS:
         raise MoeError(f"architecture: {cfg.architecture}: {UNSUPPORTED_TARGETS[cfg.architecture]}")
@@ -259,6 +258,8 @@ def target_architecture(cfg: MoeConfig, base_config: dict) -> str:
                        f"expected one of {', '.join(TARGETS[family])}")
     if arch == "mixtral" and (base_config.get("attention_bias") or base_config.get("mlp_bias")):
         raise MoeError("base_model: attention or MLP biases cannot be represented in Mixtral")
+    if arch == "qwen3" and base_config.get("attention_bias"):
+        raise MoeError("base_model: attention biases are not supported for Qwen3-MoE output")
     if cfg.shared_experts and arch != "qwen":
         raise MoeError(f"shared_experts: only the qwen architecture has a shared expert (target: {arch})")
     return arch
@@ -270,7 +271,7 @@ def check_models(cfg: MoeConfig) -> tuple[str, dict]:
     base = read_model_config(cfg.base_model, "base_model")
     arch = target_architecture(cfg, base)
     vocab = tokenizer_vocab(cfg.base_model, "base_model")
-    for where, e in cfg._all_experts():
+    for where, e in cfg.all_experts():
         other = read_model_config(e.source_model, f"{where}.source_model")
         if other.get("model_type") != base.get("model_type"):
             raise MoeError(f"{where}.source_model: {e.source_model} is a {other.get('model_type')} model, "

@@ -23,7 +23,7 @@ MERGEKIT_KEYS = ("base_model", "gate_mode", "dtype", "experts_per_token", "archi
 def mergekit_recipe(cfg: MoeConfig) -> dict | None:
     """The mergekit-moe config that builds the same layout (router tensors reproduced for the data-free
     modes), or None when an option has no mergekit equivalent."""
-    uses_tasks = any(e.tasks for _, e in cfg._all_experts())
+    uses_tasks = any(e.tasks for _, e in cfg.all_experts())
     if cfg.train.steps:
         return None
     if cfg.gate_mode not in MERGEKIT_GATE_MODES or cfg.non_expert != "base" or uses_tasks:
