@@ -17,8 +17,15 @@ class _Stop(Exception):
 
 def encode(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """Right-padded, truncated input ids and attention mask for ``texts``."""
-    tokenizer.padding_side = "right"
-    return dict(tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length))
+    return dict(tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                          padding_side="right"))
+
+
+def encode_like_mergekit(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """mergekit-moe's tokenisation of prompts: the bos token's text prepended, no other special tokens,
+    padded on the tokenizer's own side, no truncation."""
+    return dict(tokenizer([(tokenizer.bos_token or "") + t for t in texts], return_tensors="pt", padding=True,
+                          add_special_tokens=False))
 
 
 def _batches(enc: dict[str, torch.Tensor], batch_size: int):
@@ -71,6 +78,16 @@ def all_block_inputs(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], 
         for h in handles:
             h.remove()
     return [torch.cat(rows) for rows in per_block]
+
+
+@torch.no_grad()
+def residuals_like_mergekit(model: torch.nn.Module, enc: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
+    """mergekit-moe's ``hidden`` statistics: the residual stream entering each layer, averaged over every
+    position (padding included) or taken at the last position (padded or not), then averaged over prompts:
+    (layers, hidden), in the model's dtype."""
+    hs = torch.stack(model(**enc, output_hidden_states=True).hidden_states[:-1])
+    hs = hs.sum(dim=2) / hs.shape[2] if average else hs[:, :, -1, :]
+    return hs.sum(dim=1) / hs.shape[1]
 
 
 @torch.no_grad()

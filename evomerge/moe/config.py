@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from evomerge.search.config import Zoo
 from evomerge.yamlfile import read_yaml_mapping
 
-GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden", "router_input_mean", "supervised", "zero")
+GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden", "hidden_last", "hidden_avg", "router_input_mean",
+              "supervised", "zero")
 DATA_FREE_MODES = ("random", "uniform_random", "zero")
-MERGEKIT_GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden")
+MERGEKIT_GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden_last", "hidden_avg")  # same tensors
 # source model_type -> the MoE architectures it can become (mergekit's `architecture` names)
 TARGETS = {"llama": ("mixtral",), "mistral": ("mixtral",), "qwen2": ("qwen",), "qwen3": ("qwen3",)}
 UNSUPPORTED_TARGETS = {"deepseek": "DeepSeek-MoE needs trust_remote_code, which evomerge never enables"}

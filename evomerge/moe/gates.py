@@ -7,8 +7,11 @@ generator seeded by the run seed.
 - ``random``, ``uniform_random``: mergekit-moe 0.1.5's draws, reproduced exactly for the same seed
   (``torch.randn`` rows, unnormalised; ``nn.Linear``'s default uniform(-1/sqrt(H), 1/sqrt(H))).
 - ``zero``: all-zero routers, i.e. uniform routing (ties go to the lowest expert indices).
-- ``cheap_embed``: mergekit's idea: per expert, the normalised sum of the token embeddings of its
-  positive prompts minus that of its negative prompts, the same row for every layer.
+- ``cheap_embed``: as mergekit-moe 0.1.5 (same tensors): per expert, the normalised sum of the base's token
+  embeddings over its positive prompts (mergekit's tokenisation, padding excluded) minus that of its
+  negative prompts, normalised, the same row for every layer.
+- ``hidden_last``, ``hidden_avg``: mergekit-moe 0.1.5's modes of these names reproduced as they are
+  (parity modes; see ``MergekitHidden``).
 - ``hidden``: mergekit's idea (residual stream entering each layer, at each prompt's last token, of the
   base model; mean over prompts; positive minus negative; unit rows), but at the last *real* token and in
   the requested activation dtype (mergekit: always bfloat16, and the last position even when padded).
@@ -31,7 +34,8 @@ from typing import ClassVar
 
 import torch
 
-from evomerge.moe.activations import block_inputs, encode, last_token_residuals
+from evomerge.moe.activations import (block_inputs, encode, encode_like_mergekit, last_token_residuals,
+                                      residuals_like_mergekit)
 from evomerge.moe.assemble import MoeModel
 from evomerge.moe.config import GATE_MODES
 from evomerge.moe.prompts import ExpertPrompts
@@ -109,12 +113,13 @@ class CheapEmbed(RouterInit):
     name = "cheap_embed"
 
     def weights(self, ctx):
-        embed = ctx.moe.model.get_input_embeddings().weight.detach().float()
+        from evomerge.checkpoint import ModelReader
+
+        with ModelReader(ctx.base_model) as reader:
+            embed = reader.get_tensor("model.embed_tokens.weight").float()
 
         def summed(texts):
-            if not texts:
-                return None
-            enc = encode(ctx.tokenizer, texts, ctx.max_length)
+            enc = encode_like_mergekit(ctx.tokenizer, texts)
             ids = enc["input_ids"][enc["attention_mask"].bool()]
             return unit_rows(embed[ids].sum(0))
 
@@ -160,6 +165,33 @@ def fit_layer_by_layer(ctx: GateContext, fit: Callable[[list[torch.Tensor], list
     return torch.stack(out)
 
 
+class MergekitHidden(RouterInit):
+    """mergekit-moe 0.1.5's ``hidden_last`` / ``hidden_avg`` reproduced as they are (parity modes): base model
+    in bfloat16, mergekit's tokenisation, padding included, positive minus negative, unit rows."""
+
+    average: ClassVar[bool]
+
+    def weights(self, ctx):
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(ctx.base_model, dtype=torch.bfloat16, use_safetensors=True,
+                                                    trust_remote_code=False).eval()
+
+        def stats(texts):
+            return residuals_like_mergekit(base, encode_like_mergekit(ctx.tokenizer, texts), self.average)
+
+        rows = [stats(p.positive) - stats(p.negative) if p.negative else stats(p.positive) for p in ctx.prompts]
+        return unit_rows(torch.stack(rows, dim=1)).float()
+
+
+class HiddenLast(MergekitHidden):
+    name, average = "hidden_last", False
+
+
+class HiddenAvg(MergekitHidden):
+    name, average = "hidden_avg", True
+
+
 class RouterInputMean(RouterInit):
     name = "router_input_mean"
 
@@ -199,8 +231,8 @@ class Supervised(RouterInit):
         return fit_layer_by_layer(ctx, lambda pos, neg: logistic_router(pos, ctx.seed))
 
 
-GATES: dict[str, type[RouterInit]] = {c.name: c for c in (Random, UniformRandom, Zero, CheapEmbed, Hidden,
-                                                           RouterInputMean, Supervised)}
+GATES: dict[str, type[RouterInit]] = {c.name: c for c in (Random, UniformRandom, Zero, CheapEmbed, Hidden, HiddenLast,
+                                                           HiddenAvg, RouterInputMean, Supervised)}
 
 
 def router_init(name: str) -> RouterInit:
