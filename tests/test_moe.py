@@ -165,9 +165,19 @@ def test_qwen2_moe_with_and_without_a_shared_expert(qwen_family, tmp_path):
     for out in (plain, shared):
         model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
         assert type(model).__name__ == "Qwen2MoeForCausalLM" and model.config.tie_word_embeddings
-    # without a shared expert the MoE equals the experts' MLPs averaged by uniform routing: check one expert
-    built = assemble_moe(moe_config(qwen_family, "zero", n=2))
+    built = assemble_moe(moe_config(qwen_family, "zero", n=2))  # no shared expert: a zero MLP adds nothing
     assert built.moe.model.model.layers[0].mlp.shared_expert.down_proj.weight.abs().sum() == 0
+    recipe = tmp_path / "shared.yaml"  # a merged MLP as the shared expert
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(qwen_family["ft0"]), "parameters": {"weight": 0.5}},
+        {"model": str(qwen_family["ft1"]), "parameters": {"weight": 0.5}}]}))
+    built = assemble_moe({**moe_config(qwen_family, "zero", n=2), "shared_experts": [{"source_model": str(recipe)}]})
+    from evomerge.checkpoint import ModelReader
+
+    name = "model.layers.2.mlp.up_proj.weight"
+    with ModelReader(qwen_family["ft0"]) as a, ModelReader(qwen_family["ft1"]) as b:
+        want = (a.get_tensor(name) + b.get_tensor(name)) / 2
+    assert torch.allclose(built.moe.model.model.layers[2].mlp.shared_expert.up_proj.weight, want, atol=1e-7)
 
 
 def test_qwen3_moe_output(qwen3_family, tmp_path):

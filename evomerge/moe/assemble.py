@@ -3,10 +3,11 @@ classes).
 
 Each layer's MLP of expert e becomes routed expert e of that layer (``gate_up_proj[e]`` = gate rows then
 up rows, ``down_proj[e]`` = down); attention, norms, embeddings and lm_head ("non-expert" weights) come
-from the base (mergekit's behaviour) or are the experts' element-wise average. Routers start at zero
-(uniform routing) until a router initialisation writes them. A Qwen2-MoE built without a shared expert
-gets a width-1 shared expert of zeros (it adds nothing); with one, the shared expert's sigmoid gate
-starts at zero, i.e. a constant factor 1/2.
+from the base (mergekit's behaviour), are the experts' element-wise average, or come from a dense
+evomerge recipe merged first (e.g. TIES over the experts). Routers start at zero (uniform routing) until a
+router initialisation writes them. A Qwen2-MoE built without a shared expert gets a width-1 shared expert
+of zeros (it adds nothing); with one (a model directory or a dense recipe: a merged MLP), the shared
+expert's sigmoid gate starts at zero, i.e. a constant factor 1/2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from evomerge.checkpoint import ModelReader
-from evomerge.moe.config import MoeConfig
+from evomerge.moe.config import MoeConfig, is_recipe
 
 # dense config keys carried over unchanged to the MoE config
 CARRIED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -109,15 +110,16 @@ def assemble(cfg: MoeConfig, arch: str, base_config: dict) -> MoeModel:
     model = AutoModelForCausalLM.from_config(mcfg).to(dtype).eval()
     experts = [ModelReader(e.source_model) for e in cfg.experts]
     base = ModelReader(cfg.base_model)
-    shared_reader = ModelReader(cfg.shared_experts[0].source_model) if shared else None
-    merged_dir = None
-    if cfg.non_expert == "base":
-        non_expert = [base]
-    elif cfg.non_expert == "average":
-        non_expert = experts
-    else:
-        merged_dir = dense_merge(cfg.non_expert, cfg.seed)
-        non_expert = [ModelReader(Path(merged_dir.name) / "merged")]
+    merged_dirs = []
+
+    def source(path: str) -> ModelReader:
+        if not is_recipe(path):
+            return ModelReader(path)
+        merged_dirs.append(dense_merge(path, cfg.seed))
+        return ModelReader(Path(merged_dirs[-1].name) / "merged")
+
+    shared_reader = source(cfg.shared_experts[0].source_model) if shared else None
+    non_expert = {"base": [base], "average": experts}.get(cfg.non_expert) or [source(cfg.non_expert)]
     state, own = {}, model.state_dict()
     try:
         for name in own:
@@ -138,8 +140,8 @@ def assemble(cfg: MoeConfig, arch: str, base_config: dict) -> MoeModel:
     finally:
         for r in {id(r): r for r in [base, *experts, *non_expert, *([shared_reader] if shared_reader else [])]}.values():
             r.close()
-        if merged_dir is not None:
-            merged_dir.cleanup()
+        for tmp in merged_dirs:
+            tmp.cleanup()
     model.load_state_dict(state, strict=True)
     if getattr(mcfg, "tie_word_embeddings", False):
         model.tie_weights()

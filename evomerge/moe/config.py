@@ -107,7 +107,7 @@ class MoeConfig(_Strict):
     gate_mode: Literal[GATE_MODES] = "hidden"  # mergekit's default
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the base model's
     experts_per_token: int = Field(2, ge=1)
-    shared_experts: list[Expert] | None = None
+    shared_experts: list[Expert] | None = None  # qwen; source_model may also be a dense recipe .yaml
     architecture: str | None = None  # mixtral | qwen | qwen3; default from the base model's family
     # evomerge's own keys
     zoo: Zoo | None = None  # the built-in demo zoo: relative model and task paths resolve inside it
@@ -163,7 +163,7 @@ class MoeConfig(_Strict):
                 raise ValueError("search: data-driven gate modes and training need prompts or tasks for every expert")
             if self.non_expert != "base":
                 raise ValueError("search: non-expert weights are searched from the base; set non_expert: base")
-        if self.non_expert not in NON_EXPERT_SOURCES and not self.non_expert.endswith((".yaml", ".yml")):
+        if self.non_expert not in NON_EXPERT_SOURCES and not is_recipe(self.non_expert):
             raise ValueError(f"non_expert: {self.non_expert!r}; expected base, average or a dense recipe .yaml")
         if self.shared_experts is not None and len(self.shared_experts) != 1:
             raise ValueError(f"shared_experts: exactly one shared expert is supported, got {len(self.shared_experts)}")
@@ -273,6 +273,9 @@ def check_models(cfg: MoeConfig) -> tuple[str, dict]:
     arch = target_architecture(cfg, base)
     vocab = tokenizer_vocab(cfg.base_model, "base_model")
     for where, e in cfg.all_experts():
+        if where.startswith("shared") and is_recipe(e.source_model):
+            check_dense_recipe(e.source_model, f"{where}.source_model")
+            continue
         other = read_model_config(e.source_model, f"{where}.source_model")
         if other.get("model_type") != base.get("model_type"):
             raise MoeError(f"{where}.source_model: {e.source_model} is a {other.get('model_type')} model, "
@@ -285,6 +288,11 @@ def check_models(cfg: MoeConfig) -> tuple[str, dict]:
     if cfg.non_expert not in NON_EXPERT_SOURCES:
         check_dense_recipe(cfg.non_expert, "non_expert")
     return arch, base
+
+
+def is_recipe(path: str) -> bool:
+    """Whether a model source names a dense recipe file (merged first) rather than a model directory."""
+    return path.endswith((".yaml", ".yml"))
 
 
 def check_dense_recipe(path: str, key: str) -> None:
