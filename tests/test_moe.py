@@ -383,3 +383,13 @@ def test_search_options_are_checked(zoo_moe_config, tiny_zoo):
         load_moe_config({**zoo_moe_config, "search": {"tasks": "t.yaml", "experts_per_token": [2, 4]}})
     with pytest.raises(MoeError, match="search.trail: unknown key"):
         load_moe_config({**zoo_moe_config, "search": {"tasks": "t.yaml", "trail": 3}})
+
+
+def test_bfloat16_output_reloads_exactly(llama_family, tmp_path):
+    """The in-memory model must match what transformers loads (bf16 rotary buffers once made them differ)."""
+    from transformers import AutoModelForCausalLM
+
+    out = build_moe({**moe_config(llama_family, "router_input_mean"), "dtype": "bfloat16"}, tmp_path / "bf16")
+    report = yaml.safe_load((out / "moe_report.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["reload_max_logit_difference"] == 0.0
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16

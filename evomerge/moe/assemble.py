@@ -107,7 +107,7 @@ def assemble(cfg: MoeConfig, arch: str, base_config: dict) -> MoeModel:
     shared = bool(cfg.shared_experts)
     mcfg = moe_config(arch, base_config, n, cfg.experts_per_token, shared, dtype_name if dtype_name in DTYPES else "float32")
     torch.manual_seed(cfg.seed)  # from_config's initial weights are all overwritten; seeded anyway
-    model = AutoModelForCausalLM.from_config(mcfg).to(dtype).eval()
+    model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype).eval()  # buffers (rotary) as from_pretrained keeps them
     experts = [ModelReader(e.source_model) for e in cfg.experts]
     base = ModelReader(cfg.base_model)
     merged_dirs = []
