@@ -140,13 +140,24 @@ def _retrying_rdb_class():
 
     @_with_retries
     def send_held(self, held: list) -> None:
-        """The held parameter and user-attribute writes (``held_writes``) in one transaction."""
-        from optuna.storages._rdb.models import TrialUserAttributeModel
+        """The held parameter and user-attribute writes (``held_writes``) in one transaction; each trial is
+        looked up once, and parameters whose distribution Optuna's cache already knows are inserted together."""
+        from optuna.distributions import check_distribution_compatibility, distribution_to_json
+        from optuna.storages._rdb.models import TrialModel, TrialParamModel, TrialUserAttributeModel
 
         session = self.scoped_session()
         try:
+            checked = set()
             for kind, trial_id, args in held:
-                if kind == "param":
+                if trial_id not in checked:
+                    self.check_trial_is_updatable(trial_id, TrialModel.find_or_raise_by_id(trial_id, session).state)
+                    checked.add(trial_id)
+                if kind == "param" and args[3] is not None:
+                    name, value, distribution, previous = args
+                    check_distribution_compatibility(previous, distribution)
+                    session.add(TrialParamModel(trial_id=trial_id, param_name=name, param_value=value,
+                                                distribution_json=distribution_to_json(distribution)))
+                elif kind == "param":  # the study's first sight of this parameter: Optuna checks it
                     self._set_trial_param_without_commit(session, trial_id, *args)
                 else:
                     self._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial_id, *args)
