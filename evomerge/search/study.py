@@ -231,10 +231,12 @@ def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int, x0: dict[str, fl
             kw["consider_pruned_trials"] = True
         if cfg.separable:
             kw["use_separable_cma"] = True
+        if cfg.lr_adapt:
+            kw["lr_adapt"] = True
         with warnings.catch_warnings():  # what the run config asks for, tested with the pinned Optuna versions:
             # sigma0 is deprecated since Optuna 4.9 (removal planned for 6.0) and sep-CMA-ES is "experimental"
             warnings.filterwarnings("ignore", message=".*(sigma0|x0).*", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=".*(use_separable_cma|consider_pruned_trials).*",
+            warnings.filterwarnings("ignore", message=".*(use_separable_cma|consider_pruned_trials|lr_adapt).*",
                                     category=optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.CmaEsSampler(**kw)
     if name == "tpe":
