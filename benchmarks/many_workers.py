@@ -205,14 +205,14 @@ def main() -> None:
     args = ap.parse_args()
     server = None
     if args.storage == "postgres" and args.postgres is None:
-        from tests.pgserver import PrivateServer
+        from evomerge.testing.postgres import PrivateServer
 
         server = PrivateServer()
         args.postgres = server.url
     try:
         url = None
         if args.storage == "postgres":
-            from tests.pgserver import new_database
+            from evomerge.testing.postgres import new_database
 
             url = new_database(args.postgres)
         where = "PostgreSQL on localhost" if args.storage == "postgres" else "the journal file"
