@@ -41,7 +41,7 @@ MEMORY = "in memory"  # no storage at all: the sampler's own time, the baseline 
 
 def storages(pg_server: str) -> dict[str, callable]:
     """A fresh storage URL per name (None: the default journal file in the run directory)."""
-    from tests.pgserver import new_database
+    from evomerge.testing.postgres import new_database
 
     return {"journal file": lambda work: None,
             "sqlite": lambda work: f"sqlite:///{work / 'study.db'}",
@@ -161,7 +161,7 @@ def main() -> None:
     args = ap.parse_args()
     server = None
     if args.postgres is None:
-        from tests.pgserver import PrivateServer
+        from evomerge.testing.postgres import PrivateServer
 
         server = PrivateServer()
         args.postgres = server.url

@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.search.config import load_config
-from tests import pgserver
+from evomerge.testing import postgres as pgserver
 from tests.test_search import _config
 
 _NO_PG = pgserver.unavailable_reason()

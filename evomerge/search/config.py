@@ -97,12 +97,17 @@ class Sampler(_Strict):
     popsize: int | None = Field(None, ge=2)  # CMA-ES population (or NSGA-II population)
     separable: bool = False  # sep-CMA-ES
     sigma0: float | None = Field(None, gt=0)
+    lr_adapt: bool = False  # LRA-CMA-ES: learning rates adapted to noisy or multimodal scores
     n_startup_trials: int | None = Field(None, ge=0)  # TPE/GP random start
 
     @model_validator(mode="after")
     def _applies(self):
         _only_for("sampler", self, self.name, {"popsize": ("cmaes", "nsga2"), "separable": ("cmaes",),
-                                               "sigma0": ("cmaes",), "n_startup_trials": ("tpe", "gp")})
+                                               "sigma0": ("cmaes",), "n_startup_trials": ("tpe", "gp"),
+                                               "lr_adapt": ("cmaes",)})
+        if self.lr_adapt and self.separable:
+            raise ValueError("sampler: lr_adapt and separable cannot be combined (Optuna's CMA-ES adapts learning "
+                             "rates of the full covariance only); choose one")
         return self
 
 

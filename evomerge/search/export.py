@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from evomerge.card import ScoreRow
 from evomerge.engine import run_merge
 from evomerge.recipe import load_recipe
 from evomerge.search.run import SearchRun, trial_score
@@ -35,21 +36,10 @@ from evomerge.search.select import select_winner
 
 
 @dataclass
-class Row:
-    """One line of the test table."""
-
-    label: str
-    aggregate: float
-    ci: tuple[float, float] | None
-    per_task: dict[str, float]
-    validation: float | None = None
-
-
-@dataclass
 class Summary:
     winner_trial: int
     winner_recipe: str
-    rows: list[Row]
+    rows: list[ScoreRow]
     finalists: list[dict[str, Any]]
     timing: dict[str, float]
     counts: dict[str, int]
@@ -57,8 +47,8 @@ class Summary:
     selection: str = ""  # the finalists' search-minus-validation gap, and whether it widened the selection
 
 
-def _row(label: str, result, validation: float | None = None) -> Row:
-    return Row(label, result.aggregate, result.ci, dict(result.per_task), validation)
+def _row(label: str, result, validation: float | None = None) -> ScoreRow:
+    return ScoreRow(label, result.aggregate, result.ci, dict(result.per_task), validation)
 
 
 def _method_baselines(run: SearchRun, test, log) -> list:
@@ -161,13 +151,13 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     return summary
 
 
-def search_card(run: SearchRun, recipe, rows: list[Row], counts: dict[str, int], winner: int, winner_val: float,
+def search_card(run: SearchRun, recipe, rows: list[ScoreRow], counts: dict[str, int], winner: int, winner_val: float,
                 n_finalists: int) -> str:
     """The winner's model card: the recipe, how the search found it (space, sampler, trials, selection) and
     the test table beside the baselines (``evomerge.card``)."""
     import yaml
 
-    from evomerge.card import ScoreRow, merge_facts, render_card, task_metrics
+    from evomerge.card import merge_facts, render_card, task_metrics
 
     space, cfg = run.space, run.cfg
     how = [f"Found by an evomerge search (`{cfg.name}`): method "
@@ -180,7 +170,7 @@ def search_card(run: SearchRun, recipe, rows: list[Row], counts: dict[str, int],
            "The search space:\n\n```yaml\n" + yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).rstrip()
            + "\n```"]
     return render_card(merge_facts(recipe, num_layers=run.num_layers, seed=cfg.seed, how=how,
-                                   results=[ScoreRow(r.label, r.aggregate, r.ci, r.per_task) for r in rows],
+                                   results=rows,
                                    metrics=task_metrics(run.task_specs)))
 
 
@@ -248,7 +238,7 @@ def study_timing(study: optuna.Study) -> dict[str, float]:
             "other_s": max(durations - first - build - evaluate, 0.0)}
 
 
-def _fmt_ci(row: Row) -> str:
+def _fmt_ci(row: ScoreRow) -> str:
     return "" if row.ci is None else f"[{row.ci[0]:.3f}, {row.ci[1]:.3f}]"
 
 

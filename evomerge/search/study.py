@@ -140,13 +140,24 @@ def _retrying_rdb_class():
 
     @_with_retries
     def send_held(self, held: list) -> None:
-        """The held parameter and user-attribute writes (``held_writes``) in one transaction."""
-        from optuna.storages._rdb.models import TrialUserAttributeModel
+        """The held parameter and user-attribute writes (``held_writes``) in one transaction; each trial is
+        looked up once, and parameters whose distribution Optuna's cache already knows are inserted together."""
+        from optuna.distributions import check_distribution_compatibility, distribution_to_json
+        from optuna.storages._rdb.models import TrialModel, TrialParamModel, TrialUserAttributeModel
 
         session = self.scoped_session()
         try:
+            checked = set()
             for kind, trial_id, args in held:
-                if kind == "param":
+                if trial_id not in checked:
+                    self.check_trial_is_updatable(trial_id, TrialModel.find_or_raise_by_id(trial_id, session).state)
+                    checked.add(trial_id)
+                if kind == "param" and args[3] is not None:
+                    name, value, distribution, previous = args
+                    check_distribution_compatibility(previous, distribution)
+                    session.add(TrialParamModel(trial_id=trial_id, param_name=name, param_value=value,
+                                                distribution_json=distribution_to_json(distribution)))
+                elif kind == "param":  # the study's first sight of this parameter: Optuna checks it
                     self._set_trial_param_without_commit(session, trial_id, *args)
                 else:
                     self._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial_id, *args)
@@ -220,10 +231,12 @@ def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int, x0: dict[str, fl
             kw["consider_pruned_trials"] = True
         if cfg.separable:
             kw["use_separable_cma"] = True
+        if cfg.lr_adapt:
+            kw["lr_adapt"] = True
         with warnings.catch_warnings():  # what the run config asks for, tested with the pinned Optuna versions:
             # sigma0 is deprecated since Optuna 4.9 (removal planned for 6.0) and sep-CMA-ES is "experimental"
             warnings.filterwarnings("ignore", message=".*(sigma0|x0).*", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=".*(use_separable_cma|consider_pruned_trials).*",
+            warnings.filterwarnings("ignore", message=".*(use_separable_cma|consider_pruned_trials|lr_adapt).*",
                                     category=optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.CmaEsSampler(**kw)
     if name == "tpe":
