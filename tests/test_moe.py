@@ -386,7 +386,8 @@ def test_search_options_are_checked(zoo_moe_config, tiny_zoo):
 
 
 def test_bfloat16_output_reloads_exactly(llama_family, tmp_path):
-    """The in-memory model must match what transformers loads (bf16 rotary buffers once made them differ)."""
+    """The in-memory model matches what transformers loads (a model cast to bf16 after building would have
+    rounded rotary buffers, which from_pretrained keeps in float32)."""
     from transformers import AutoModelForCausalLM
 
     out = build_moe({**moe_config(llama_family, "router_input_mean"), "dtype": "bfloat16"}, tmp_path / "bf16")
