@@ -369,6 +369,9 @@ def test_a_short_moe_search_beats_its_first_trial_and_its_output_rebuilds(zoo_mo
     assert len(trials) == 8 and trials[0]["params"]["gate_mode"] == "random"
     assert all(trials[0]["params"][f"w{i}"] == 0.0 for i in range(3))  # the first trial is the config's own
     assert max(t["score"] for t in trials) > trials[0]["score"]
+    finalists = [t for t in trials if t["validation"] is not None]
+    assert len(finalists) == 3  # the winner is the best of the three best on the validation split
+    assert report["search"]["best"] == max(finalists, key=lambda t: t["validation"])["params"]
     written = yaml.safe_load((out / "moe.yaml").read_text())
     assert "search" not in written and written["non_expert"] == "non_expert_recipe.yaml"
     assert written["gate_mode"] == report["search"]["best"]["gate_mode"]

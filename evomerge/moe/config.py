@@ -96,6 +96,7 @@ class MoeSearch(_Strict):
     non_expert_weights: bool = True  # search each expert's weight in the non-expert task arithmetic
     train_steps: list[int] = [0]
     sampler: Literal["tpe", "random"] = "tpe"
+    rerank: int = Field(3, ge=1)  # finalists re-scored on the validation split (1: the best search score wins)
     batch_size: int = Field(32, ge=1)
 
 

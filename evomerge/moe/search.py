@@ -3,7 +3,8 @@
 experts per token, re-initialises the routers (data-driven modes capture activations of the trial's own
 model) and optionally trains them, then scores the model on the search split (smooth proxy metrics, as a
 merge search does). The first trial is the config's own setting (non-expert weights all 0: the base).
-The winner is left in the model and its non-expert recipe is returned, so the written MoE reproduces it."""
+The ``rerank`` best trials are re-scored on the validation split and the best there wins, as in
+``evomerge search``; it is left in the model and its parameters returned."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class MoeTrial:
     params: dict
     score: float
     seconds: float
+    validation: float | None = None  # the finalists' score on the validation split
 
 
 def non_expert_deltas(built: MoeBuild) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -105,25 +107,36 @@ def search_moe(built: MoeBuild, *, log: Callable[[str], None] = lambda m: None) 
     if sc.non_expert_weights:
         first.update({f"w{i}": 0.0 for i in range(n)})
     study.enqueue_trial(first)
+    def restore_norms() -> None:
+        with torch.no_grad():
+            for k, v in built.moe.model.named_parameters():
+                if k in norms:
+                    v.copy_(norms[k])
+
     trials = []
     for _ in range(sc.trials):
         trial = study.ask()
         params = suggest(trial)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            for k, v in built.moe.model.named_parameters():
-                if k in norms:
-                    v.copy_(norms[k])
+        restore_norms()
         apply(params)
         score = evaluator.evaluate(built.moe.model).aggregate
         study.tell(trial, score)
         trials.append(MoeTrial(trial.number, params, score, time.perf_counter() - t0))
         log(f"  trial {trial.number:>3}  {score:.4f}  " + ", ".join(
             f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
-    best = max(trials, key=lambda t: t.score)
-    with torch.no_grad():
-        for k, v in built.moe.model.named_parameters():
-            if k in norms:
-                v.copy_(norms[k])
+    finalists = sorted(trials, key=lambda t: -t.score)[:sc.rerank]
+    if sc.rerank > 1 and any(spec.has_split("validation") for spec in evaluator.specs if hasattr(spec, "has_split")):
+        validation = Evaluator(sc.tasks, built.tokenizer, split="validation", batch_size=sc.batch_size,
+                               bootstrap_iters=0, seed=cfg.seed, proxy=True)
+        for t in finalists:
+            restore_norms()
+            apply(t.params)
+            t.validation = validation.evaluate(built.moe.model).aggregate
+            log(f"  re-rank trial {t.number:>3} on validation: {t.validation:.4f}")
+        best = max(finalists, key=lambda t: t.validation)
+    else:
+        best = finalists[0]
+    restore_norms()
     apply(best.params)
     return trials, best.params
