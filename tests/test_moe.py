@@ -301,6 +301,18 @@ def test_router_training_lowers_the_calibration_loss(llama_family):
     assert built.moe.model.model.embed_tokens.weight.requires_grad is False
 
 
+def test_soft_routing_and_norm_training(llama_family):
+    base = assemble_moe(moe_config(llama_family, "random"))
+    built = assemble_moe({**moe_config(llama_family, "random"),
+                          "train": {"steps": 10, "lr": 0.05, "soft": True, "norms": True}})
+    t = built.report["training"]
+    assert t["top_k"] == 3 and t["trained_parameters"] == 4 * 3 * 32 + (2 * 4 + 1) * 32
+    assert t["loss_after"] < t["loss_before"]
+    name = "model.layers.0.post_attention_layernorm.weight"
+    assert not torch.equal(built.moe.model.state_dict()[name], base.moe.model.state_dict()[name])
+    assert built.moe.blocks()[0].gate.top_k == 2
+
+
 def test_top1_training_switches_to_top2_with_a_message(llama_family):
     messages = []
     cfg = {**moe_config(llama_family, "zero"), "experts_per_token": 1, "train": {"steps": 20, "lr": 0.05}}

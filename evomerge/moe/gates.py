@@ -68,8 +68,7 @@ class GateContext:
 class RouterInit(ABC):
     """One way to set every layer's router before (optional) training."""
 
-    name: ClassVar[str]
-    needs_prompts: ClassVar[bool] = True
+    name: ClassVar[str]  # its gate_mode; which modes need prompts: config.DATA_FREE_MODES
 
     @abstractmethod
     def weights(self, ctx: GateContext) -> torch.Tensor:
@@ -88,14 +87,14 @@ def contrast(pos: list[torch.Tensor], neg: list[torch.Tensor | None]) -> torch.T
 
 
 class Random(RouterInit):
-    name, needs_prompts = "random", False
+    name = "random"
 
     def weights(self, ctx):
         return torch.randn(ctx.shape, generator=ctx.generator())
 
 
 class UniformRandom(RouterInit):
-    name, needs_prompts = "uniform_random", False
+    name = "uniform_random"
 
     def weights(self, ctx):
         scale = math.sqrt(1.0 / ctx.shape[2])
@@ -103,7 +102,7 @@ class UniformRandom(RouterInit):
 
 
 class Zero(RouterInit):
-    name, needs_prompts = "zero", False
+    name = "zero"
 
     def weights(self, ctx):
         return torch.zeros(ctx.shape)
