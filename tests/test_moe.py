@@ -396,6 +396,11 @@ def test_a_short_moe_search_beats_its_first_trial_and_its_output_rebuilds(zoo_mo
 def test_search_options_are_checked(zoo_moe_config, tiny_zoo):
     with pytest.raises(MoeError, match=r"search.experts_per_token: \[4\] outside 1..3"):
         load_moe_config({**zoo_moe_config, "search": {"tasks": "t.yaml", "experts_per_token": [2, 4]}})
+    with pytest.raises(MoeError, match="search.tasks: "):
+        assemble_moe({**zoo_moe_config, "search": {"tasks": "missing.yaml"}})
+    with pytest.raises(MoeError, match="evaluate.dense.ties: "):
+        assemble_moe({**zoo_moe_config, "evaluate": {"tasks": str(tiny_zoo.tasks_yaml),
+                                                     "dense": {"ties": {"merge_method": "ties", "models": []}}}})
     with pytest.raises(MoeError, match="search.trail: unknown key"):
         load_moe_config({**zoo_moe_config, "search": {"tasks": "t.yaml", "trail": 3}})
 

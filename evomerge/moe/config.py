@@ -288,7 +288,24 @@ def check_models(cfg: MoeConfig) -> tuple[str, dict]:
             raise MoeError(f"{where}.source_model: its tokenizer's vocabulary differs from the base model's")
     if cfg.non_expert not in NON_EXPERT_SOURCES:
         check_dense_recipe(cfg.non_expert, "non_expert")
+    if cfg.evaluate:
+        check_tasks(cfg.evaluate.tasks, "evaluate.tasks")
+        for label, source in cfg.evaluate.dense.items():
+            if not (isinstance(source, str) and Path(source).is_dir()):
+                check_dense_recipe(source, f"evaluate.dense.{label}")
+    if cfg.search:
+        check_tasks(cfg.search.tasks, "search.tasks")
     return arch, base
+
+
+def check_tasks(path: str, key: str) -> None:
+    """Load a task YAML (examples included) so a broken one fails before any weight is read."""
+    from evomerge.evaluate import TaskError, load_tasks
+
+    try:
+        load_tasks(path)
+    except (TaskError, FileNotFoundError) as e:
+        raise MoeError(f"{key}: {e}") from None
 
 
 def is_recipe(path: str) -> bool:
@@ -296,16 +313,16 @@ def is_recipe(path: str) -> bool:
     return path.endswith((".yaml", ".yml"))
 
 
-def check_dense_recipe(path: str, key: str) -> None:
+def check_dense_recipe(path: str | dict, key: str) -> None:
     """Plan a dense recipe (headers only), so a broken one fails before any weight is read."""
     from evomerge.checkpoint import CheckpointError
     from evomerge.engine import MergeError, plan_merge
     from evomerge.recipe import RecipeError
 
     try:
-        plan_merge(path, where=f"{key} ({path})")
+        plan_merge(path, where=key if isinstance(path, dict) else f"{key} ({path})")
     except (RecipeError, MergeError, CheckpointError) as e:
-        raise MoeError(f"{key}: {e}") from None
+        raise MoeError(str(e) if str(e).startswith(key) else f"{key}: {e}") from None
 
 
 def tokenizer_vocab(path: str | Path, key: str) -> dict | None:

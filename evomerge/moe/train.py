@@ -104,7 +104,7 @@ def train_routers(moe: MoeModel, tokenizer, prompts: list[ExpertPrompts], cfg: R
     try:
         for b in blocks:
             b.gate.top_k = k
-        for step in range(cfg.steps):
+        for _ in range(cfg.steps):
             idx = torch.randint(len(texts), (min(cfg.batch_size, len(texts)),), generator=gen)
             batch = {key: v[idx] for key, v in enc.items()}
             mask = batch["attention_mask"].bool().reshape(-1)
