@@ -28,7 +28,6 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from evomerge.engine import STATISTICS_CACHE_NAME
 from evomerge.search.builder import CandidateBuilder
 from evomerge.search.config import RunConfig, parse_duration
 from evomerge.search.space import SearchSpace, load_space
@@ -101,11 +100,11 @@ class SearchRun:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.inputs = resolve_inputs(cfg)
-        self.space: SearchSpace = load_space(cfg.search_space, where=cfg.search_space
-                                             if isinstance(cfg.search_space, str) else "search_space")
-        self.builder = CandidateBuilder(self.inputs.base_model, self.inputs.models, method=self.space.method,
-                                        device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                                        statistics_cache=self.out / STATISTICS_CACHE_NAME)
+        where = cfg.search_space if isinstance(cfg.search_space, str) else "search_space"
+        # the space checks itself against the models' headers, then makes the builder of its candidates
+        self.space: SearchSpace = load_space(cfg.search_space, where=where).bind(
+            self.inputs.base_model, self.inputs.models, where)
+        self.builder = self.space.make_builder(self.inputs, cfg, self.out)
         self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.base_model)
         self.num_layers = self.builder.num_layers
         self.model_names = list(self.inputs.models)
