@@ -105,8 +105,10 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     builder.build(winner_recipe)
     rows.append(_row(f"winner (trial {winner.number})", test.evaluate(builder.model), winner_val))
     builder.build(run.recipe_for(run.default_point))
-    rows.append(_row(f"default recipe ({run.space.method})", test.evaluate(builder.model)))
-    rows += _method_baselines(run, test, log)
+    rows.append(_row("identity flow of the base (first trial)" if run.space.kind == "dataflow"
+                     else f"default recipe ({run.space.method})", test.evaluate(builder.model)))
+    if run.space.kind == "parameters":  # merges of the same models by the methods' defaults
+        rows += _method_baselines(run, test, log)
     for name, path in run.inputs.models.items():
         builder.load_model_weights(path)
         rows.append(_row(f"fine-tune: {name}", test.evaluate(builder.model)))
