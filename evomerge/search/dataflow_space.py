@@ -172,6 +172,11 @@ class DataflowSpace(BaseModel):
         bound._base = base_model
         return bound
 
+    def source_paths(self) -> dict[str, str]:
+        """Each source's model directory (after ``bind``)."""
+        self._require_bound()
+        return dict(self._paths)
+
     def _require_bound(self) -> None:
         if not self._ranges:
             raise RuntimeError("bind() the data-flow space to the run's models first")
