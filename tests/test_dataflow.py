@@ -229,3 +229,28 @@ def test_dataflow_search_exports_a_slices_recipe_and_a_checkpoint_that_loads(dat
     assert model.generate(IDS, max_new_tokens=2, do_sample=False).shape[1] == IDS.shape[1] + 2
     labels = [r.label for r in summary.rows]
     assert labels[0].startswith("winner") and "identity flow of the base (first trial)" in labels and "base" in labels
+
+
+def test_combined_run_from_one_config_writes_both_stages_into_one_report(tiny_zoo, tmp_path):
+    """`evomerge search` with a `dataflow:` section: a parameter-space search, then a data-flow search whose
+    sources include its winner; the first stage's summary.md holds both test tables."""
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    cfg = {"name": "cb", "base_model": str(tiny_zoo.base), "models": {k: str(v) for k, v in tiny_zoo.experts.items()},
+           "tasks": str(tiny_zoo.tasks_yaml), "search_space": str(SPACES / "ties_per_model.yaml"),
+           "budget": {"trials": 3}, "sampler": {"name": "random"}, "pruner": {"name": "none"}, "start": "default",
+           "output_dir": str(tmp_path / "run"), "device": "cpu", "top_k": 1,
+           "dataflow": {"search_space": str(SPACES / "dataflow_tiny.yaml"), "budget": {"trials": 4}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["search", str(tmp_path / "run.yaml")])
+    assert res.exit_code == 0, res.output
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "## Stage 2: data-flow search over this winner (`dataflow/`)" in summary
+    first, second = summary.split("## Stage 2")
+    assert "| winner (trial" in first and "| fine-tune: merged |" in second and "| identity flow of the base" in second
+    recipe = yaml.safe_load((tmp_path / "run" / "dataflow" / "best_recipe.yaml").read_text())
+    assert recipe["merge_method"] == "passthrough" and recipe["slices"]
+    stage2 = yaml.safe_load((tmp_path / "run" / "dataflow" / "run_config.yaml").read_text())
+    assert stage2["models"]["merged"] == str(tmp_path / "run" / "merged")
