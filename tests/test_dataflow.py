@@ -254,3 +254,16 @@ def test_combined_run_from_one_config_writes_both_stages_into_one_report(tiny_zo
     assert recipe["merge_method"] == "passthrough" and recipe["slices"]
     stage2 = yaml.safe_load((tmp_path / "run" / "dataflow" / "run_config.yaml").read_text())
     assert stage2["models"]["merged"] == str(tmp_path / "run" / "merged")
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    ({"export_checkpoint": False}, r"dataflow: searches over the first stage's exported winner"),
+    ({"dataflow": {"search_space": "x.yaml", "budjet": {"trials": 3}}}, r"unknown key 'dataflow\.budjet'"),
+])
+def test_bad_combined_configs(tmp_path, extra, pattern):
+    from evomerge.search.config import ConfigError, load_config
+
+    data = {"zoo": {"size": "tiny"}, "search_space": "x.yaml", "dataflow": {"search_space": "df.yaml"}, **extra}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(tmp_path / "run.yaml")

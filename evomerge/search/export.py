@@ -181,7 +181,9 @@ def search_card(run: SearchRun, recipe, rows: list[Row], counts: dict[str, int],
            f"({winner_val:.3f}). The test split below was never used for selection.",
            "The search space:\n\n```yaml\n" + yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).rstrip()
            + "\n```"]
-    return render_card(merge_facts(recipe, num_layers=run.num_layers, seed=cfg.seed, how=how,
+    layers = (sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in recipe.slices)
+              if recipe.slices else run.num_layers)  # a data-flow winner's own depth
+    return render_card(merge_facts(recipe, num_layers=layers, seed=cfg.seed, how=how,
                                    results=[ScoreRow(r.label, r.aggregate, r.ci, r.per_task) for r in rows],
                                    metrics=task_metrics(run.task_specs)))
 
