@@ -250,6 +250,7 @@ def test_combined_run_from_one_config_writes_both_stages_into_one_report(tiny_zo
     assert "## Stage 2: data-flow search over this winner (`dataflow/`)" in summary
     first, second = summary.split("## Stage 2")
     assert "| winner (trial" in first and "| fine-tune: merged |" in second and "| identity flow of the base" in second
+    assert 'id="dataflow-test"' in (tmp_path / "run" / "report.html").read_text()
     recipe = yaml.safe_load((tmp_path / "run" / "dataflow" / "best_recipe.yaml").read_text())
     assert recipe["merge_method"] == "passthrough" and recipe["slices"]
     stage2 = yaml.safe_load((tmp_path / "run" / "dataflow" / "run_config.yaml").read_text())

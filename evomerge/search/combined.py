@@ -4,7 +4,8 @@ A run config with a ``dataflow:`` section runs its search as usual; once finaliz
 (``output_dir/merged``) joins the base and the fine-tunes as one more source (named ``winner_name``) of a
 data-flow search (``dataflow_space``) with its own study, written to ``output_dir/dataflow``. The second
 stage's test table (its winner, the base's identity flow, the first stage's winner, every fine-tune, the
-base) is appended to the first stage's ``summary.md``, so one report holds both stages.
+base) is appended to the first stage's ``summary.md`` and shown in its ``report.html``, so one report holds
+both stages.
 """
 
 from __future__ import annotations
@@ -58,4 +59,10 @@ def run_dataflow_stage(first, *, on_event: Callable[[str, dict], None] | None = 
     second.run()
     summary = finalize(second, export_checkpoint=True, log=log)
     append_section(first.out / "summary.md", stage_section(first, second, summary))
+    try:
+        from evomerge.report import write_report
+
+        write_report(first.out)  # its page now shows stage 2's test table too
+    except Exception as e:  # a convenience, as in ``export.finalize``
+        log(f"warning: report.html failed: {type(e).__name__}: {e}")
     return second, summary
