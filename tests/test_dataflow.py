@@ -255,6 +255,11 @@ def test_combined_run_from_one_config_writes_both_stages_into_one_report(tiny_zo
     assert recipe["merge_method"] == "passthrough" and recipe["slices"]
     stage2 = yaml.safe_load((tmp_path / "run" / "dataflow" / "run_config.yaml").read_text())
     assert stage2["models"]["merged"] == str(tmp_path / "run" / "merged")
+    # the same command again: both budgets spent and both stages finalized, so nothing is redone
+    again = CliRunner().invoke(app, ["search", str(tmp_path / "run.yaml")])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("finalize: already done") == 2
+    assert (tmp_path / "run" / "summary.md").read_text() == summary
 
 
 @pytest.mark.parametrize("extra, pattern", [

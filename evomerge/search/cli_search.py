@@ -146,6 +146,8 @@ def _search(config: Path, *, overrides: dict[str, Any], finalize: bool, console:
     from evomerge.search.finish import claim_or_report
 
     if not claim_or_report(run, log=lambda m: console.print(m, highlight=False)):
+        if cfg.dataflow and (run.out / "merged" / "config.json").is_file():  # stage 1 done: resume stage 2
+            _dataflow_stage(run, console=console, out=out)
         return
     _finalize_and_print(run, console=console, out=out)
 
@@ -186,6 +188,8 @@ def _dataflow_stage(run, *, console: Console, out: Console) -> None:
     budget = stage.budget or run.cfg.budget
     with Display(console, budget.trials, parse_duration(budget.timeout)) as display:
         second, summary = run_dataflow_stage(run, on_event=display.event, log=lambda m: console.print(m))
+    if summary is None:
+        return
     out.print(_table(summary))
     for k, v in summary.files.items():
         console.print(f"  {k}: {v}")

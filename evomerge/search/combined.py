@@ -50,14 +50,20 @@ def stage_section(first, second, summary) -> str:
 
 
 def run_dataflow_stage(first, *, on_event: Callable[[str, dict], None] | None = None, log=print):
-    """Run and finalize the second stage of ``first`` (a finalized ``SearchRun``); append it to the first
-    stage's summary. Returns (the second stage's run, its summary)."""
+    """Run the second stage of ``first`` (a ``SearchRun`` whose winner is exported) until its budget is spent,
+    then, if this worker wins the finalize claim (``finish.claim_or_report``: one worker of a shared study),
+    finalize it and append it to the first stage's summary and report. Re-running resumes the stage like any
+    search. Returns (the second stage's run, its summary, or None when another worker finalizes it)."""
     from evomerge.search.export import append_section, finalize
+    from evomerge.search.finish import claim_or_report, mark_finalized
     from evomerge.search.run import SearchRun
 
     second = SearchRun(dataflow_stage_config(first), on_event=on_event)
     second.run()
+    if not claim_or_report(second, log=log):
+        return second, None
     summary = finalize(second, export_checkpoint=True, log=log)
+    mark_finalized(second, summary.winner_trial)
     append_section(first.out / "summary.md", stage_section(first, second, summary))
     try:
         from evomerge.report import write_report
