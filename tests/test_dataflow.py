@@ -231,6 +231,20 @@ def test_dataflow_search_exports_a_slices_recipe_and_a_checkpoint_that_loads(dat
     assert labels[0].startswith("winner") and "identity flow of the base (first trial)" in labels and "base" in labels
 
 
+
+def test_a_recipe_scored_before_is_told_its_scores_again_and_is_no_second_finalist(dataflow_run):
+    """Data-flow points often decode to the same flow: the loop tells a repeat the first one's scores."""
+    from evomerge.search.run import best_trials, recipe_key
+
+    run, _ = dataflow_run
+    first = run.study.get_trials(deepcopy=False)[0]
+    run.study.enqueue_trial(run.default_point)  # the base's identity flow again (this runs after the tests above)
+    record = run.run_trial(run.study.ask(run.distributions))
+    assert record.state == "COMPLETE" and record.value == first.value and record.reason == "same as #0"
+    assert record.build_s == record.eval_s == 0.0
+    keys = [recipe_key(t.user_attrs["recipe"]) for t in best_trials(run.study, 100)]
+    assert len(keys) == len(set(keys)) and len(keys) < len(run.study.get_trials(deepcopy=False))
+
 def test_combined_run_from_one_config_writes_both_stages_into_one_report(tiny_zoo, tmp_path):
     """`evomerge search` with a `dataflow:` section: a parameter-space search, then a data-flow search whose
     sources include its winner; the first stage's summary.md holds both test tables."""

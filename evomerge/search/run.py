@@ -122,6 +122,7 @@ class SearchRun:
         self.stats = LoopStats()
         self._current: optuna.Trial | None = None  # the trial this process is running, if any
         self._built = False  # whether this process has built a candidate yet (the first one compiles)
+        self._scored: dict[str, tuple] = {}  # recipe_key -> (trial, values, aggregate, per task) of this process
         self.heartbeat: Heartbeat | None = None  # beats for the running trial while ``run`` runs
         self.stats.setup_s = time.perf_counter() - t0 + self.builder.precompute()
 
@@ -346,7 +347,10 @@ class SearchRun:
 
     def _run_trial(self, trial: optuna.Trial) -> TrialRecord:
         recipe = self.recipe_for(trial.params, name=f"{self.cfg.name}-trial-{trial.number}")
-        trial.set_user_attr("recipe", recipe.to_yaml())
+        text = recipe.to_yaml()
+        trial.set_user_attr("recipe", text)
+        if recipe_key(text) in self._scored:  # a recipe this process scored already (data-flow points often
+            return self._rescore(trial, *self._scored[recipe_key(text)])  # decode to the same flow)
         build_s = eval_s = 0.0
         first_build = False
         try:
@@ -387,9 +391,20 @@ class SearchRun:
         values = ([result.per_task[t.name] for t in self.task_specs] if self.n_objectives > 1
                   else result.aggregate)
         self.study.tell(trial, values)
+        self._scored[recipe_key(text)] = (trial.number, values, result.aggregate, dict(result.per_task))
         value = result.aggregate
         return TrialRecord(trial.number, "COMPLETE", value, dict(result.per_task), build_s, eval_s,
                            first_build=first_build)
+
+    def _rescore(self, trial: optuna.Trial, same_as: int, values, aggregate: float, per_task: dict) -> TrialRecord:
+        """Tell a trial whose recipe equals trial ``same_as``'s the same scores, without building or scoring it
+        (scoring is deterministic: it would get them again)."""
+        trial.set_user_attr("same_as", same_as)
+        trial.set_user_attr("build_s", 0.0)
+        trial.set_user_attr("eval_s", 0.0)
+        trial.set_user_attr("scores", per_task)
+        self.study.tell(trial, values)
+        return TrialRecord(trial.number, "COMPLETE", aggregate, dict(per_task), 0.0, 0.0, reason=f"same as #{same_as}")
 
     def _score(self, trial: optuna.Trial):
         """Score on the search split, reporting running scores chunk by chunk to the pruner."""
@@ -494,14 +509,28 @@ def _sigterm_as_interrupt():
 
 def best_trials(study: optuna.Study, k: int, within: int | None = None) -> list[optuna.trial.FrozenTrial]:
     """The top-k complete trials by search-split aggregate (per-task studies: mean of objectives), among
-    the first ``within`` trials of the study when given (what a run of that budget would have finalized)."""
+    the first ``within`` trials of the study when given (what a run of that budget would have finalized);
+    of trials with the same recipe (``recipe_key``), only the first."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if within is None or t.number < within]
 
     def score(t):
         return t.value if len(t.values) == 1 else sum(t.values) / len(t.values)
 
-    return sorted(done, key=score, reverse=True)[:k]
+    out, seen = [], set()
+    for t in sorted(done, key=score, reverse=True):  # stable: the earliest of equal scores first
+        key = recipe_key(t.user_attrs.get("recipe") or str(t.number))
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+        if len(out) == k:
+            break
+    return out
+
+
+def recipe_key(recipe_yaml: str) -> str:
+    """A recipe's text without its ``name:`` line: two trials with the same key merge the same model."""
+    return "\n".join(line for line in recipe_yaml.splitlines() if not line.startswith("name: "))
 
 
 def trial_score(t: optuna.trial.FrozenTrial) -> float:
