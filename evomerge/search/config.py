@@ -152,6 +152,16 @@ class Workers(_Strict):
         return self
 
 
+class DataflowStage(_Strict):
+    """A second stage after the run's search (docs/dataflow.md, Sakana's combined merge): a data-flow search
+    over the first stage's winner (source ``winner_name``) and the run's models, in ``output_dir/dataflow``."""
+
+    search_space: str | dict[str, Any]
+    budget: Budget | None = None  # default: the run's
+    sampler: Sampler | None = None  # default: the run's
+    winner_name: str = "merged"
+
+
 class RunConfig(_Strict):
     name: str = "evomerge"
     zoo: Zoo | None = None
@@ -183,6 +193,7 @@ class RunConfig(_Strict):
     finetune: Finetune | None = None
     export_checkpoint: bool = True
     workers: Workers = Field(default_factory=Workers)
+    dataflow: DataflowStage | None = None  # a data-flow stage after this search (``search.combined``)
 
     @model_validator(mode="after")
     def _check(self):
@@ -193,6 +204,8 @@ class RunConfig(_Strict):
         if self.objectives == "per_task" and self.sampler.name not in ("nsga2", "tpe", "random", "gp"):
             raise ValueError(f"objectives: per_task is multi-objective; sampler '{self.sampler.name}' supports one "
                              f"objective; use nsga2 (or tpe/random/gp)")
+        if self.dataflow is not None and not self.export_checkpoint:
+            raise ValueError("dataflow: searches over the first stage's exported winner; it needs export_checkpoint: true")
         if self.finetune is not None and not self.export_checkpoint:
             raise ValueError("finetune: trains the winner's exported checkpoint; it needs export_checkpoint: true")
         if self.objectives == "per_task" and "pruner" in self.model_fields_set and self.pruner.name != "none":
@@ -224,6 +237,8 @@ class RunConfig(_Strict):
             upd["search_space"] = p(self.search_space)
         if isinstance(self.tasks, str):
             upd["tasks"] = p(self.tasks)
+        if self.dataflow and isinstance(self.dataflow.search_space, str):
+            upd["dataflow"] = self.dataflow.model_copy(update={"search_space": p(self.dataflow.search_space)})
         if self.zoo and self.zoo.dir:
             upd["zoo"] = self.zoo.model_copy(update={"dir": p(self.zoo.dir)})
         if self.storage:

@@ -95,8 +95,10 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     builder.build(winner_recipe)
     rows.append(_row(f"winner (trial {winner.number})", test.evaluate(builder.model), winner_val))
     builder.build(run.recipe_for(run.default_point))
-    rows.append(_row(f"default recipe ({run.space.method})", test.evaluate(builder.model)))
-    rows += _method_baselines(run, test, log)
+    rows.append(_row("identity flow of the base (first trial)" if run.space.kind == "dataflow"
+                     else f"default recipe ({run.space.method})", test.evaluate(builder.model)))
+    if run.space.kind == "parameters":  # merges of the same models by the methods' defaults
+        rows += _method_baselines(run, test, log)
     for name, path in run.inputs.models.items():
         builder.load_model_weights(path)
         rows.append(_row(f"fine-tune: {name}", test.evaluate(builder.model)))
@@ -169,8 +171,9 @@ def search_card(run: SearchRun, recipe, rows: list[ScoreRow], counts: dict[str, 
            f"({winner_val:.3f}). The test split below was never used for selection.",
            "The search space:\n\n```yaml\n" + yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).rstrip()
            + "\n```"]
-    return render_card(merge_facts(recipe, num_layers=run.num_layers, seed=cfg.seed, how=how,
-                                   results=rows,
+    layers = (sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in recipe.slices)
+              if recipe.slices else run.num_layers)  # a data-flow winner's own depth
+    return render_card(merge_facts(recipe, num_layers=layers, seed=cfg.seed, how=how, results=rows,
                                    metrics=task_metrics(run.task_specs)))
 
 

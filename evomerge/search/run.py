@@ -28,7 +28,6 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from evomerge.engine import STATISTICS_CACHE_NAME
 from evomerge.search.builder import CandidateBuilder
 from evomerge.search.config import RunConfig, parse_duration
 from evomerge.search.space import SearchSpace, load_space
@@ -102,11 +101,11 @@ class SearchRun:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.inputs = resolve_inputs(cfg)
-        self.space: SearchSpace = load_space(cfg.search_space, where=cfg.search_space
-                                             if isinstance(cfg.search_space, str) else "search_space")
-        self.builder = CandidateBuilder(self.inputs.base_model, self.inputs.models, method=self.space.method,
-                                        device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                                        statistics_cache=self.out / STATISTICS_CACHE_NAME)
+        where = cfg.search_space if isinstance(cfg.search_space, str) else "search_space"
+        # the space checks itself against the models' headers, then makes the builder of its candidates
+        self.space: SearchSpace = load_space(cfg.search_space, where=where).bind(
+            self.inputs.base_model, self.inputs.models, where)
+        self.builder = self.space.make_builder(self.inputs, cfg, self.out)
         self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.base_model)
         self.num_layers = self.builder.num_layers
         self.model_names = list(self.inputs.models)
@@ -124,6 +123,7 @@ class SearchRun:
         self.stats = LoopStats()
         self._current: optuna.Trial | None = None  # the trial this process is running, if any
         self._built = False  # whether this process has built a candidate yet (the first one compiles)
+        self._scored: dict[str, tuple] = {}  # recipe_key -> (trial, values, aggregate, per task) of this process
         self.heartbeat: Heartbeat | None = None  # beats for the running trial while ``run`` runs
         self.stats.setup_s = time.perf_counter() - t0 + self.builder.precompute()
 
@@ -350,7 +350,10 @@ class SearchRun:
 
     def _run_trial(self, trial: optuna.Trial) -> TrialRecord:
         recipe = self.recipe_for(trial.params, name=f"{self.cfg.name}-trial-{trial.number}")
-        attrs: dict[str, Any] = {"recipe": recipe.to_yaml()}  # written with the outcome, in one write
+        text = recipe.to_yaml()
+        attrs: dict[str, Any] = {"recipe": text}  # written with the outcome, in one write
+        if recipe_key(text) in self._scored:  # a recipe this process scored already (data-flow points often
+            return self._rescore(trial, attrs, *self._scored[recipe_key(text)])  # decode to the same flow)
         build_s = eval_s = 0.0
         first_build = False
         try:
@@ -389,6 +392,7 @@ class SearchRun:
         values = ([result.per_task[t.name] for t in self.task_specs] if self.n_objectives > 1
                   else result.aggregate)
         self.study.tell(trial, values)
+        self._scored[recipe_key(text)] = (trial.number, values, result.aggregate, dict(result.per_task))
         value = result.aggregate
         return TrialRecord(trial.number, "COMPLETE", value, dict(result.per_task), build_s, eval_s,
                            first_build=first_build)
@@ -398,6 +402,14 @@ class SearchRun:
         with held_writes(self.study._storage):
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
+
+    def _rescore(self, trial: optuna.Trial, attrs: dict[str, Any], same_as: int, values, aggregate: float,
+                 per_task: dict) -> TrialRecord:
+        """Tell a trial whose recipe equals trial ``same_as``'s the same scores, without building or scoring it
+        (scoring is deterministic: it would get them again)."""
+        self._record(trial, {**attrs, "same_as": same_as, "build_s": 0.0, "eval_s": 0.0, "scores": per_task})
+        self.study.tell(trial, values)
+        return TrialRecord(trial.number, "COMPLETE", aggregate, dict(per_task), 0.0, 0.0, reason=f"same as #{same_as}")
 
     def _score(self, trial: optuna.Trial):
         """Score on the search split, reporting running scores chunk by chunk to the pruner. Returns the
@@ -502,14 +514,28 @@ def _sigterm_as_interrupt():
 
 def best_trials(study: optuna.Study, k: int, within: int | None = None) -> list[optuna.trial.FrozenTrial]:
     """The top-k complete trials by search-split aggregate (per-task studies: mean of objectives), among
-    the first ``within`` trials of the study when given (what a run of that budget would have finalized)."""
+    the first ``within`` trials of the study when given (what a run of that budget would have finalized);
+    of trials with the same recipe (``recipe_key``), only the first."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if within is None or t.number < within]
 
     def score(t):
         return t.value if len(t.values) == 1 else sum(t.values) / len(t.values)
 
-    return sorted(done, key=score, reverse=True)[:k]
+    out, seen = [], set()
+    for t in sorted(done, key=score, reverse=True):  # stable: the earliest of equal scores first
+        key = recipe_key(t.user_attrs.get("recipe") or str(t.number))
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+        if len(out) == k:
+            break
+    return out
+
+
+def recipe_key(recipe_yaml: str) -> str:
+    """A recipe's text without its ``name:`` line: two trials with the same key merge the same model."""
+    return "\n".join(line for line in recipe_yaml.splitlines() if not line.startswith("name: "))
 
 
 def trial_score(t: optuna.trial.FrozenTrial) -> float:
