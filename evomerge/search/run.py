@@ -323,8 +323,9 @@ class SearchRun:
         RUNNING trial (one the next start cannot recognise as orphaned) down to two storage writes.
         """
         self._start_sampler()
-        trial = self._current = self.study.ask()  # from here on, Ctrl-C marks it (``run``)
-        trial.set_user_attr("worker", worker_id())
+        with _interrupts_deferred():  # created and tagged, or neither
+            trial = self._current = self.study.ask()  # from here on, Ctrl-C marks it (``run``)
+            trial.set_user_attr("worker", worker_id())
         if self.heartbeat is not None:
             self.heartbeat.set(trial._trial_id)
         with held_writes(self.study._storage):
@@ -510,6 +511,31 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _interrupts_deferred():
+    """SIGINT and SIGTERM that arrive inside the block take effect (as KeyboardInterrupt) when it ends, so a
+    trial is never left RUNNING without its worker tag; a second signal inside the block stops at once."""
+    pending: list[int] = []
+
+    def hold(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    try:
+        previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def best_trials(study: optuna.Study, k: int, within: int | None = None) -> list[optuna.trial.FrozenTrial]:
