@@ -70,7 +70,7 @@ def coerce_setting(value: Any, key: str) -> ParameterSetting:
         unknown = sorted(set(entry) - {"filter", "value"})
         if unknown:
             raise ValueError(f"{where}: unknown key '{unknown[0]}' in a conditional entry"
-                             + _suggest(unknown[0], {"filter", "value"}) + "; expected {filter, value}")
+                             + did_you_mean(unknown[0], {"filter", "value"}) + "; expected {filter, value}")
         if "value" not in entry:
             raise ValueError(f"{where}: a conditional entry needs 'value'")
         inner = entry["value"]
@@ -253,13 +253,14 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def _pydantic_message(err: ValidationError, where: str) -> str:
+def pydantic_message(err: ValidationError, where: str) -> str:
+    """A pydantic validation error as one message per problem, each naming its key path under ``where``."""
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
         key = _loc(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key '{key}'" + _suggest(str(loc[-1])))
+            lines.append(f"{where}: unknown key '{key}'" + did_you_mean(str(loc[-1])))
         elif e["type"] == "value_error":
             lines.append(f"{where}: {key}.{e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "missing":
@@ -270,7 +271,7 @@ def _pydantic_message(err: ValidationError, where: str) -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
-pydantic_message = _pydantic_message  # public name for the other config loaders
+pydantic_message = pydantic_message  # public name for the other config loaders
 
 _UNION_TAGS = {"bool", "int", "float", "str", "list[union[bool,int,float,str]]", "Conditional",
                "list[Conditional]", "tuple[int, int]"}
@@ -279,7 +280,8 @@ _KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "
                "value", "calibration", "tasks", "split", "examples", "max_length", "gram", "model_tasks"}
 
 
-def _suggest(word: str, vocabulary=None) -> str:
+def did_you_mean(word: str, vocabulary=None) -> str:
+    """The suffix " (did you mean 'X'?)" for the closest known word (difflib), or an empty string."""
     import difflib
 
     vocab = vocabulary or _KNOWN_KEYS
@@ -308,7 +310,7 @@ def load_recipe(source: str | Path | dict, *, where: str | None = None) -> Recip
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_pydantic_message(e, where)) from None
+        raise RecipeError(pydantic_message(e, where)) from None
     problems = validate_recipe(recipe)
     if problems:
         raise RecipeError("\n".join(f"{where}: {p}" for p in problems))
@@ -320,7 +322,7 @@ def validate_recipe(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     if recipe.merge_method not in METHODS:
         return [f"merge_method: unknown method '{recipe.merge_method}'"
-                + _suggest(recipe.merge_method, METHODS) + f"; known methods: {', '.join(sorted(METHODS))}"]
+                + did_you_mean(recipe.merge_method, METHODS) + f"; known methods: {', '.join(sorted(METHODS))}"]
     method = recipe.method
     if (recipe.models is None) == (recipe.slices is None):
         problems.append("exactly one of 'models' or 'slices' must be given")
@@ -406,7 +408,7 @@ def _check_params(params: Parameters | None, method: MergeMethod, where: str, *,
     for key, setting in params.items():
         if key not in names:
             problems.append(f"{where}.{key}: unknown parameter for method '{method.name}'"
-                            + _suggest(key, names) + f"; it takes: {', '.join(sorted(names)) or 'no parameters'}")
+                            + did_you_mean(key, names) + f"; it takes: {', '.join(sorted(names)) or 'no parameters'}")
             continue
         spec = method.param(key)
         if not spec.per_model and not global_allowed:
@@ -421,13 +423,13 @@ def _check_params(params: Parameters | None, method: MergeMethod, where: str, *,
             problems.append(f"{where}.{key}: empty list")
             continue
         for value in _iter_scalars(setting):
-            msg = _validate_scalar(spec, value)
+            msg = validate_scalar(spec, value)
             if msg:
                 problems.append(f"{where}.{key}: {msg}")
                 break
 
 
-def _validate_scalar(spec, value) -> str | None:
+def validate_scalar(spec, value) -> str | None:
     """The method's own check of one value (type, finiteness, range): a message, or None."""
     return spec.validate_value(value)
 

@@ -80,9 +80,9 @@ class Display:
         self.last_event = now
         from optuna.trial import TrialState
 
-        from evomerge.search.run import _budget_count, best_trials, trial_score
+        from evomerge.search.run import budget_count, best_trials, trial_score
 
-        done = _budget_count(study)
+        done = budget_count(study)
         best = best_trials(study, 1)
         if rec.first_build:  # a one-off compile would inflate the ETA of the next ten trials
             self.first_build_times.append(self.times.pop())
@@ -156,10 +156,10 @@ def _finalize_and_print(run, *, console: Console, out: Console) -> None:
     """Finalize ``run`` (re-rank, test table, export), print the table, fine-tune the winner if asked."""
     from evomerge.search.export import finalize as do_finalize
     from evomerge.search.finish import mark_finalized
-    from evomerge.search.run import _file_lock
+    from evomerge.search.run import file_lock
 
     cfg = run.cfg
-    with _file_lock(run.out / ".finalize.lock"):  # one worker finalizes at a time
+    with file_lock(run.out / ".finalize.lock"):  # one worker finalizes at a time
         summary = do_finalize(run, export_checkpoint=cfg.export_checkpoint, log=lambda m: console.print(m))
         mark_finalized(run, summary.winner_trial)
     out.print(_table(summary))

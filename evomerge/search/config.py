@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evomerge.recipe import _pydantic_message
+from evomerge.recipe import pydantic_message
 from evomerge.yamlfile import read_yaml_mapping
 
 
@@ -292,5 +292,5 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_pydantic_message(e, where)) from None
+        raise ConfigError(pydantic_message(e, where)) from None
     return cfg.resolved(path.parent.resolve())

@@ -23,13 +23,13 @@ CONFIG_ATTR = "config"  # the study's user attribute with the creating worker's 
 def claim_or_report(run, log: Callable[[str], None]) -> bool:
     """Wait for running trials to end, then claim the finalize: True when this worker should finalize;
     False after saying which worker does."""
-    from evomerge.search.run import _budget_count
+    from evomerge.search.run import budget_count
 
     running = run.running_trials()
     if running:
         log(f"waiting for {len(running)} running trial(s) of other workers before finalizing")
     run.wait_for_running()
-    holder = claim_finalize(run.study, _budget_count(run.study))
+    holder = claim_finalize(run.study, budget_count(run.study))
     if holder is None:
         return True
     done = run.study.user_attrs.get("finalized")

@@ -156,7 +156,7 @@ class SearchRun:
         storage = make_storage(self.cfg.storage, self.out, retry_s=self.cfg.workers.storage_retry_s)
         pruner = make_pruner(self.cfg.pruner, self.n_objectives)
         self._seed = self.cfg.seed  # a joining worker's own below
-        with _file_lock(self.out / ".study.lock"):  # one creator; the start points enqueued once
+        with file_lock(self.out / ".study.lock"):  # one creator; the start points enqueued once
             study = open_study(storage=storage, name=self.study_name(), sampler=self._sampler(None),
                                pruner=pruner, n_objectives=self.n_objectives)
             mine = fingerprint(self)
@@ -459,7 +459,7 @@ def counts(t: optuna.trial.FrozenTrial) -> bool:
     return t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 
 
-def _budget_count(study: optuna.Study) -> int:
+def budget_count(study: optuna.Study) -> int:
     """Trials that count against the budget (``counts``)."""
     return sum(counts(t) for t in study.get_trials(deepcopy=False))
 
@@ -483,7 +483,8 @@ def _check_finite(builder: CandidateBuilder) -> None:
 
 
 @contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` for the block (one creator, one finalizer per run directory)."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from evomerge.calibration import Calibration
 from evomerge.methods import METHODS, get_method
-from evomerge.recipe import Recipe, _pydantic_message, _suggest, _validate_scalar
+from evomerge.recipe import Recipe, pydantic_message, did_you_mean, validate_scalar
 from evomerge.yamlfile import read_yaml_mapping
 
 SEARCHABLE = ("weight", "density", "epsilon", "gamma", "lambda", "t", "rank_fraction", "common_space_fraction", "alpha")
@@ -270,30 +270,30 @@ def load_space(source: str | Path | dict, *, where: str | None = None) -> Search
     try:
         space = SearchSpace.model_validate(data)
     except ValidationError as e:
-        raise SpaceError(_pydantic_message(e, where)) from None
+        raise SpaceError(pydantic_message(e, where)) from None
     problems = []
     if space.method not in METHODS:
-        raise SpaceError(f"{where}: method: unknown method '{space.method}'" + _suggest(space.method, METHODS))
+        raise SpaceError(f"{where}: method: unknown method '{space.method}'" + did_you_mean(space.method, METHODS))
     method = get_method(space.method)
     names = {p.name for p in method.params}
     for section, keys in (("search", space.search), ("fixed", space.fixed)):
         for key in keys:
             if key not in names:
                 problems.append(f"{section}.{key}: method '{space.method}' has no parameter '{key}'"
-                                + _suggest(key, names))
+                                + did_you_mean(key, names))
     for key, r in space.search.items():
         if key in names:
             if key not in SEARCHABLE:
                 problems.append(f"search.{key}: only {', '.join(SEARCHABLE)} can be searched; put '{key}' under fixed")
                 continue
             for bound in (r.low, r.high):
-                msg = _validate_scalar(method.param(key), bound)
+                msg = validate_scalar(method.param(key), bound)
                 if msg:
                     problems.append(f"search.{key}: {msg}")
                     break
     for key, v in space.fixed.items():
         if key in names:
-            msg = _validate_scalar(method.param(key), v)
+            msg = validate_scalar(method.param(key), v)
             if msg:
                 problems.append(f"fixed.{key}: {msg}")
     if space.parts and space.attn_mlp:
