@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from evomerge.lora.adapter import AdapterError, LoraAdapter, LoraModule, check_against_base, read_adapter
+from evomerge.lora.adapter import (AdapterError, LoraAdapter, LoraModule, check_against_base, is_base_layer_key,
+                                   read_adapter)
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool = False) -> torch.Tensor:
@@ -91,6 +92,23 @@ class AdapterReader:
     def changes(self, name: str) -> bool:
         """True if the adapter changes the base tensor ``name``."""
         return name in self._weights or name in self._biases or name in self.adapter.full
+
+    def module_of(self, name: str) -> LoraModule | None:
+        """The LoRA module whose ΔW alone changes tensor ``name`` (None when something else changes it too).
+
+        PEFT saves a targeted embedding layer whole (``base_layer.weight``); a copy equal to the
+        base tensor changes nothing and does not count.
+        """
+        module = self._weights.get(name)
+        if module is None or name in self._biases or module.magnitude_key is not None:
+            return None
+        key = self.adapter.full.get(name)
+        if key is not None:
+            with safe_open(self.adapter.weights_file, framework="pt", device="cpu") as f:
+                saved = f.get_tensor(key)
+            if not (is_base_layer_key(key) and torch.equal(saved, self.base.get_tensor(name).to(saved.dtype))):
+                return None
+        return module
 
     def get_tensor(self, name: str, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor ``name`` of the adapted model (float32 when changed and no ``dtype`` is asked for)."""

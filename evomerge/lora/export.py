@@ -1,0 +1,215 @@
+"""A merge of LoRA adapters written as one PEFT adapter, exactly (``cat``) or re-factorised to a rank.
+
+A recipe whose method is a linear combination of its inputs (``linear``, or ``task_arithmetic``
+without sparsification) over adapters of one base gives every adapted module the update
+ΔW = Σᵢ cᵢ·sᵢ·Bᵢ·Aᵢ, with cᵢ the coefficient the method gives input i for that tensor (weights,
+``normalize``, ``lambda``, gradients and filters resolved by the engine's planner). It is written
+from the factors alone (:mod:`evomerge.lora.factor`), never as a dense matrix: PEFT's ``cat`` when
+no rank is asked for, else the best rank-k factors with the discarded energy reported per module.
+
+The adapter has scaling 1 everywhere (``lora_alpha`` = ``r``; ``rank_pattern`` and ``alpha_pattern``
+where a module's rank differs), ``use_rslora``, ``use_dora`` and ``lora_bias`` false, and the union
+of the adapters' modules as ``target_modules``. Updates that no LoRA factors can carry (DoRA,
+``lora_bias``, ``modules_to_save``), full fine-tunes among the inputs and sparsifying methods are
+refused before anything is written: merge those into a full model with ``evomerge merge``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from evomerge.checkpoint import staging_dir
+from evomerge.engine import MergePlan, TensorTask, plan_merge
+from evomerge.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterError, LoraModule
+from evomerge.lora.factor import LowRank, concatenate, truncate
+from evomerge.lora.source import AdapterReader
+from evomerge.recipe import Recipe
+
+LINEAR_METHODS = ("linear", "task_arithmetic")
+DISCARDED_WARNING = 0.01  # a module losing more than this fraction of its update's energy is flagged
+REPORT_NAME = "evomerge_lora_report.json"
+
+
+@dataclass
+class AdapterMergeReport:
+    """What a merge into an adapter wrote: per module its rank and discarded energy fraction."""
+
+    path: Path
+    ranks: dict[str, int] = field(default_factory=dict)
+    discarded: dict[str, float] = field(default_factory=dict)
+
+    def flagged(self, threshold: float = DISCARDED_WARNING) -> dict[str, float]:
+        """Modules whose truncation discarded more than ``threshold`` of their energy."""
+        return {m: d for m, d in self.discarded.items() if d > threshold}
+
+
+def coefficients(task: TensorTask, method: str) -> list[float]:
+    """cᵢ with out = base + Σ cᵢ·ΔWᵢ for one tensor, or ValueError when the method is not of that form."""
+    weights = [float(mp["weight"]) for mp in task.model_params]
+    if method == "task_arithmetic":
+        if any(float(mp.get("density", 1.0)) < 1 for mp in task.model_params):
+            raise ValueError("density < 1 sparsifies the deltas, which is not a linear combination of adapters")
+        total = sum(weights)
+        scale = task.params.get("lambda", 1.0) / (total if task.params.get("normalize") and abs(total) >= 1e-8
+                                                  else 1.0)
+        return [w * scale for w in weights]
+    if method == "linear":
+        total = sum(weights)
+        norm = total if task.params.get("normalize", True) else 1.0
+        if norm == 0 or not math.isclose(total / norm, 1.0, rel_tol=1e-9):
+            raise ValueError(f"linear weights {weights} without normalize sum to {total}, not 1: the base "
+                             f"weights would be scaled, which an adapter cannot express")
+        return [w / norm for w in weights]
+    raise ValueError(f"merge_method {method} is not a linear combination of its inputs; an adapter output "
+                     f"needs one of {', '.join(LINEAR_METHODS)} (write a full model with `evomerge merge`)")
+
+
+def adapters_base(plan: MergePlan):
+    """The one base reader every adapter of ``plan`` is applied to (AdapterError otherwise)."""
+    bases = {id(r.base): r.base for r in plan.readers.values() if isinstance(r, AdapterReader)}
+    if len(bases) != 1:
+        raise AdapterError(f"{plan.where}: an adapter output needs LoRA adapters of one base model as inputs")
+    return next(iter(bases.values()))
+
+
+def _terms_by_module(plan: MergePlan) -> dict[str, tuple[LoraModule, list[tuple[float, AdapterReader, LoraModule]]]]:
+    """For every adapted module: a module description and the (coefficient, source, module) terms."""
+    base = adapters_base(plan)
+    out: dict[str, tuple[LoraModule, list]] = {}
+    for task in plan.tasks:
+        readers = [plan.readers[ref.model] for ref in task.inputs]
+        for ref, reader in zip(task.inputs, readers):
+            if not isinstance(reader, AdapterReader) and reader is not base:
+                raise AdapterError(f"{plan.where}: model '{ref.model}' is a full model; an adapter output can "
+                                   f"only combine LoRA adapters (and the base)")
+        changing = [(ref, r) for ref, r in zip(task.inputs, readers) if isinstance(r, AdapterReader)
+                    and r.changes(ref.name)]
+        if not changing:
+            continue
+        try:
+            coefs = coefficients(task, plan.method.name)
+        except ValueError as e:
+            raise AdapterError(f"{plan.where}: tensor {task.name}: {e}") from None
+        for c, ref, reader in zip(coefs, task.inputs, readers):
+            if not isinstance(reader, AdapterReader) or not reader.changes(ref.name):
+                continue
+            module = reader.module_of(ref.name)
+            if module is None or ref.name != task.name:
+                why = ("its layers are moved by slices" if ref.name != task.name else
+                       "DoRA, lora_bias or a tensor saved whole (modules_to_save) changes it")
+                raise AdapterError(f"{reader.path}: tensor {ref.name}: no LoRA factors can carry this update "
+                                   f"({why}); write a full model with `evomerge merge`")
+            if c != 0:
+                out.setdefault(module.name, (module, []))[1].append((c, reader, module))
+    return out
+
+
+def _module_factors(terms: list[tuple[float, AdapterReader, LoraModule]]) -> LowRank:
+    """The exact ``cat`` factors of Σ cᵢ·sᵢ·Bᵢ·Aᵢ for one module."""
+    stacked = []
+    for c, reader, module in terms:
+        with safe_open(reader.adapter.weights_file, framework="pt") as f:
+            stacked.append((c * module.scale, f.get_tensor(module.b_key), f.get_tensor(module.a_key)))
+    return concatenate(stacked)
+
+
+def adapter_config(modules: dict[str, LoraModule], ranks: dict[str, int], base_name: str | None,
+                   fan_in_fan_out: bool, task_type: str | None) -> dict:
+    """A PEFT LoRA configuration with scaling 1 for every module (lora_alpha = r, patterns where ranks differ)."""
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(name): rank for name, rank in sorted(ranks.items()) if rank != common}
+    return {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_name,
+        "r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": sorted(modules), "use_rslora": False, "use_dora": False, "lora_bias": False,
+        "bias": "none", "fan_in_fan_out": fan_in_fan_out, "lora_dropout": 0.0, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+
+
+def merge_to_adapter(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, rank: int | None = None,
+                     overwrite: bool = False, where: str | None = None) -> AdapterMergeReport:
+    """Merge the LoRA adapters of ``recipe`` into one PEFT adapter in ``out_dir`` (exact ``cat`` without ``rank``).
+
+    Checks everything first (recipe, adapters, method, coefficients); the adapter appears atomically.
+    """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    out_dir = Path(out_dir).absolute()
+    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
+        raise AdapterError(f"{out_dir}: output directory exists; pass --overwrite to replace it")
+    plan = recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, where=where)
+    by_module = _terms_by_module(plan)
+    if not by_module:
+        raise AdapterError(f"{plan.where}: no adapter contributes anything (every weight is 0?)")
+    fan_in = {m.transpose for m, _ in by_module.values() if m.kind == "linear"}
+    if len(fan_in) > 1:
+        raise AdapterError(f"{plan.where}: the adapters disagree on fan_in_fan_out")
+    first = by_module[next(iter(by_module))][1][0][1].adapter
+    report = AdapterMergeReport(out_dir)
+    tensors = {}
+    for name, (module, terms) in by_module.items():
+        factors = _module_factors(terms)
+        if rank is not None:
+            factors = truncate(factors, rank)
+        report.ranks[name] = factors.rank
+        report.discarded[name] = factors.discarded
+        a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if module.kind == "embedding" else \
+            ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PEFT_PREFIX}{name}.{a_part}"] = factors.a.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.{b_part}"] = factors.b.contiguous()
+    base_name = first.base_model_name or str(getattr(adapters_base(plan), "path", "") or "") or None
+    config = adapter_config({n: m for n, (m, _) in by_module.items()}, report.ranks, base_name,
+                            bool(fan_in and fan_in.pop()), first.config.get("task_type"))
+    _write(out_dir, tensors, config, plan.recipe, report, overwrite)
+    return report
+
+
+def _write(out_dir: Path, tensors: dict, config: dict, recipe: Recipe, report: AdapterMergeReport,
+           overwrite: bool) -> None:
+    """Write the adapter into a temporary directory beside ``out_dir``, then rename it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(out_dir)
+    try:
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "evomerge_recipe.yml").write_text(recipe.to_yaml(), encoding="utf-8")
+        (tmp / REPORT_NAME).write_text(json.dumps({"ranks": report.ranks, "discarded_energy": report.discarded},
+                                                  indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(adapter_card(recipe, report), encoding="utf-8")
+        old = None
+        if out_dir.exists() or out_dir.is_symlink():
+            if not overwrite or not out_dir.is_dir():
+                raise AdapterError(f"{out_dir}: exists; refusing to replace it")
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def adapter_card(recipe: Recipe, report: AdapterMergeReport) -> str:
+    """A short model card: what was merged and, per module, the rank and the energy a truncation discarded."""
+    lines = ["---", "library_name: peft", "tags: [merge, lora, evomerge]", "---", "",
+             "# Merged LoRA adapter", "", f"Merged with evomerge ({recipe.merge_method}) from:", ""]
+    lines += [f"- `{m}`" for m in recipe.referenced_models()]
+    worst = max(report.discarded.values(), default=0.0)
+    lines += ["", f"{len(report.ranks)} modules; ranks {sorted(set(report.ranks.values()))}; largest discarded "
+              f"energy fraction {worst:.3g} (0 = exact).", "", "| module | rank | discarded energy |", "|---|---|---|"]
+    lines += [f"| {m} | {report.ranks[m]} | {report.discarded[m]:.3g} |" for m in report.ranks]
+    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
