@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from evomerge.checkpoint import staging_dir
 from evomerge.engine import MergePlan, TensorTask, plan_merge
-from evomerge.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterError, LoraModule
+from evomerge.lora.adapter import PEFT_PREFIX, AdapterError, LoraModule
 from evomerge.lora.factor import LowRank, concatenate, truncate
 from evomerge.lora.source import AdapterReader
+from evomerge.lora.write import check_output, write_adapter
 from evomerge.recipe import Recipe
 
 LINEAR_METHODS = ("linear", "task_arithmetic")
@@ -146,9 +143,7 @@ def merge_to_adapter(recipe: Recipe | str | Path | dict, out_dir: str | Path, *,
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    out_dir = Path(out_dir).absolute()
-    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
-        raise AdapterError(f"{out_dir}: output directory exists; pass --overwrite to replace it")
+    out_dir = check_output(out_dir, overwrite)
     plan = recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, where=where)
     by_module = _terms_by_module(plan)
     if not by_module:
@@ -172,34 +167,11 @@ def merge_to_adapter(recipe: Recipe | str | Path | dict, out_dir: str | Path, *,
     base_name = first.base_model_name or str(getattr(adapters_base(plan), "path", "") or "") or None
     config = adapter_config({n: m for n, (m, _) in by_module.items()}, report.ranks, base_name,
                             bool(fan_in and fan_in.pop()), first.config.get("task_type"))
-    _write(out_dir, tensors, config, plan.recipe, report, overwrite)
+    summary = {"ranks": report.ranks, "discarded_energy": report.discarded}
+    write_adapter(out_dir, tensors, config, {"evomerge_recipe.yml": plan.recipe.to_yaml(),
+                                             REPORT_NAME: json.dumps(summary, indent=2) + "\n",
+                                             "README.md": adapter_card(plan.recipe, report)}, overwrite)
     return report
-
-
-def _write(out_dir: Path, tensors: dict, config: dict, recipe: Recipe, report: AdapterMergeReport,
-           overwrite: bool) -> None:
-    """Write the adapter into a temporary directory beside ``out_dir``, then rename it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out_dir)
-    try:
-        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (tmp / "evomerge_recipe.yml").write_text(recipe.to_yaml(), encoding="utf-8")
-        (tmp / REPORT_NAME).write_text(json.dumps({"ranks": report.ranks, "discarded_energy": report.discarded},
-                                                  indent=2) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(adapter_card(recipe, report), encoding="utf-8")
-        old = None
-        if out_dir.exists() or out_dir.is_symlink():
-            if not overwrite or not out_dir.is_dir():
-                raise AdapterError(f"{out_dir}: exists; refusing to replace it")
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def adapter_card(recipe: Recipe, report: AdapterMergeReport) -> str:
