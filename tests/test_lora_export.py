@@ -126,3 +126,20 @@ def test_full_models_are_refused(pair, llama_family, tmp_path):
     base, a, _, _ = pair
     with pytest.raises(AdapterError, match="is a full model"):
         merge_to_adapter(_recipe(base, [(a, 1.0), (llama_family["ft0"], 0.5)]), tmp_path / "out")
+
+
+def test_merge_lora_cli(pair, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    base, a, b, _ = pair
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(base, [(a, 1.0), (b, 1.0)])))
+    result = CliRunner().invoke(app, ["merge-lora", str(recipe), str(tmp_path / "out"), "--rank", "2"])
+    assert result.exit_code == 0, result.output
+    assert "largest discarded energy fraction" in result.output
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 2
+    again = CliRunner().invoke(app, ["merge-lora", str(recipe), str(tmp_path / "out")])
+    assert again.exit_code == 2 and "exists" in again.output

@@ -64,3 +64,16 @@ def test_bad_inputs(llama_family, qwen_family, tmp_path):
     with pytest.raises(AdapterError, match="tied"):
         extract_lora(qwen_family["ft0"], qwen_family["base"], tmp_path / "d", rank=4)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_extract_lora_cli(llama_family, tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    args = ["extract-lora", str(llama_family["ft1"]), str(llama_family["base"]), str(tmp_path / "out"), "--rank", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "mean energy kept" in result.output and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    bad = CliRunner().invoke(app, args[:-1] + ["0"])
+    assert bad.exit_code == 2 and "rank must be a positive integer" in bad.output
