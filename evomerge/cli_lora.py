@@ -18,9 +18,12 @@ def _fail(message: str) -> None:
 
 
 def merge_lora(
-    recipe: Path = typer.Argument(..., help="recipe YAML (linear or task_arithmetic) over LoRA adapters of one base"),
+    recipe: Path = typer.Argument(..., help="recipe YAML over LoRA adapters of one base"),
     out_dir: Path = typer.Argument(..., help="output adapter directory (created atomically)"),
-    rank: Optional[int] = typer.Option(None, help="re-factorise every module to this rank (default: exact cat)"),
+    rank: Optional[int] = typer.Option(None, help="factorise every module to this rank (linear merges: default "
+                                                  "exact cat; other methods: required)"),
+    seed: int = typer.Option(0, help="seed for DARE/DELLA random masks"),
+    device: str = typer.Option("cpu", help="where sparse merges are computed: cpu | cuda | auto"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
 ) -> None:
     """Merge the LoRA adapters of RECIPE into one PEFT adapter in OUT_DIR, without dense matrices."""
@@ -29,7 +32,8 @@ def merge_lora(
     from evomerge.recipe import RecipeError
 
     try:
-        report = merge_to_adapter(recipe, out_dir, rank=rank, overwrite=overwrite, where=str(recipe))
+        report = merge_to_adapter(recipe, out_dir, rank=rank, overwrite=overwrite, where=str(recipe),
+                                  device=device, seed=seed)
     except (RecipeError, AdapterError, ValueError) as e:
         _fail(str(e))
     ranks = sorted(set(report.ranks.values()))

@@ -143,3 +143,33 @@ def test_merge_lora_cli(pair, tmp_path):
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 2
     again = CliRunner().invoke(app, ["merge-lora", str(recipe), str(tmp_path / "out")])
     assert again.exit_code == 2 and "exists" in again.output
+
+
+def test_sparse_merge_factorised_to_a_rank(pair, tmp_path):
+    """TIES of adapters: the engine's merged update per module, by (randomised) SVD; exact at full rank."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.engine import iter_merged, plan_merge
+    from tests.conftest import read_weights
+
+    base, a, b, dora = pair
+    recipe = _recipe(base, [(a, 1.0), (b, 0.8), (dora, 0.5)], "ties")
+    recipe["parameters"]["density"] = 0.4
+    full = run_merge(recipe, tmp_path / "full", device="cpu")
+    exact = merge_to_adapter(recipe, tmp_path / "exact", rank=64)  # >= every module's smaller dimension
+    assert max(exact.discarded.values()) < 1e-5
+    expected = _logits(AutoModelForCausalLM.from_pretrained(full).eval())
+    torch.testing.assert_close(_logits(_with_adapter(base, exact.path)), expected, rtol=1e-4, atol=1e-4)
+
+    cut = merge_to_adapter(recipe, tmp_path / "cut", rank=4)
+    merged, base_w = dict(iter_merged(plan_merge(recipe), device="cpu")), read_weights(base)
+    model = _with_adapter(base, cut.path)
+    for name, layer in model.base_model.model.named_modules():
+        if isinstance(layer, LoraLayer) and name != "model.embed_tokens":
+            delta = merged[f"{name}.weight"] - base_w[f"{name}.weight"]
+            lost = float((delta - layer.get_delta_weight("default")).square().sum() / delta.square().sum())
+            assert cut.discarded[name] == pytest.approx(lost, abs=1e-4), name
+    assert max(cut.discarded.values()) > 0.05
+    with pytest.raises(AdapterError, match="give a rank"):
+        merge_to_adapter(recipe, tmp_path / "norank")

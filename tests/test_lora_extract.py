@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from evomerge.lora import AdapterError, AdapterReader
-from evomerge.lora.extract import extract_lora, low_rank
+from evomerge.lora.extract import extract_lora
+from evomerge.lora.factor import low_rank
 from evomerge.checkpoint import ModelReader
 
 IDS = torch.tensor([[2, 10, 20, 30, 40, 50, 5]])

@@ -1,17 +1,21 @@
-"""A merge of LoRA adapters written as one PEFT adapter, exactly (``cat``) or re-factorised to a rank.
+"""A merge of LoRA adapters written as one PEFT adapter: exact, re-factorised, or a sparse merge's low-rank update.
 
 A recipe whose method is a linear combination of its inputs (``linear``, or ``task_arithmetic``
 without sparsification) over adapters of one base gives every adapted module the update
 ΔW = Σᵢ cᵢ·sᵢ·Bᵢ·Aᵢ, with cᵢ the coefficient the method gives input i for that tensor (weights,
 ``normalize``, ``lambda``, gradients and filters resolved by the engine's planner). It is written
 from the factors alone (:mod:`evomerge.lora.factor`), never as a dense matrix: PEFT's ``cat`` when
-no rank is asked for, else the best rank-k factors with the discarded energy reported per module.
+no rank is asked for, else the best rank-k factors by QR + small SVD.
+
+Any other method (TIES, DARE, DELLA, ...) gives full-rank updates: each adapted module is merged as
+``evomerge merge`` merges it and its update factorised to the rank asked for (randomised SVD).
+Either way each module's discarded energy fraction ‖ΔW − ΔW_k‖²_F / ‖ΔW‖²_F is reported.
 
 The adapter has scaling 1 everywhere (``lora_alpha`` = ``r``; ``rank_pattern`` and ``alpha_pattern``
 where a module's rank differs), ``use_rslora``, ``use_dora`` and ``lora_bias`` false, and the union
-of the adapters' modules as ``target_modules``. Updates that no LoRA factors can carry (DoRA,
-``lora_bias``, ``modules_to_save``), full fine-tunes among the inputs and sparsifying methods are
-refused before anything is written: merge those into a full model with ``evomerge merge``.
+of the adapters' modules as ``target_modules``. Updates that no LoRA factors can carry (``lora_bias``,
+``modules_to_save``; DoRA on the exact path) and full fine-tunes among the inputs are refused before
+anything is written: merge those into a full model with ``evomerge merge``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from evomerge.engine import MergePlan, TensorTask, plan_merge
+from evomerge.engine import MergePlan, TensorTask, compute_tensor, plan_merge, resolve_device
 from evomerge.lora.adapter import PEFT_PREFIX, AdapterError, LoraModule
-from evomerge.lora.factor import LowRank, concatenate, truncate
+from evomerge.lora.factor import LowRank, concatenate, low_rank, truncate
 from evomerge.lora.source import AdapterReader
 from evomerge.lora.write import check_output, write_adapter
 from evomerge.recipe import Recipe
@@ -135,35 +139,93 @@ def adapter_config(modules: dict[str, LoraModule], ranks: dict[str, int], base_n
     }
 
 
-def merge_to_adapter(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, rank: int | None = None,
-                     overwrite: bool = False, where: str | None = None) -> AdapterMergeReport:
-    """Merge the LoRA adapters of ``recipe`` into one PEFT adapter in ``out_dir`` (exact ``cat`` without ``rank``).
+def is_linear_combination(plan: MergePlan) -> bool:
+    """True when the plan's method adds the inputs' updates with coefficients (no sparsification, no sign election)."""
+    if plan.method.name not in LINEAR_METHODS:
+        return False
+    return all(float(mp.get("density", 1.0)) >= 1 for task in plan.tasks for mp in task.model_params)
 
-    Checks everything first (recipe, adapters, method, coefficients); the adapter appears atomically.
+
+def _exact_factors(plan: MergePlan, rank: int | None) -> dict[str, tuple[LoraModule, LowRank]]:
+    """Every adapted module's Σ cᵢ·sᵢ·Bᵢ·Aᵢ from the factors: ``cat``, or truncated to ``rank`` by QR + SVD."""
+    out = {}
+    for name, (module, terms) in _terms_by_module(plan).items():
+        factors = _module_factors(terms)
+        out[name] = (module, factors if rank is None else truncate(factors, rank))
+    return out
+
+
+def _dense_factors(plan: MergePlan, rank: int, device, seed: int) -> dict[str, tuple[LoraModule, LowRank]]:
+    """Every adapted module's merged update (the engine's tensor minus the base), factorised to ``rank``."""
+    base = adapters_base(plan)
+    dev = resolve_device(device)
+    out = {}
+    for task in plan.tasks:
+        module = None
+        for ref in task.inputs:
+            reader = plan.readers[ref.model]
+            if not isinstance(reader, AdapterReader):
+                if reader is not base:
+                    raise AdapterError(f"{plan.where}: model '{ref.model}' is a full model; an adapter output can "
+                                       f"only combine LoRA adapters (and the base)")
+                continue
+            if not reader.changes(ref.name):
+                continue
+            found = reader.weight_module(ref.name)
+            if found is None or ref.name != task.name:
+                raise AdapterError(f"{reader.path}: tensor {ref.name}: no LoRA factors can carry this update "
+                                   f"(lora_bias, a tensor saved whole, or layers moved by slices); write a full "
+                                   f"model with `evomerge merge`")
+            module = module or found
+        if module is None:
+            continue
+        delta = compute_tensor(plan, task, dev, seed).float().cpu() - base.get_tensor(task.name, dtype=torch.float32)
+        if not delta.any():
+            continue
+        b, a, kept = low_rank(delta.T if module.transpose else delta, rank)
+        out[module.name] = (module, LowRank(b, a, max(0.0, 1.0 - kept)))
+    return out
+
+
+def merge_to_adapter(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, rank: int | None = None,
+                     overwrite: bool = False, where: str | None = None, device="cpu", seed: int = 0
+                     ) -> AdapterMergeReport:
+    """Merge the LoRA adapters of ``recipe`` into one PEFT adapter in ``out_dir``.
+
+    A linear combination (``linear``, ``task_arithmetic`` without sparsification) is written from the
+    factors: exactly (``cat``) without ``rank``, else re-factorised to ``rank``. Any other method (TIES,
+    DARE, DELLA, ...) is merged tensor by tensor as ``evomerge merge`` does (same ``seed``) and each
+    adapted module's update factorised to ``rank`` (required) by a randomised SVD. Each module's
+    discarded energy fraction is reported. Checks come first; the adapter appears atomically.
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     out_dir = check_output(out_dir, overwrite)
     plan = recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, where=where)
-    by_module = _terms_by_module(plan)
+    adapters_base(plan)
+    if is_linear_combination(plan):
+        by_module = _exact_factors(plan, rank)
+    elif rank is None:
+        raise AdapterError(f"{plan.where}: merge_method {plan.method.name} is not a linear combination of the "
+                           f"adapters, so its update has full rank: give a rank (--rank) to factorise it to, or "
+                           f"write a full model with `evomerge merge`")
+    else:
+        by_module = _dense_factors(plan, rank, device, seed)
     if not by_module:
         raise AdapterError(f"{plan.where}: no adapter contributes anything (every weight is 0?)")
     fan_in = {m.transpose for m, _ in by_module.values() if m.kind == "linear"}
     if len(fan_in) > 1:
         raise AdapterError(f"{plan.where}: the adapters disagree on fan_in_fan_out")
-    first = by_module[next(iter(by_module))][1][0][1].adapter
     report = AdapterMergeReport(out_dir)
     tensors = {}
-    for name, (module, terms) in by_module.items():
-        factors = _module_factors(terms)
-        if rank is not None:
-            factors = truncate(factors, rank)
+    for name, (module, factors) in by_module.items():
         report.ranks[name] = factors.rank
         report.discarded[name] = factors.discarded
         a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if module.kind == "embedding" else \
             ("lora_A.weight", "lora_B.weight")
         tensors[f"{PEFT_PREFIX}{name}.{a_part}"] = factors.a.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.{b_part}"] = factors.b.contiguous()
+    first = next(r.adapter for r in plan.readers.values() if isinstance(r, AdapterReader))
     base_name = first.base_model_name or str(getattr(adapters_base(plan), "path", "") or "") or None
     config = adapter_config({n: m for n, (m, _) in by_module.items()}, report.ranks, base_name,
                             bool(fan_in and fan_in.pop()), first.config.get("task_type"))

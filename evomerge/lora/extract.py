@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 from evomerge.checkpoint import ModelReader
 from evomerge.lora.adapter import PEFT_PREFIX, AdapterError
+from evomerge.lora.factor import DEFAULT_NITER, low_rank
 from evomerge.lora.write import check_output, write_adapter
 
-DEFAULT_NITER = 2
-OVERSAMPLE = 8  # extra columns of the randomised range finder
 REPORT_NAME = "evomerge_extract_report.json"
 
 
@@ -45,31 +44,6 @@ class ExtractReport:
         """Mean energy fraction kept over the decomposed modules (1.0 when there are none)."""
         values = list(self.energy_kept.values())
         return sum(values) / len(values) if values else 1.0
-
-
-def low_rank(delta: torch.Tensor, rank: int, *, niter: int = DEFAULT_NITER, seed: int = 0
-             ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(B, A, energy kept) with B·A the rank-``rank`` truncated SVD of ``delta`` (randomised when cheaper)."""
-    delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
-    total = float(delta.square().sum())
-    if total == 0:
-        return delta.new_zeros(delta.shape[0], rank), delta.new_zeros(rank, delta.shape[1]), 1.0
-    if rank + OVERSAMPLE >= min(delta.shape):
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        v = vh.T
-    else:
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            u, s, v = torch.svd_lowrank(delta, q=rank + OVERSAMPLE, niter=niter)
-        finally:
-            torch.random.set_rng_state(generator_state)
-    k = min(rank, s.numel())
-    b, a = u[:, :k] * s[:k], v[:, :k].T
-    if k < rank:  # pad to the adapter's rank with zero directions
-        b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
-        a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
-    return b.contiguous(), a.contiguous(), min(1.0, float(s[:k].square().sum()) / total)
 
 
 def module_kinds(config_dir: Path) -> dict[str, tuple[str, list[str]]]:

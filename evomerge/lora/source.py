@@ -93,22 +93,30 @@ class AdapterReader:
         """True if the adapter changes the base tensor ``name``."""
         return name in self._weights or name in self._biases or name in self.adapter.full
 
+    def weight_module(self, name: str) -> LoraModule | None:
+        """The LoRA module (DoRA included) changing tensor ``name`` when nothing else changes it, else None."""
+        module = self._weights.get(name)
+        if module is None or name in self._biases:
+            return None
+        key = self.adapter.full.get(name)
+        return module if key is None or self._equals_base(name, key) else None
+
+    def _equals_base(self, name: str, key: str) -> bool:
+        """Whether the adapter's whole copy ``key`` of base tensor ``name`` is PEFT's saved base layer, unchanged."""
+        if not is_base_layer_key(key):
+            return False
+        with safe_open(self.adapter.weights_file, framework="pt", device="cpu") as f:
+            saved = f.get_tensor(key)
+        return torch.equal(saved, self.base.get_tensor(name).to(saved.dtype))
+
     def module_of(self, name: str) -> LoraModule | None:
         """The LoRA module whose ΔW alone changes tensor ``name`` (None when something else changes it too).
 
         PEFT saves a targeted embedding layer whole (``base_layer.weight``); a copy equal to the
         base tensor changes nothing and does not count.
         """
-        module = self._weights.get(name)
-        if module is None or name in self._biases or module.magnitude_key is not None:
-            return None
-        key = self.adapter.full.get(name)
-        if key is not None:
-            with safe_open(self.adapter.weights_file, framework="pt", device="cpu") as f:
-                saved = f.get_tensor(key)
-            if not (is_base_layer_key(key) and torch.equal(saved, self.base.get_tensor(name).to(saved.dtype))):
-                return None
-        return module
+        module = self.weight_module(name)
+        return module if module is not None and module.magnitude_key is None else None
 
     def get_tensor(self, name: str, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor ``name`` of the adapted model (float32 when changed and no ``dtype`` is asked for)."""
