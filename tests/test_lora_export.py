@@ -173,3 +173,24 @@ def test_sparse_merge_factorised_to_a_rank(pair, tmp_path):
     assert max(cut.discarded.values()) > 0.05
     with pytest.raises(AdapterError, match="give a rank"):
         merge_to_adapter(recipe, tmp_path / "norank")
+
+
+def test_nan_factors_and_duplicate_adapters(pair, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.engine import MergeError
+
+    base, a, b, _ = pair
+    bad = tmp_path / "nan"
+    shutil.copytree(b, bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="NaN"):
+        merge_to_adapter(_recipe(base, [(a, 1.0), (bad, 1.0)]), tmp_path / "out")
+    with pytest.raises(MergeError, match="NaN"):
+        run_merge(_recipe(base, [(a, 1.0), (bad, 1.0)]), tmp_path / "full", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]

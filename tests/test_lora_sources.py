@@ -198,3 +198,11 @@ def test_conflicting_modules_to_save_and_truncated_file(adapters, tmp_path):
     (cut / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(AdapterError, match="corrupt or truncated"):
         read_adapter(cut)
+
+
+def test_an_adapter_listed_twice_is_refused(adapters, llama_family):
+    a = str(adapters["plain"][1])
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(llama_family["base"]),
+              "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": a, "parameters": {"weight": 0.5}}]}
+    with pytest.raises(RecipeError, match=r"models\[1\].*already models\[0\]"):
+        plan_merge(recipe)

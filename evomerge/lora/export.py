@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from evomerge.engine import MergePlan, TensorTask, compute_tensor, plan_merge, resolve_device
+from evomerge.engine import MergePlan, TensorTask, all_finite, compute_tensor, plan_merge, resolve_device
 from evomerge.lora.adapter import PEFT_PREFIX, AdapterError, LoraModule
 from evomerge.lora.factor import LowRank, concatenate, low_rank, truncate
 from evomerge.lora.source import AdapterReader
@@ -121,7 +121,11 @@ def _module_factors(terms: list[tuple[float, AdapterReader, LoraModule]]) -> Low
     stacked = []
     for c, reader, module in terms:
         with safe_open(reader.adapter.weights_file, framework="pt") as f:
-            stacked.append((c * module.scale, f.get_tensor(module.b_key), f.get_tensor(module.a_key)))
+            b, a = f.get_tensor(module.b_key), f.get_tensor(module.a_key)
+        if not (all_finite(a) and all_finite(b)):
+            raise AdapterError(f"{reader.adapter.weights_file}: module {module.name}: the factors contain NaN or "
+                               f"infinite values")
+        stacked.append((c * module.scale, b, a))
     return concatenate(stacked)
 
 

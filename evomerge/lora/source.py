@@ -143,6 +143,12 @@ class AdapterReader:
             return dora_weight(weight, delta, f.get_tensor(module.magnitude_key))
         return weight + delta
 
+    def close(self) -> None:
+        """Close the base reader (shared readers may be closed more than once)."""
+        close = getattr(self.base, "close", None)
+        if close is not None:
+            close()
+
     def __repr__(self) -> str:
         return f"AdapterReader({self.path} on {getattr(self.base, 'path', '<base>')})"
 
