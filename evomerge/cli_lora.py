@@ -54,6 +54,7 @@ def extract_lora(
     out_dir: Path = typer.Argument(..., help="output adapter directory (created atomically)"),
     rank: int = typer.Option(..., help="LoRA rank of every decomposed module"),
     niter: int = typer.Option(2, help="power iterations of the randomised SVD"),
+    lora_only: bool = typer.Option(False, help="leave out changed modules LoRA cannot carry (norms), listed as dropped"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
 ) -> None:
     """Extract a PEFT LoRA adapter of rank RANK that turns BASE into (approximately) FINETUNE."""
@@ -62,14 +63,16 @@ def extract_lora(
     from evomerge.lora.extract import extract_lora as run
 
     try:
-        report = run(finetune, base, out_dir, rank, niter=niter, overwrite=overwrite)
+        report = run(finetune, base, out_dir, rank, niter=niter, overwrite=overwrite, lora_only=lora_only)
     except (CheckpointError, AdapterError, ValueError) as e:
         _fail(str(e))
     kept = report.energy_kept
     worst = min(kept, key=kept.get) if kept else None
     out.print(f"{len(kept)} modules at rank {rank}: mean energy kept {report.overall_kept:.4f}"
               + (f", lowest {kept[worst]:.4f} ({worst})" if worst else "")
-              + f"; {len(report.saved_whole)} module(s) saved whole", highlight=False)
+              + f"; {len(report.saved_whole)} module(s) saved whole"
+              + (f"; {len(report.dropped)} changed module(s) DROPPED (--lora-only)" if report.dropped else ""),
+              highlight=False)
     console.print(f"[green]wrote[/] {report.path}")
 
 

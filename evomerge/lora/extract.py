@@ -11,6 +11,8 @@ handled by what changed:
   as ``modules_to_save``, exactly;
 - unchanged modules: nothing.
 
+With ``lora_only`` the modules that would be saved whole are left out instead, and listed as dropped.
+
 Tensors are read one pair at a time (``ModelReader``), so a 7B model's layers need only one layer's
 memory beyond the factors kept.
 """
@@ -38,6 +40,7 @@ class ExtractReport:
     rank: int
     energy_kept: dict[str, float] = field(default_factory=dict)
     saved_whole: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # changed modules left out (lora_only)
 
     @property
     def overall_kept(self) -> float:
@@ -64,8 +67,12 @@ def module_kinds(config_dir: Path) -> dict[str, tuple[str, list[str]]]:
 
 
 def extract_lora(finetune: str | Path, base: str | Path, out_dir: str | Path, rank: int, *,
-                 niter: int = DEFAULT_NITER, overwrite: bool = False, progress=None) -> ExtractReport:
-    """Write a PEFT adapter into ``out_dir`` that turns ``base`` into (approximately) ``finetune``; see the module doc."""
+                 niter: int = DEFAULT_NITER, overwrite: bool = False, lora_only: bool = False,
+                 progress=None) -> ExtractReport:
+    """Write a PEFT adapter into ``out_dir`` that turns ``base`` into (approximately) ``finetune``; see the module doc.
+
+    ``lora_only``: leave the modules that would be saved whole out (listed in the report as dropped).
+    """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     out_dir = check_output(out_dir, overwrite)
@@ -96,6 +103,8 @@ def extract_lora(finetune: str | Path, base: str | Path, out_dir: str | Path, ra
             tensors[f"{PEFT_PREFIX}{module}.{parts[1]}"] = a
             report.energy_kept[module] = kept
             targets.append(module)
+        elif lora_only:
+            report.dropped.append(module)
         else:
             for n in stored:
                 tensors[f"{PEFT_PREFIX}{n}"] = ft.get_tensor(n).contiguous()
@@ -111,7 +120,8 @@ def extract_lora(finetune: str | Path, base: str | Path, out_dir: str | Path, ra
         "lora_dropout": 0.0, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
         "inference_mode": True,
     }
-    summary = {"rank": report.rank, "energy_kept": report.energy_kept, "saved_whole": report.saved_whole}
+    summary = {"rank": report.rank, "energy_kept": report.energy_kept, "saved_whole": report.saved_whole,
+               "dropped": report.dropped}
     write_adapter(out_dir, tensors, config, {REPORT_NAME: json.dumps(summary, indent=2) + "\n",
                                              "README.md": card(report)}, overwrite)
     return report
@@ -133,7 +143,8 @@ def _check_same_shapes(ft: ModelReader, base: ModelReader) -> None:
 def card(report: ExtractReport) -> str:
     """The adapter's README: rank, the energy each decomposed module kept, the modules saved whole."""
     lines = ["# LoRA adapter extracted by evomerge", "", f"Rank {report.rank}; mean energy kept "
-             f"{report.overall_kept:.4f}; saved whole: {', '.join(report.saved_whole) or 'none'}.", "",
+             f"{report.overall_kept:.4f}; saved whole: {', '.join(report.saved_whole) or 'none'}; changed but left "
+             f"out: {', '.join(report.dropped) or 'none'}.", "",
              "| module | energy kept |", "|---|---:|"]
     lines += [f"| {m} | {k:.4f} |" for m, k in report.energy_kept.items()]
     return "\n".join(lines) + "\n"

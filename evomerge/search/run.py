@@ -103,7 +103,10 @@ class SearchRun:
         self.inputs = resolve_inputs(cfg)
         self.space: SearchSpace = load_space(cfg.search_space, where=cfg.search_space
                                              if isinstance(cfg.search_space, str) else "search_space")
-        self.builder = CandidateBuilder(self.inputs.base_model, self.inputs.models, method=self.space.method,
+        builder_class = CandidateBuilder
+        if cfg.lora_scalings:
+            from evomerge.lora.scaling import ScalingBuilder as builder_class
+        self.builder = builder_class(self.inputs.base_model, self.inputs.models, method=self.space.method,
                                         device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
                                         statistics_cache=self.out / STATISTICS_CACHE_NAME)
         self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.base_model)
