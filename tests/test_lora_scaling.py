@@ -82,6 +82,8 @@ def test_sparse_recipes_and_dora_are_refused(builder, llama_family, tmp_path):
         ScalingBuilder(llama_family["base"], {"d": dora}, method="task_arithmetic", device="cpu")
     with pytest.raises(ValueError, match="not a linear combination"):
         ScalingBuilder(llama_family["base"], {"d": dora}, method="ties", device="cpu")
+    with pytest.raises(AdapterError, match="'ft0'.*not a LoRA adapter"):
+        ScalingBuilder(llama_family["base"], {"ft0": llama_family["ft0"]}, method="linear", device="cpu")
 
 
 def test_lora_hub_search_beats_its_first_trial(tiny_zoo, tmp_path):

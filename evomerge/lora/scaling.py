@@ -25,7 +25,7 @@ import torch
 
 from evomerge.checkpoint import ModelReader
 from evomerge.engine import all_finite, plan_merge, resolve_device
-from evomerge.lora.adapter import AdapterError
+from evomerge.lora.adapter import AdapterError, is_adapter_dir
 from evomerge.lora.export import coefficients, is_linear_combination
 from evomerge.lora.source import AdapterReader
 from evomerge.recipe import Recipe
@@ -86,7 +86,9 @@ class ScalingBuilder:
         self.readers: dict[str, object] = {self.base_dir: base}
         self.model_paths = {name: str(p) for name, p in models.items()}
         problems = []
-        for p in self.model_paths.values():
+        for name, p in self.model_paths.items():
+            if not is_adapter_dir(p):
+                raise AdapterError(f"lora_scalings: model '{name}' ({p}) is not a LoRA adapter directory")
             reader = AdapterReader(base, p)
             self.readers[p] = reader
             problems += plain_lora_problems(reader)
