@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from evomerge.checkpoint import CheckpointWriter, ModelReader, copy_tokenizer_files, parse_size
+from evomerge.lora.source import mergekit_references
 from evomerge.methods import MergeMethod, RandomFields
 from evomerge.recipe import (Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, mergekit_note,
                              resolve_source)
@@ -654,7 +655,8 @@ def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device
             writer.write_json("config.json", plan.config)
         if plan.tokenizer_dir is not None:
             copy_tokenizer_files(plan.tokenizer_dir, writer)
-        writer.write_text("mergekit_config.yml", plan.recipe.to_yaml())
+        base_dir = Path(plan.where).parent if plan.where and not plan.where.startswith("<") else None
+        writer.write_text("mergekit_config.yml", mergekit_references(plan.recipe, base_dir).to_yaml())
         writer.write_text("README.md", card if card is not None else model_card(plan, seed))
         return writer.commit()
 

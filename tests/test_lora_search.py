@@ -25,7 +25,8 @@ def test_search_over_adapters_runs_and_exports(tiny_zoo, tmp_path):
     run.run()
     finalize(run)
     exported = yaml.safe_load((tmp_path / "run" / "best_recipe.yaml").read_text())
-    assert {m["model"] for m in exported["models"]} == set(adapters.values())
+    assert {m["model"] for m in exported["models"]} == {f"{tiny_zoo.base}+{a}" for a in adapters.values()}  # mergekit's form
+    assert yaml.safe_load((tmp_path / "run" / "merged" / "mergekit_config.yml").read_text())["models"] == exported["models"]
     merged = read_weights(tmp_path / "run" / "merged")
     for name, tensor in iter_merged(plan_merge(tmp_path / "run" / "best_recipe.yaml"), device="cpu"):
         assert torch.equal(merged[name], tensor), name

@@ -206,3 +206,25 @@ def test_an_adapter_listed_twice_is_refused(adapters, llama_family):
               "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": a, "parameters": {"weight": 0.5}}]}
     with pytest.raises(RecipeError, match=r"models\[1\].*already models\[0\]"):
         plan_merge(recipe)
+
+
+def test_mergekit_runs_the_base_plus_adapter_form_we_write(adapters, llama_family, tmp_path):
+    """An adapter directory is written base+adapter into mergekit_config.yml; mergekit 0.1.5 merges that
+    recipe (applying the adapter with PEFT first) to evomerge's tensors."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge as mk_run
+
+    base = str(llama_family["base"])
+    recipe = {"merge_method": "task_arithmetic", "base_model": base,
+              "models": [{"model": str(adapters["plain"][1]), "parameters": {"weight": 0.6}},
+                         {"model": str(llama_family["ft0"]), "parameters": {"weight": 0.3}}]}
+    out = run_merge(recipe, tmp_path / "ours", device="cpu")
+    written = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert written["models"][0]["model"] == f"{base}+{adapters['plain'][1]}"
+    mk_run(MergeConfiguration.model_validate(written), str(tmp_path / "mk"),
+           MergeOptions(quiet=True, lora_merge_cache=str(tmp_path / "cache")))
+    theirs, ours = read_weights(tmp_path / "mk"), read_weights(out)
+    assert sorted(theirs) == sorted(ours)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)

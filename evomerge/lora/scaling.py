@@ -92,6 +92,10 @@ class ScalingBuilder:
             reader = AdapterReader(base, p)
             self.readers[p] = reader
             problems += plain_lora_problems(reader)
+            tied = sorted({m.weight for m in reader.adapter.modules.values()} & set(base.tied_aliases.values()))
+            if tied:  # unmerged, PEFT would change the input embeddings but not the tied output layer
+                problems.append(f"{p}: module {tied[0]} is tied to the output embeddings; a scaling would change "
+                                f"only one of them")
         if problems:
             raise AdapterError("\n".join(problems))
         self.adapter_names = {p: f"adapter{i}" for i, p in enumerate(self.model_paths.values())}

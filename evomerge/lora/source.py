@@ -161,3 +161,25 @@ def split_reference(name: str) -> tuple[str, str] | None:
     if not base or not adapter:
         raise AdapterError(f"model '{name}': expected 'base+adapter' with both parts given")
     return base, adapter
+
+
+def mergekit_references(recipe, base_dir: Path | None = None):
+    """``recipe`` with every adapter directory among its models written ``base+adapter``, the form mergekit reads.
+
+    The base is the recipe's ``base_model``; paths are resolved against ``base_dir`` (the recipe's folder)
+    only to recognise adapter directories. Recipes without adapters come back unchanged.
+    """
+    from evomerge.lora.adapter import is_adapter_dir
+
+    if not recipe.base_model:
+        return recipe
+
+    def adapter(name: str) -> bool:
+        p = Path(name).expanduser()
+        if not p.is_absolute() and base_dir is not None and not p.exists():
+            p = base_dir / p
+        return split_reference(name) is None and is_adapter_dir(p)
+
+    mapping = {m: f"{recipe.base_model}+{m}" for m in recipe.referenced_models() if m != recipe.base_model
+               and adapter(m)}
+    return recipe.with_paths(mapping) if mapping else recipe
