@@ -1,4 +1,11 @@
-"""LoRA adapters: read PEFT adapters exactly, merge them as sources, write merged adapters, extract them."""
+"""LoRA adapters (docs/adapters.md).
+
+``adapter``: PEFT adapters read and checked from headers; ``source``: an adapter as a merge source
+(base + ΔW, lazily); ``factor``: exact low-rank algebra (cat, QR + small SVD, randomised SVD);
+``export``: a merge written as one adapter; ``extract``: an adapter from a full fine-tune;
+``scaling``: weight-only searches as per-module scalings of one live PEFT model; ``write``: atomic
+adapter directories.
+"""
 
 from evomerge.lora.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, LoraAdapter, LoraModule,
                                    is_adapter_dir, lora_scale, read_adapter)

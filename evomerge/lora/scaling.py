@@ -30,9 +30,6 @@ from evomerge.lora.export import coefficients, is_linear_combination
 from evomerge.lora.source import AdapterReader
 from evomerge.recipe import Recipe
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def plain_lora_problems(reader: AdapterReader) -> list[str]:
     """Why an adapter cannot be scaled as a whole (DoRA, lora_bias, tensors saved whole); empty if it can."""
     problems = [f"{reader.path}: module {m.name}: DoRA, lora_bias or a tensor saved whole changes it, which a "
@@ -75,6 +72,8 @@ class ScalingBuilder:
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
         from transformers import AutoModelForCausalLM
+
+        from evomerge.search.builder import DTYPES
 
         if method not in ("linear", "task_arithmetic"):
             raise ValueError(f"lora_scalings: method {method} is not a linear combination of the adapters; use "
