@@ -132,10 +132,15 @@ def _open_readers(recipe: Recipe, where: str, allow_pickle: bool,
     from evomerge.lora import AdapterError, is_adapter_dir, open_adapter_source, split_reference
 
     if readers is not None:
-        missing = [m for m in recipe.referenced_models() if m not in readers]
+        given = dict(readers)
+        for m in recipe.referenced_models():  # base+adapter names the reader given for the adapter
+            pair = split_reference(m) if m not in given else None
+            if pair is not None and pair[1] in given:
+                given[m] = given[pair[1]]
+        missing = [m for m in recipe.referenced_models() if m not in given]
         if missing:
             raise RecipeError(f"{where}: no state dict given for model(s) {missing}")
-        return dict(readers)
+        return given
     base_dir = Path(where).parent if where and not where.startswith("<") else None
     out: dict[str, Any] = {}
 

@@ -84,12 +84,14 @@ class ScalingBuilder:
         base = ModelReader(base_dir)
         self.readers: dict[str, object] = {self.base_dir: base}
         self.model_paths = {name: str(p) for name, p in models.items()}
+        self._path_of: dict[int, str] = {}  # id(adapter reader) -> its path
         problems = []
         for name, p in self.model_paths.items():
             if not is_adapter_dir(p):
                 raise AdapterError(f"lora_scalings: model '{name}' ({p}) is not a LoRA adapter directory")
             reader = AdapterReader(base, p)
             self.readers[p] = reader
+            self._path_of[id(reader)] = p
             problems += plain_lora_problems(reader)
             tied = sorted({m.weight for m in reader.adapter.modules.values()} & set(base.tied_aliases.values()))
             if tied:  # unmerged, PEFT would change the input embeddings but not the tied output layer
@@ -146,9 +148,9 @@ class ScalingBuilder:
                 continue
             for c, ref, reader in zip(coefficients(task, plan.method.name), task.inputs, readers):
                 module = reader.module_of(ref.name) if isinstance(reader, AdapterReader) else None
-                if module is not None:
-                    out.setdefault(module.name, {})[ref.model] = c * self._native[module.name][self.adapter_names[
-                        ref.model]]
+                if module is not None:  # the recipe may name the adapter as a path or as base+path
+                    path = self._path_of[id(reader)]
+                    out.setdefault(module.name, {})[path] = c * self._native[module.name][self.adapter_names[path]]
         return out
 
     @torch.inference_mode()
