@@ -41,7 +41,7 @@ MEMORY = "in memory"  # no storage at all: the sampler's own time, the baseline 
 
 def storages(pg_server: str) -> dict[str, callable]:
     """A fresh storage URL per name (None: the default journal file in the run directory)."""
-    from tests.pgserver import new_database
+    from evomerge.testing.postgres import new_database
 
     return {"journal file": lambda work: None,
             "sqlite": lambda work: f"sqlite:///{work / 'study.db'}",
@@ -77,10 +77,38 @@ def loop_overhead(url: str | None, work: Path, trials: int, space: str) -> tuple
     return other * 1e3, sum(r[0] for r in rows) / sum(r[1] for r in rows), total * 1e3
 
 
-def call_overhead(url: str | None, work: Path, dims: int, trials: int = 30) -> float:
-    """Median ms per trial of the storage calls ``run.py`` makes for one trial, without a model."""
+def count_writes(storage) -> list[int]:
+    """A counter (one-element list) of the writes ``storage`` makes: journal appends, or database
+    transactions that insert, update or delete."""
+    backend = getattr(storage, "_backend", storage)
+    n = [0]
+    if hasattr(backend, "engine"):
+        from sqlalchemy import event
+
+        def statement(conn, cursor, sql, *args):
+            if sql.lstrip().split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE"):
+                conn.info["wrote"] = True
+
+        def commit(conn):
+            n[0] += conn.info.pop("wrote", False)
+
+        event.listen(backend.engine, "before_cursor_execute", statement)
+        event.listen(backend.engine, "commit", commit)
+    elif hasattr(backend, "append_logs"):
+        append = backend.append_logs
+        backend.append_logs = lambda logs: (n.__setitem__(0, n[0] + 1), append(logs))[1]
+    return n
+
+
+def call_overhead(url: str | None, work: Path, dims: int, held: bool, trials: int = 30) -> tuple[float, float]:
+    """(median ms per trial, storage writes per trial) of the storage calls ``run.py`` makes for one trial,
+    without a model. ``held``: as ``run.py`` makes them (the parameters in one write, the
+    outcome's attributes in another); else each call on its own, as plain Optuna code does."""
+    from contextlib import nullcontext
+
     from optuna.trial import TrialState
 
+    from evomerge.search.held_writes import held_writes
     from evomerge.search.run import counts
     from evomerge.search.study import make_storage
 
@@ -88,22 +116,28 @@ def call_overhead(url: str | None, work: Path, dims: int, trials: int = 30) -> f
     study = optuna.create_study(storage=storage, study_name="calls", direction="maximize",
                                 sampler=optuna.samplers.CmaEsSampler(seed=0, n_startup_trials=0,
                                                                      warn_independent_sampling=False))
+    writes = count_writes(study._storage)
+    batch = (lambda: held_writes(study._storage)) if held else nullcontext
     recipe = "x" * 1500  # about the size of a per-layer recipe's YAML
     times = []
-    for _ in range(trials):
+    for i in range(trials):
+        if i == 3:
+            writes[0] = 0
         t0 = time.perf_counter()
         study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))  # lost-worker check
         sum(counts(t) for t in study.get_trials(deepcopy=False))  # budget
         trial = study.ask()
         trial.set_user_attr("worker", "host:1")
-        values = [trial.suggest_float(f"x{k}", 0.0, 1.0) for k in range(dims)]
-        trial.set_user_attr("recipe", recipe)
-        for k in ("build_s", "eval_s"):
-            trial.set_user_attr(k, 0.01)
-        trial.set_user_attr("scores", {"a": 0.5, "b": 0.5})
+        with batch():
+            values = [trial.suggest_float(f"x{k}", 0.0, 1.0) for k in range(dims)]
+        with batch():
+            trial.set_user_attr("recipe", recipe)
+            for k in ("build_s", "eval_s"):
+                trial.set_user_attr(k, 0.01)
+            trial.set_user_attr("scores", {"a": 0.5, "b": 0.5})
         study.tell(trial, sum(values))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[3:]) * 1e3
+    return statistics.median(times[3:]) * 1e3, writes[0] / (trials - 3)
 
 
 def fsync_ms(work: Path, n: int = 50) -> float:
@@ -127,7 +161,7 @@ def main() -> None:
     args = ap.parse_args()
     server = None
     if args.postgres is None:
-        from tests.pgserver import PrivateServer
+        from evomerge.testing.postgres import PrivateServer
 
         server = PrivateServer()
         args.postgres = server.url
@@ -142,11 +176,14 @@ def main() -> None:
                 print(name, space, "loop: %.2f ms other (%.1f%% of %.2f ms per trial)"
                       % (loop[name, space][0], 100 * loop[name, space][1], loop[name, space][2]), flush=True)
             for dims in (8, 64):
-                work = Path(tempfile.mkdtemp(prefix="evomerge-storage-"))
-                calls[name, dims] = call_overhead(make(work), work, dims)
-                print(name, dims, "dims calls: %.2f ms" % calls[name, dims], flush=True)
+                for held in (False, True):
+                    work = Path(tempfile.mkdtemp(prefix="evomerge-storage-"))
+                    calls[name, dims, held] = call_overhead(make(work), work, dims, held)
+                    print(name, dims, "dims", "held" if held else "one write per call",
+                          "calls: %.2f ms, %.1f writes" % calls[name, dims, held], flush=True)
         for dims in (8, 64):
-            calls[MEMORY, dims] = call_overhead(MEMORY, Path(tempfile.mkdtemp()), dims)
+            calls[MEMORY, dims, False] = calls[MEMORY, dims, True] = call_overhead(
+                MEMORY, Path(tempfile.mkdtemp()), dims, False)
         fsync = fsync_ms(Path(tempfile.mkdtemp(prefix="evomerge-storage-")))
     finally:
         if server is not None:
@@ -164,13 +201,17 @@ def main() -> None:
         lines.append(f"| {name} | {space} | {other:.2f} | {100 * share:.1f}% | {total:.2f} |")
     lines += ["", "## Storage calls of one trial, without a model", "",
               "Median ms per trial of the calls `run.py` makes (ask, worker tag, one `suggest_float` per dimension, "
-              "recipe, build/eval/scores, tell, the loop's two reads), CMA-ES; `in memory` is the sampler alone. "
-              f"Each is one storage write (about 12 + one per dimension per trial): one fsync'ed append to the "
-              f"journal file (an fsync took {fsync:.2f} ms on this disk during the run), one transaction in sqlite or "
-              f"PostgreSQL.", "",
-              "| dimensions | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+              "recipe, build/eval/scores, tell, the loop's two reads), CMA-ES, and the storage writes they make "
+              "(journal appends, or database transactions that write); `in memory` is the sampler alone. "
+              "*One write per call*: each call commits on its own, as in plain Optuna code. *Held*: as `run.py` "
+              "makes them, the parameters in one write and the outcome's attributes in another "
+              f"(`evomerge/search/held_writes.py`). An fsync took {fsync:.2f} ms on this disk during the run.", "",
+              "| dimensions | writes | " + " | ".join(names) + " |", "|---:|---|" + "---:|" * len(names)]
     for dims in (8, 64):
-        lines.append(f"| {dims} | " + " | ".join(f"{calls[n, dims]:.2f}" for n in names) + " |")
+        for held in (False, True):
+            cells = [f"{calls[n, dims, held][0]:.2f}" + ("" if n == MEMORY else f" ({calls[n, dims, held][1]:.1f} w)")
+                     for n in names]
+            lines.append(f"| {dims} | {'held' if held else 'one per call'} | " + " | ".join(cells) + " |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

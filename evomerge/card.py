@@ -30,12 +30,14 @@ LIMITATIONS = [
 
 @dataclass
 class ScoreRow:
-    """One line of a test table: a model's aggregate score, its 95% CI and its per-task scores."""
+    """One line of a test table: a model's aggregate score, its 95% CI, its per-task scores and, for a
+    search's finalists, its validation score."""
 
     label: str
     aggregate: float
     ci: tuple[float, float] | None
     per_task: dict[str, float]
+    validation: float | None = None
 
 
 @dataclass

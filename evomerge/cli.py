@@ -278,6 +278,11 @@ def zoo_build(
     console.print(f"[green]zoo ready[/] at {zoo.root}")
 
 
+from evomerge.cli_moe import moe as _moe  # noqa: E402
+
+app.command("moe")(_moe)
+
+
 from evomerge.cli_lora import register as _register_lora  # noqa: E402
 
 _register_lora(app)

@@ -267,11 +267,13 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
             (pre if any(h in name for h in PRE_LAYER_HINTS) else post).append(name)
     tasks = [planner.task(name, name, first, t=0.0) for name in pre]
     out_layer = 0
+    layer_origins = []  # per output layer: (reader of its template, input layer index)
     for s in slices:
         length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
         layer_reader = planner.template_reader(s)
         in_start = planner.template_source(s).layer_range[0] if planner.template_source(s) else 0
         for offset in range(length):
+            layer_origins.append((layer_reader, in_start + offset))
             t = offset / (length - 1) if length > 1 else 1.0
             names = [n for n in layer_reader.tensor_names() if _layer_of(n) == in_start + offset]
             for name in names:
@@ -281,7 +283,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
     if planner.problems:
         raise RecipeError("\n".join(f"{where}: {p}" for p in planner.report(len(tasks))))
 
-    config = _output_config(template, out_layer, recipe)
+    config = _output_config(template, layer_origins, recipe)
     tok_dir = _tokenizer_dir(recipe, readers, template, where)
     texts = _calibration_texts(recipe, method, tasks, where) if method.calibration else None
     return MergePlan(recipe=recipe, method=method, tasks=tasks, readers=readers, config=config,
@@ -514,22 +516,37 @@ class _Planner:
         return f"tensor {name}: shape {list(got)} in model '{model}' does not match {list(expected)}"
 
 
-def _output_config(template, num_layers: int, recipe: Recipe) -> dict | None:
+def _output_config(template, layer_origins: list[tuple[Any, int]], recipe: Recipe) -> dict | None:
+    """The output config.json: the template's, with the layer count and per-layer attributes rebuilt.
+
+    ``layer_origins`` gives each output layer's (template reader, input layer index): its ``layer_types``
+    entry (full or sliding attention) is the one of the layer it was taken from, so a reordered or repeated
+    layer keeps its attention kind (a sliding layer of Qwen2 or Mistral stays sliding wherever it lands).
+    """
     cfg = getattr(template, "config", None)
     if cfg is None:
         return None
     cfg = dict(cfg)
+    num_layers = len(layer_origins)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in cfg:
             cfg[key] = num_layers
-    if "layer_types" in cfg and isinstance(cfg["layer_types"], list) and cfg["layer_types"]:
-        cfg["layer_types"] = (cfg["layer_types"] * num_layers)[:num_layers]
+    if isinstance(cfg.get("layer_types"), list) and cfg["layer_types"]:
+        cfg["layer_types"] = [_layer_type(reader, index, cfg["layer_types"]) for reader, index in layer_origins]
     out_dtype = recipe.out_dtype or recipe.dtype
     if out_dtype:
         cfg["torch_dtype"] = out_dtype
         if "dtype" in cfg:
             cfg["dtype"] = out_dtype
     return cfg
+
+
+def _layer_type(reader, index: int, fallback: list) -> Any:
+    """The ``layer_types`` entry of input layer ``index`` of ``reader``'s model (``fallback``, cycled, if it has none)."""
+    types = (getattr(reader, "config", None) or {}).get("layer_types")
+    if isinstance(types, list) and index < len(types):
+        return types[index]
+    return fallback[index % len(fallback)]
 
 
 def _tokenizer_dir(recipe: Recipe, readers: dict[str, Any], template, where: str) -> Path | None:

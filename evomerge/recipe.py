@@ -270,6 +270,8 @@ def _pydantic_message(err: ValidationError, where: str) -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
+pydantic_message = _pydantic_message  # public name for the other config loaders
+
 _UNION_TAGS = {"bool", "int", "float", "str", "list[union[bool,int,float,str]]", "Conditional",
                "list[Conditional]", "tuple[int, int]"}
 _KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",

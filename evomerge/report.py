@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
+from evomerge.search.combined import STAGE_DIR  # noqa: E402
 
 REPORT_NAME = "report.html"
 
@@ -83,6 +84,10 @@ def render_report(data: RunData) -> str:
     sections = [_status(data)]
     if data.summary:
         sections.append(_test_section(data.summary))
+    stage2 = data.run_dir / STAGE_DIR / "summary.json"  # a combined run's data-flow stage (search.combined)
+    if data.summary and stage2.is_file():
+        sections.append(_test_section(json.loads(stage2.read_text()), key="dataflow-test",
+                                      title=f"Stage 2: data-flow search over the winner ({STAGE_DIR}/), test split"))
     sections.append(_chart_section("history", "Optimization history", _history(data),
                                    "Search-split score of every trial; pruned and failed trials at the bottom."))
     recipe = _winner_recipe(data)
@@ -178,7 +183,7 @@ def _ci(row: dict) -> str:
     return "" if not row.get("ci") else f"[{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]"
 
 
-def _test_section(summary: dict) -> str:
+def _test_section(summary: dict, key: str = "test", title: str = "Test split (never used for selection)") -> str:
     """The test split's table and the same as a chart: each model's aggregate with its 95% CI."""
     rows = summary["rows"]
     tasks = list(rows[0]["per_task"])
@@ -197,7 +202,7 @@ def _test_section(summary: dict) -> str:
     ax.set_xlabel("aggregate score on the test split (95% bootstrap CI)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    return _chart_section("test", "Test split (never used for selection)", fig,
+    return _chart_section(key, title, fig,
                           "The winner (red) beside the default recipe, each fine-tune, the base and the reference.",
                           extra=table)
 

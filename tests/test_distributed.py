@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.search.config import load_config
-from tests import pgserver
+from evomerge.testing import postgres as pgserver
 from tests.test_search import _config
 
 _NO_PG = pgserver.unavailable_reason()
@@ -123,6 +123,51 @@ def test_exactly_one_claim_to_finalize_wins(tmp_path, storage, request):
     assert all(holder in (f"w{winners[0]}", "another worker") for holder in results.values() if holder)
     assert claim_finalize(studies[0], 20, who="late") == f"w{winners[0]}"
     assert claim_finalize(studies[0], 30, who="later") is None  # the budget was extended and spent again
+
+
+@pytest.mark.parametrize("storage", [pytest.param("postgres", marks=needs_pg), "journal"])
+def test_held_writes_reach_the_storage_as_one_write(tmp_path, storage, request):
+    """Inside ``held_writes`` a trial's parameters and user attributes wait and then go as one transaction or
+    one journal append; another thread's write (the heartbeat) goes straight through; a block that raises
+    sends nothing."""
+    import threading
+
+    from evomerge.search.held_writes import held_writes
+    from evomerge.search.study import make_storage
+
+    url = request.getfixturevalue("pg_url") if storage == "postgres" else None
+    study = optuna.create_study(storage=make_storage(url, tmp_path), study_name="h",
+                                sampler=optuna.samplers.RandomSampler(seed=0))  # reads nothing while sampling
+    writes = []
+    if storage == "postgres":
+        from sqlalchemy import event
+
+        event.listen(study._storage._backend.engine, "commit", lambda conn: writes.append(1))
+    else:
+        backend = study._storage._backend
+        append = backend.append_logs
+        backend.append_logs = lambda logs: (writes.append(len(logs)), append(logs))[1]
+    other = optuna.load_study(study_name="h", storage=make_storage(url, tmp_path))
+    trial = study.ask()
+    writes.clear()
+    with held_writes(study._storage):
+        values = {f"x{i}": trial.suggest_float(f"x{i}", 0.0, 1.0) for i in range(10)}
+        trial.set_user_attr("worker", "me")
+        beat = threading.Thread(target=study._storage.set_trial_user_attr, args=(trial._trial_id, "heartbeat", 1.0))
+        beat.start()
+        beat.join()
+        seen = other._storage.get_trial(trial._trial_id)
+        assert seen.params == {} and seen.user_attrs == {"heartbeat": 1.0}
+        assert trial.params == values  # the trial itself sees what it holds
+    assert len(writes) == 2  # the heartbeat's, then everything held
+    seen = other._storage.get_trial(trial._trial_id)
+    assert seen.params == values and seen.user_attrs == {"heartbeat": 1.0, "worker": "me"}
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with held_writes(study._storage):
+            trial.set_user_attr("lost", True)
+            raise RuntimeError("boom")
+    assert "lost" not in other._storage.get_trial(trial._trial_id).user_attrs
 
 
 def _running_trial_of(study_fn, pid: int, proc) -> optuna.trial.FrozenTrial:

@@ -11,6 +11,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from evomerge.search.config import parse_duration
+
 
 def eta_seconds(budget: int | None, done: int, per_trial_s: float, timeout_s: float | None,
                 elapsed_s: float) -> float | None:
@@ -144,6 +146,8 @@ def _search(config: Path, *, overrides: dict[str, Any], finalize: bool, console:
     from evomerge.search.finish import claim_or_report
 
     if not claim_or_report(run, log=lambda m: console.print(m, highlight=False)):
+        if cfg.dataflow and (run.out / "merged" / "config.json").is_file():  # stage 1 done: resume stage 2
+            _dataflow_stage(run, console=console, out=out)
         return
     _finalize_and_print(run, console=console, out=out)
 
@@ -171,6 +175,24 @@ def _finalize_and_print(run, *, console: Console, out: Console) -> None:
         append_section(run.out / "summary.md", "## Fine-tune of the winner (`finetuned/`)\n"
                        + report.split("\n", 1)[1].replace("\n## ", "\n### "))
         console.print(f"  finetuned: {res.out_dir}")
+    if cfg.dataflow:
+        _dataflow_stage(run, console=console, out=out)
+
+
+def _dataflow_stage(run, *, console: Console, out: Console) -> None:
+    """The second stage of a combined search (``search.combined``): a data-flow search over the winner."""
+    from evomerge.search.combined import STAGE_DIR, run_dataflow_stage
+
+    console.print(f"[bold]stage 2[/]: data-flow search over the winner and the sources, in {run.out / STAGE_DIR}")
+    stage = run.cfg.dataflow
+    budget = stage.budget or run.cfg.budget
+    with Display(console, budget.trials, parse_duration(budget.timeout)) as display:
+        second, summary = run_dataflow_stage(run, on_event=display.event, log=lambda m: console.print(m))
+    if summary is None:
+        return
+    out.print(_table(summary))
+    for k, v in summary.files.items():
+        console.print(f"  {k}: {v}")
 
 
 def run_finalize_command(run_dir: Path | None, *, storage: str | None, study_name: str | None,

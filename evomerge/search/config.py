@@ -97,12 +97,17 @@ class Sampler(_Strict):
     popsize: int | None = Field(None, ge=2)  # CMA-ES population (or NSGA-II population)
     separable: bool = False  # sep-CMA-ES
     sigma0: float | None = Field(None, gt=0)
+    lr_adapt: bool = False  # LRA-CMA-ES: learning rates adapted to noisy or multimodal scores
     n_startup_trials: int | None = Field(None, ge=0)  # TPE/GP random start
 
     @model_validator(mode="after")
     def _applies(self):
         _only_for("sampler", self, self.name, {"popsize": ("cmaes", "nsga2"), "separable": ("cmaes",),
-                                               "sigma0": ("cmaes",), "n_startup_trials": ("tpe", "gp")})
+                                               "sigma0": ("cmaes",), "n_startup_trials": ("tpe", "gp"),
+                                               "lr_adapt": ("cmaes",)})
+        if self.lr_adapt and self.separable:
+            raise ValueError("sampler: lr_adapt and separable cannot be combined (Optuna's CMA-ES adapts learning "
+                             "rates of the full covariance only); choose one")
         return self
 
 
@@ -147,6 +152,16 @@ class Workers(_Strict):
         return self
 
 
+class DataflowStage(_Strict):
+    """A second stage after the run's search (docs/dataflow.md, Sakana's combined merge): a data-flow search
+    over the first stage's winner (source ``winner_name``) and the run's models, in ``output_dir/dataflow``."""
+
+    search_space: str | dict[str, Any]
+    budget: Budget | None = None  # default: the run's
+    sampler: Sampler | None = None  # default: the run's
+    winner_name: str = "merged"
+
+
 class RunConfig(_Strict):
     name: str = "evomerge"
     zoo: Zoo | None = None
@@ -181,6 +196,7 @@ class RunConfig(_Strict):
     # live PEFT model, nothing dense built (evomerge.lora.scaling, docs/adapters.md)
     lora_scalings: bool = False
     workers: Workers = Field(default_factory=Workers)
+    dataflow: DataflowStage | None = None  # a data-flow stage after this search (``search.combined``)
 
     @model_validator(mode="after")
     def _check(self):
@@ -191,6 +207,8 @@ class RunConfig(_Strict):
         if self.objectives == "per_task" and self.sampler.name not in ("nsga2", "tpe", "random", "gp"):
             raise ValueError(f"objectives: per_task is multi-objective; sampler '{self.sampler.name}' supports one "
                              f"objective; use nsga2 (or tpe/random/gp)")
+        if self.dataflow is not None and not self.export_checkpoint:
+            raise ValueError("dataflow: searches over the first stage's exported winner; it needs export_checkpoint: true")
         if self.finetune is not None and not self.export_checkpoint:
             raise ValueError("finetune: trains the winner's exported checkpoint; it needs export_checkpoint: true")
         if self.objectives == "per_task" and "pruner" in self.model_fields_set and self.pruner.name != "none":
@@ -222,6 +240,8 @@ class RunConfig(_Strict):
             upd["search_space"] = p(self.search_space)
         if isinstance(self.tasks, str):
             upd["tasks"] = p(self.tasks)
+        if self.dataflow and isinstance(self.dataflow.search_space, str):
+            upd["dataflow"] = self.dataflow.model_copy(update={"search_space": p(self.dataflow.search_space)})
         if self.zoo and self.zoo.dir:
             upd["zoo"] = self.zoo.model_copy(update={"dir": p(self.zoo.dir)})
         if self.storage:

@@ -27,7 +27,7 @@ from evomerge.methods.l1 import L1_BLOCK
 from evomerge.search import flat_kernel as fk
 from evomerge.search.memory import SCRATCH_CHUNK
 
-LANE_GROUP = 4  # blocks per lane-sum program (4·8 lanes): fastest in the H200 sweep of 2026-11-28
+LANE_GROUP = 4  # blocks per lane-sum program (4·8 lanes): fastest in the H200 sweep (results/bench/gpu_check.md)
 LANE_WARPS = 1
 MERGE_BLOCK = 1024  # elements per merge program (divides 4096: one segment per program)
 MERGE_WARPS = 4

@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from evomerge.card import ScoreRow
 from evomerge.lora.source import mergekit_references
 from evomerge.engine import run_merge
 from evomerge.recipe import load_recipe
@@ -36,21 +37,10 @@ from evomerge.search.select import select_winner
 
 
 @dataclass
-class Row:
-    """One line of the test table."""
-
-    label: str
-    aggregate: float
-    ci: tuple[float, float] | None
-    per_task: dict[str, float]
-    validation: float | None = None
-
-
-@dataclass
 class Summary:
     winner_trial: int
     winner_recipe: str
-    rows: list[Row]
+    rows: list[ScoreRow]
     finalists: list[dict[str, Any]]
     timing: dict[str, float]
     counts: dict[str, int]
@@ -58,8 +48,8 @@ class Summary:
     selection: str = ""  # the finalists' search-minus-validation gap, and whether it widened the selection
 
 
-def _row(label: str, result, validation: float | None = None) -> Row:
-    return Row(label, result.aggregate, result.ci, dict(result.per_task), validation)
+def _row(label: str, result, validation: float | None = None) -> ScoreRow:
+    return ScoreRow(label, result.aggregate, result.ci, dict(result.per_task), validation)
 
 
 def _method_baselines(run: SearchRun, test, log) -> list:
@@ -106,8 +96,10 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     builder.build(winner_recipe)
     rows.append(_row(f"winner (trial {winner.number})", test.evaluate(builder.model), winner_val))
     builder.build(run.recipe_for(run.default_point))
-    rows.append(_row(f"default recipe ({run.space.method})", test.evaluate(builder.model)))
-    rows += _method_baselines(run, test, log)
+    rows.append(_row("identity flow of the base (first trial)" if run.space.kind == "dataflow"
+                     else f"default recipe ({run.space.method})", test.evaluate(builder.model)))
+    if run.space.kind == "parameters":  # merges of the same models by the methods' defaults
+        rows += _method_baselines(run, test, log)
     for name, path in run.inputs.models.items():
         builder.load_model_weights(path)
         rows.append(_row(f"fine-tune: {name}", test.evaluate(builder.model)))
@@ -163,13 +155,13 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     return summary
 
 
-def search_card(run: SearchRun, recipe, rows: list[Row], counts: dict[str, int], winner: int, winner_val: float,
+def search_card(run: SearchRun, recipe, rows: list[ScoreRow], counts: dict[str, int], winner: int, winner_val: float,
                 n_finalists: int) -> str:
     """The winner's model card: the recipe, how the search found it (space, sampler, trials, selection) and
     the test table beside the baselines (``evomerge.card``)."""
     import yaml
 
-    from evomerge.card import ScoreRow, merge_facts, render_card, task_metrics
+    from evomerge.card import merge_facts, render_card, task_metrics
 
     space, cfg = run.space, run.cfg
     how = [f"Found by an evomerge search (`{cfg.name}`): method "
@@ -181,8 +173,9 @@ def search_card(run: SearchRun, recipe, rows: list[Row], counts: dict[str, int],
            f"({winner_val:.3f}). The test split below was never used for selection.",
            "The search space:\n\n```yaml\n" + yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).rstrip()
            + "\n```"]
-    return render_card(merge_facts(recipe, num_layers=run.num_layers, seed=cfg.seed, how=how,
-                                   results=[ScoreRow(r.label, r.aggregate, r.ci, r.per_task) for r in rows],
+    layers = (sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in recipe.slices)
+              if recipe.slices else run.num_layers)  # a data-flow winner's own depth
+    return render_card(merge_facts(recipe, num_layers=layers, seed=cfg.seed, how=how, results=rows,
                                    metrics=task_metrics(run.task_specs)))
 
 
@@ -250,7 +243,7 @@ def study_timing(study: optuna.Study) -> dict[str, float]:
             "other_s": max(durations - first - build - evaluate, 0.0)}
 
 
-def _fmt_ci(row: Row) -> str:
+def _fmt_ci(row: ScoreRow) -> str:
     return "" if row.ci is None else f"[{row.ci[0]:.3f}, {row.ci[1]:.3f}]"
 
 

@@ -28,13 +28,13 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from evomerge.engine import STATISTICS_CACHE_NAME
 from evomerge.search.builder import CandidateBuilder
 from evomerge.search.config import RunConfig, parse_duration
 from evomerge.search.space import SearchSpace, load_space
 from evomerge.search.study import StorageUnreachable, make_pruner, make_sampler, make_storage, open_study
 from evomerge.search.finish import CONFIG_ATTR, stored_config
 from evomerge.search.fingerprint import differences, fingerprint
+from evomerge.search.held_writes import held_writes
 from evomerge.search.workers import Heartbeat, fail_dead_here, fail_lost, worker_id, worker_seed
 
 
@@ -101,14 +101,11 @@ class SearchRun:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.inputs = resolve_inputs(cfg)
-        self.space: SearchSpace = load_space(cfg.search_space, where=cfg.search_space
-                                             if isinstance(cfg.search_space, str) else "search_space")
-        builder_class = CandidateBuilder
-        if cfg.lora_scalings:
-            from evomerge.lora.scaling import ScalingBuilder as builder_class
-        self.builder = builder_class(self.inputs.base_model, self.inputs.models, method=self.space.method,
-                                        device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                                        statistics_cache=self.out / STATISTICS_CACHE_NAME)
+        where = cfg.search_space if isinstance(cfg.search_space, str) else "search_space"
+        # the space checks itself against the models' headers, then makes the builder of its candidates
+        self.space: SearchSpace = load_space(cfg.search_space, where=where).bind(
+            self.inputs.base_model, self.inputs.models, where)
+        self.builder = self.space.make_builder(self.inputs, cfg, self.out)
         self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.base_model)
         self.num_layers = self.builder.num_layers
         self.model_names = list(self.inputs.models)
@@ -126,6 +123,7 @@ class SearchRun:
         self.stats = LoopStats()
         self._current: optuna.Trial | None = None  # the trial this process is running, if any
         self._built = False  # whether this process has built a candidate yet (the first one compiles)
+        self._scored: dict[str, tuple] = {}  # recipe_key -> (trial, values, aggregate, per task) of this process
         self.heartbeat: Heartbeat | None = None  # beats for the running trial while ``run`` runs
         self.stats.setup_s = time.perf_counter() - t0 + self.builder.precompute()
 
@@ -318,18 +316,20 @@ class SearchRun:
         return len(ahead) > self.cfg.budget.trials
 
     def _ask(self) -> optuna.Trial:
-        """A new trial tagged with this worker before its parameters are sampled.
+        """A new trial tagged with this worker, then its sampled parameters in one storage write
+        (``held_writes``).
 
-        Tagging first keeps the window in which a killed process leaves an untagged RUNNING trial
-        (one the next start cannot recognise as orphaned) down to two storage writes.
+        Tagging on its own write, first, keeps the window in which a killed process leaves an untagged
+        RUNNING trial (one the next start cannot recognise as orphaned) down to two storage writes.
         """
         self._start_sampler()
         trial = self._current = self.study.ask()  # from here on, Ctrl-C marks it (``run``)
         trial.set_user_attr("worker", worker_id())
         if self.heartbeat is not None:
             self.heartbeat.set(trial._trial_id)
-        for name, dist in self.distributions.items():
-            trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+        with held_writes(self.study._storage):
+            for name, dist in self.distributions.items():
+                trial.suggest_float(name, dist.low, dist.high, log=dist.log)
         return trial
 
     def run_trial(self, trial: optuna.Trial) -> TrialRecord:
@@ -350,7 +350,10 @@ class SearchRun:
 
     def _run_trial(self, trial: optuna.Trial) -> TrialRecord:
         recipe = self.recipe_for(trial.params, name=f"{self.cfg.name}-trial-{trial.number}")
-        trial.set_user_attr("recipe", recipe.to_yaml())
+        text = recipe.to_yaml()
+        attrs: dict[str, Any] = {"recipe": text}  # written with the outcome, in one write
+        if recipe_key(text) in self._scored:  # a recipe this process scored already (data-flow points often
+            return self._rescore(trial, attrs, *self._scored[recipe_key(text)])  # decode to the same flow)
         build_s = eval_s = 0.0
         first_build = False
         try:
@@ -360,14 +363,14 @@ class SearchRun:
             first_build = not self._built
             self._built = True
             if first_build:
-                trial.set_user_attr("first_build", True)
+                attrs["first_build"] = True
                 self.stats.first_build_s += build_s
             else:
                 self.stats.build_s += build_s
             self.stats.plan_s += bstats.plan
             _check_finite(self.builder)
             t1 = time.perf_counter()
-            result, pruned = self._score(trial)
+            result, pruned_at = self._score(trial)
             eval_s = time.perf_counter() - t1
             self.stats.eval_s += eval_s
         except KeyboardInterrupt:
@@ -376,41 +379,54 @@ class SearchRun:
             if isinstance(e, torch.OutOfMemoryError) and self.builder.device.type == "cuda":
                 torch.cuda.empty_cache()
             reason = f"{type(e).__name__}: {e}"
-            trial.set_user_attr("build_s", round(build_s, 4))
-            trial.set_user_attr("eval_s", round(eval_s, 4))
-            trial.set_user_attr("fail_reason", reason[:2000])
-            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+            self._record(trial, {**attrs, "build_s": round(build_s, 4), "eval_s": round(eval_s, 4),
+                                 "fail_reason": reason[:2000], "traceback": traceback.format_exc()[-4000:]})
             self.study.tell(trial, state=TrialState.FAIL)
             return TrialRecord(trial.number, "FAIL", None, {}, build_s, eval_s, reason, first_build)
-        trial.set_user_attr("build_s", round(build_s, 4))
-        trial.set_user_attr("eval_s", round(eval_s, 4))
-        trial.set_user_attr("scores", result.per_task if result else {})
-        if pruned:
+        attrs.update(build_s=round(build_s, 4), eval_s=round(eval_s, 4), scores=result.per_task if result else {})
+        if pruned_at is not None:
+            self._record(trial, {**attrs, "pruned_at": pruned_at})
             self.study.tell(trial, state=TrialState.PRUNED)
             return TrialRecord(trial.number, "PRUNED", None, {}, build_s, eval_s, "pruned", first_build)
+        self._record(trial, attrs)
         values = ([result.per_task[t.name] for t in self.task_specs] if self.n_objectives > 1
                   else result.aggregate)
         self.study.tell(trial, values)
+        self._scored[recipe_key(text)] = (trial.number, values, result.aggregate, dict(result.per_task))
         value = result.aggregate
         return TrialRecord(trial.number, "COMPLETE", value, dict(result.per_task), build_s, eval_s,
                            first_build=first_build)
 
+    def _record(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+        """A trial's user attributes (recipe, timings, scores, ...) in one storage write."""
+        with held_writes(self.study._storage):
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+
+    def _rescore(self, trial: optuna.Trial, attrs: dict[str, Any], same_as: int, values, aggregate: float,
+                 per_task: dict) -> TrialRecord:
+        """Tell a trial whose recipe equals trial ``same_as``'s the same scores, without building or scoring it
+        (scoring is deterministic: it would get them again)."""
+        self._record(trial, {**attrs, "same_as": same_as, "build_s": 0.0, "eval_s": 0.0, "scores": per_task})
+        self.study.tell(trial, values)
+        return TrialRecord(trial.number, "COMPLETE", aggregate, dict(per_task), 0.0, 0.0, reason=f"same as #{same_as}")
+
     def _score(self, trial: optuna.Trial):
-        """Score on the search split, reporting running scores chunk by chunk to the pruner."""
+        """Score on the search split, reporting running scores chunk by chunk to the pruner. Returns the
+        result and, for a pruned trial, where it was stopped (the result is then None)."""
         evs = self.search_evaluators()
         if self.cfg.pruner.name == "none" or self.n_objectives > 1:
-            return mean_result([ev.evaluate(self.builder.model) for ev in evs]), False
+            return mean_result([ev.evaluate(self.builder.model) for ev in evs]), None
         streams = [ev.evaluate_chunks(self.builder.model, self.cfg.pruner.chunk_size) for ev in evs]
         for step, running in enumerate(zip(*streams)):  # every evaluator chunks its split the same way
             score = sum(r.aggregate for r in running) / len(running)
             trial.report(score, step)
             if trial.should_prune():
-                trial.set_user_attr("pruned_at", {"examples": running[0].examples_seen, "score": score})
-                return None, True
+                return None, {"examples": running[0].examples_seen, "score": score}
         for stream in streams[1:]:  # zip stopped at the first one's end: let the others finish theirs
             for _ in stream:
                 pass
-        return mean_result([ev.last_result for ev in evs]), False
+        return mean_result([ev.last_result for ev in evs]), None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -498,14 +514,28 @@ def _sigterm_as_interrupt():
 
 def best_trials(study: optuna.Study, k: int, within: int | None = None) -> list[optuna.trial.FrozenTrial]:
     """The top-k complete trials by search-split aggregate (per-task studies: mean of objectives), among
-    the first ``within`` trials of the study when given (what a run of that budget would have finalized)."""
+    the first ``within`` trials of the study when given (what a run of that budget would have finalized);
+    of trials with the same recipe (``recipe_key``), only the first."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if within is None or t.number < within]
 
     def score(t):
         return t.value if len(t.values) == 1 else sum(t.values) / len(t.values)
 
-    return sorted(done, key=score, reverse=True)[:k]
+    out, seen = [], set()
+    for t in sorted(done, key=score, reverse=True):  # stable: the earliest of equal scores first
+        key = recipe_key(t.user_attrs.get("recipe") or str(t.number))
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+        if len(out) == k:
+            break
+    return out
+
+
+def recipe_key(recipe_yaml: str) -> str:
+    """A recipe's text without its ``name:`` line: two trials with the same key merge the same model."""
+    return "\n".join(line for line in recipe_yaml.splitlines() if not line.startswith("name: "))
 
 
 def trial_score(t: optuna.trial.FrozenTrial) -> float:

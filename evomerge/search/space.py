@@ -66,6 +66,7 @@ class SearchSpace(BaseModel):
     """Method, granularity and parameter ranges of a search (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
+    kind: Literal["parameters"] = "parameters"  # or "dataflow" (``dataflow_space.DataflowSpace``)
     method: str
     granularity: Literal["model", "block", "layer"] = "model"
     block_size: int = Field(4, ge=1)
@@ -102,6 +103,20 @@ class SearchSpace(BaseModel):
             if abs(r.default - mid) > 1e-9 * max(1.0, abs(mid)):
                 out.append(f"{name} (default {r.default:g}, middle {mid:g})")
         return out
+
+    def bind(self, base_model: str, models: dict[str, str], where: str = "search_space") -> "SearchSpace":
+        """A parameter space needs nothing from the models before the builder loads them."""
+        return self
+
+    def make_builder(self, inputs, cfg, out: Path):
+        """The resident candidate builder of this space's recipes (``builder.CandidateBuilder``)."""
+        from evomerge.engine import STATISTICS_CACHE_NAME
+        from evomerge.search.builder import CandidateBuilder
+
+        if cfg.lora_scalings:  # LoRA adapters as scalings of one live PEFT model (docs/adapters.md)
+            from evomerge.lora.scaling import ScalingBuilder as CandidateBuilder
+        return CandidateBuilder(inputs.base_model, inputs.models, method=self.method, device=cfg.device,
+                                dtype=cfg.dtype, seed=cfg.seed, statistics_cache=out / STATISTICS_CACHE_NAME)
 
     # -- geometry ---------------------------------------------------------------------------------
     def n_groups(self, num_layers: int) -> int:
@@ -250,6 +265,10 @@ def load_space(source: str | Path | dict, *, where: str | None = None) -> Search
         data = read_yaml_mapping(source, where=where, what="search space", error=SpaceError)
     if not isinstance(data, dict):
         raise SpaceError(f"{where}: a search space must be a mapping")
+    if data.get("kind") == "dataflow":  # which layers of which models, in which order: dataflow_space.py
+        from evomerge.search.dataflow_space import load_dataflow_space
+
+        return load_dataflow_space(data, where)
     try:
         space = SearchSpace.model_validate(data)
     except ValidationError as e:

@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 
 from evomerge.search.config import Pruner, Sampler, journal_file
+from evomerge.search.held_writes import HeldJournalStorage, holding
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -24,17 +25,16 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def make_storage(url: str | None, output_dir: Path, *, retry_s: float | None = None) -> optuna.storages.BaseStorage:
     """The study storage: a journal file in ``output_dir`` by default, else the given URL (a database is
     retried for ``retry_s`` seconds when its connection is lost; default ``STORAGE_RETRY_S``)."""
-    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if url is None or journal_file(url) is not None:
         path = Path(journal_file(url) or output_dir / "study.journal")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        return HeldJournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     if url.startswith("redis://"):
         from optuna.storages.journal import JournalRedisBackend
 
-        return JournalStorage(JournalRedisBackend(url))
+        return HeldJournalStorage(JournalRedisBackend(url))
     return first_rdb_storage(url, retry_s=STORAGE_RETRY_S if retry_s is None else retry_s)
 
 
@@ -60,13 +60,9 @@ def _retryable(e: BaseException) -> bool:
     return False
 
 
-def _with_retries(name: str):
-    """The RDBStorage method ``name``, retried with back-off while the database is unreachable."""
+def _with_retries(method):
+    """``method`` of a storage, retried with back-off while the database is unreachable."""
     import time
-
-    from optuna.storages import RDBStorage
-
-    method = getattr(RDBStorage, name)
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
@@ -107,7 +103,8 @@ def redact_url(url: str) -> str:
 def _retrying_rdb_class():
     """RDBStorage whose every storage call rides out a database restart: stale pooled connections are
     replaced (``pool_pre_ping``) and a refused or dropped connection is retried for ``retry_s`` seconds.
-    A subclass, so that Optuna still puts its cache (``_CachedStorage``) in front of it."""
+    A subclass, so that Optuna still puts its cache (``_CachedStorage``) in front of it. Writes held by
+    ``held_writes`` go in one transaction (``send_held``)."""
     from optuna.storages import RDBStorage
 
     names = [n for n in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
@@ -126,8 +123,54 @@ def _retrying_rdb_class():
     def __setstate__(self, state):  # pickled with the storage (Optuna does for some samplers' state)
         RDBStorage.__setstate__(self, state)
 
-    return type("RetryingRDBStorage", (RDBStorage,), {"__init__": __init__, "__setstate__": __setstate__,
-                                                      **{n: _with_retries(n) for n in names}})
+    retried = {n: _with_retries(getattr(RDBStorage, n)) for n in names}
+
+    def _set_trial_param(self, trial_id, param_name, param_value_internal, distribution, previous_distribution):
+        held = holding(self)  # Optuna's cache in front calls this for every suggest_*
+        if held is None:
+            return retried["_set_trial_param"](self, trial_id, param_name, param_value_internal, distribution,
+                                               previous_distribution)
+        held.append(("param", trial_id, (param_name, param_value_internal, distribution, previous_distribution)))
+
+    def set_trial_user_attr(self, trial_id, key, value):
+        held = holding(self)
+        if held is None:
+            return retried["set_trial_user_attr"](self, trial_id, key, value)
+        held.append(("user_attr", trial_id, (key, value)))
+
+    @_with_retries
+    def send_held(self, held: list) -> None:
+        """The held parameter and user-attribute writes (``held_writes``) in one transaction; each trial is
+        looked up once, and parameters whose distribution Optuna's cache already knows are inserted together."""
+        from optuna.distributions import check_distribution_compatibility, distribution_to_json
+        from optuna.storages._rdb.models import TrialModel, TrialParamModel, TrialUserAttributeModel
+
+        session = self.scoped_session()
+        try:
+            checked = set()
+            for kind, trial_id, args in held:
+                if trial_id not in checked:
+                    self.check_trial_is_updatable(trial_id, TrialModel.find_or_raise_by_id(trial_id, session).state)
+                    checked.add(trial_id)
+                if kind == "param" and args[3] is not None:
+                    name, value, distribution, previous = args
+                    check_distribution_compatibility(previous, distribution)
+                    session.add(TrialParamModel(trial_id=trial_id, param_name=name, param_value=value,
+                                                distribution_json=distribution_to_json(distribution)))
+                elif kind == "param":  # the study's first sight of this parameter: Optuna checks it
+                    self._set_trial_param_without_commit(session, trial_id, *args)
+                else:
+                    self._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial_id, *args)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    return type("RetryingRDBStorage", (RDBStorage,), {
+        **retried, "__init__": __init__, "__setstate__": __setstate__, "_set_trial_param": _set_trial_param,
+        "set_trial_user_attr": set_trial_user_attr, "send_held": send_held})
 
 
 def open_rdb_storage(url: str, retry_s: float) -> optuna.storages.RDBStorage:
@@ -188,10 +231,12 @@ def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int, x0: dict[str, fl
             kw["consider_pruned_trials"] = True
         if cfg.separable:
             kw["use_separable_cma"] = True
+        if cfg.lr_adapt:
+            kw["lr_adapt"] = True
         with warnings.catch_warnings():  # what the run config asks for, tested with the pinned Optuna versions:
             # sigma0 is deprecated since Optuna 4.9 (removal planned for 6.0) and sep-CMA-ES is "experimental"
             warnings.filterwarnings("ignore", message=".*(sigma0|x0).*", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=".*(use_separable_cma|consider_pruned_trials).*",
+            warnings.filterwarnings("ignore", message=".*(use_separable_cma|consider_pruned_trials|lr_adapt).*",
                                     category=optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.CmaEsSampler(**kw)
     if name == "tpe":

@@ -1,4 +1,4 @@
-"""A real PostgreSQL for the tests: the server `.ci/run` started (``EVOMERGE_TEST_POSTGRES``), or a private one.
+"""A real PostgreSQL for the tests and benchmarks: the server `.ci/run` started (``EVOMERGE_TEST_POSTGRES``), or a private one.
 
 A private server is a fresh cluster (``initdb``) in a temporary directory, listening on a free port on
 localhost, started and stopped with ``pg_ctl``; the fault tests restart it under running workers. It
