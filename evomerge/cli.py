@@ -283,6 +283,11 @@ from evomerge.cli_moe import moe as _moe  # noqa: E402
 app.command("moe")(_moe)
 
 
+from evomerge.cli_lora import register as _register_lora  # noqa: E402
+
+_register_lora(app)
+
+
 def main() -> None:
     from evomerge.methods import tune_host_allocator
 

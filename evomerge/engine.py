@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from evomerge.checkpoint import CheckpointWriter, ModelReader, copy_tokenizer_files, parse_size
+from evomerge.lora.source import mergekit_references
 from evomerge.methods import MergeMethod, RandomFields
 from evomerge.recipe import (Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, mergekit_note,
                              resolve_source)
@@ -118,8 +119,6 @@ def _numel(shape) -> int:
 
 def _resolve_model_path(name: str, base_dir: Path | None) -> Path:
     """A model reference as a local directory: as given, else relative to the recipe's folder."""
-    if "+" in name and not Path(name).exists():
-        raise RecipeError(f"model '{name}': LoRA references (model+adapter) are not supported yet")
     p = Path(name).expanduser()
     if p.exists() or base_dir is None or p.is_absolute():
         return p
@@ -130,22 +129,49 @@ def _resolve_model_path(name: str, base_dir: Path | None) -> Path:
 def _open_readers(recipe: Recipe, where: str, allow_pickle: bool,
                   readers: Mapping[str, Any] | None) -> dict[str, Any]:
     from evomerge.checkpoint import CheckpointError
+    from evomerge.lora import AdapterError, is_adapter_dir, open_adapter_source, split_reference
 
     if readers is not None:
-        missing = [m for m in recipe.referenced_models() if m not in readers]
+        given = dict(readers)
+        for m in recipe.referenced_models():  # base+adapter names the reader given for the adapter
+            pair = split_reference(m) if m not in given else None
+            if pair is not None and pair[1] in given:
+                given[m] = given[pair[1]]
+        missing = [m for m in recipe.referenced_models() if m not in given]
         if missing:
             raise RecipeError(f"{where}: no state dict given for model(s) {missing}")
-        return dict(readers)
+        return given
     base_dir = Path(where).parent if where and not where.startswith("<") else None
-    out = {}
+    out: dict[str, Any] = {}
+
+    def model(name: str):
+        if name not in out:
+            path = _resolve_model_path(name, base_dir)
+            if not path.exists():
+                raise RecipeError(f"{where}: model directory '{name}' not found"
+                                  + (f" (also looked in {base_dir})" if base_dir else ""))
+            if is_adapter_dir(path):
+                raise RecipeError(f"{where}: '{name}' is a LoRA adapter, not a full model")
+            try:
+                out[name] = ModelReader(path, allow_pickle=allow_pickle)
+            except CheckpointError as e:
+                raise RecipeError(f"{where}: model '{name}': {e}") from None
+        return out[name]
+
+    declared_base = recipe.base_model or next((s.base_model for s in recipe.slices or [] if s.base_model), None)
     for name in recipe.referenced_models():
-        path = _resolve_model_path(name, base_dir)
-        if not path.exists():
-            raise RecipeError(f"{where}: model directory '{name}' not found"
-                              + (f" (also looked in {base_dir})" if base_dir else ""))
         try:
-            out[name] = ModelReader(path, allow_pickle=allow_pickle)
-        except CheckpointError as e:
+            pair = split_reference(name)
+            if pair is not None:  # mergekit's base+adapter
+                out[name] = open_adapter_source(model(pair[0]), _resolve_model_path(pair[1], base_dir))
+            elif is_adapter_dir(_resolve_model_path(name, base_dir)):
+                if declared_base is None or declared_base == name:
+                    raise RecipeError(f"{where}: model '{name}' is a LoRA adapter: declare the model it was "
+                                      f"trained on as base_model, or write it as 'base+{name}'")
+                out[name] = open_adapter_source(model(declared_base), _resolve_model_path(name, base_dir))
+            else:
+                model(name)
+        except AdapterError as e:
             raise RecipeError(f"{where}: model '{name}': {e}") from None
     return out
 
@@ -651,7 +677,8 @@ def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device
             writer.write_json("config.json", plan.config)
         if plan.tokenizer_dir is not None:
             copy_tokenizer_files(plan.tokenizer_dir, writer)
-        writer.write_text("mergekit_config.yml", plan.recipe.to_yaml())
+        base_dir = Path(plan.where).parent if plan.where and not plan.where.startswith("<") else None
+        writer.write_text("mergekit_config.yml", mergekit_references(plan.recipe, base_dir).to_yaml())
         writer.write_text("README.md", card if card is not None else model_card(plan, seed))
         return writer.commit()
 

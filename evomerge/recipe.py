@@ -329,6 +329,10 @@ def validate_recipe(recipe: Recipe) -> list[str]:
         return problems
     if recipe.models is not None and not recipe.models:
         problems.append("models: the list is empty")
+    for i, m in enumerate(recipe.models or []):
+        first = next(j for j, other in enumerate(recipe.models) if other.model == m.model)
+        if first != i:
+            problems.append(f"models[{i}]: '{m.model}' is already models[{first}]; list each model once")
     slices_have_bases = recipe.slices is not None and all(s.base_model for s in recipe.slices)
     if method.requires_base and not recipe.base_model and not slices_have_bases:
         problems.append(f"base_model: method '{method.name}' requires a base model")

@@ -148,3 +148,25 @@ def build_tiny_family(
         ft = perturbed_copy(base, seed=seed * 1000 + i + 1)
         ft_dirs.append(save_model(ft, tok, root / name, max_shard_size=max_shard_size))
     return base_dir, ft_dirs
+
+
+def build_tiny_adapter(base_dir: str | Path, out_dir: str | Path, seed: int = 0, scale: float = 0.1,
+                       **lora_config) -> Path:
+    """Save a PEFT LoRA adapter of the model in `base_dir` with seeded random factors (a trained-adapter stand-in).
+
+    `lora_config` goes to `peft.LoraConfig` (r, lora_alpha, target_modules, use_rslora, use_dora, ...).
+    Every adapter tensor (factors, DoRA magnitudes, lora_B biases, modules_to_save copies) gets
+    seeded Gaussian noise of std `scale`, so that no factor is zero.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)

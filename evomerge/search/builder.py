@@ -48,6 +48,7 @@ import torch
 import numpy as np
 
 from evomerge.checkpoint import ModelReader
+from evomerge.lora import open_source
 from evomerge.engine import MergeError, MergePlan, TensorTask, all_finite, plan_merge, resolve_device
 from evomerge.methods import della_ranks, field_seed, flat_ranks, random_field, stable_order
 from evomerge.methods.l1 import L1_BLOCK, l1_norm, lane_block_sums
@@ -106,8 +107,8 @@ class CandidateBuilder:
         self.base_dir = str(base_dir)
         self.model_paths = {name: str(p) for name, p in models.items()}
         self.readers = {self.base_dir: ModelReader(base_dir)}
-        for p in self.model_paths.values():
-            self.readers[p] = ModelReader(p)
+        for p in self.model_paths.values():  # a LoRA adapter directory reads as base + ΔW (evomerge.lora)
+            self.readers[p] = open_source(p, base=self.readers[self.base_dir])
         self.model_dtype = DTYPES[dtype]
         self.rescale_tables = True  # the host path's rescale-norm tables (``_check_host_memory``)
         if self.device.type == "cuda":

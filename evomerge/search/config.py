@@ -192,6 +192,9 @@ class RunConfig(_Strict):
     top_k: int = Field(5, ge=1)
     finetune: Finetune | None = None
     export_checkpoint: bool = True
+    # LoRA adapters as models, linear/task_arithmetic spaces: candidates as per-module adapter scalings of one
+    # live PEFT model, nothing dense built (evomerge.lora.scaling, docs/adapters.md)
+    lora_scalings: bool = False
     workers: Workers = Field(default_factory=Workers)
     dataflow: DataflowStage | None = None  # a data-flow stage after this search (``search.combined``)
 

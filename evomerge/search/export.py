@@ -29,6 +29,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.card import ScoreRow
+from evomerge.lora.source import mergekit_references
 from evomerge.engine import run_merge
 from evomerge.recipe import load_recipe
 from evomerge.search.run import SearchRun, trial_score
@@ -112,6 +113,7 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
         rows.append(_row("multi-task reference", test.evaluate(builder.model)))
 
     files = {"recipe": str(out / "best_recipe.yaml")}
+    winner_recipe = mergekit_references(winner_recipe)  # adapters as base+adapter, which mergekit reads
     write_atomic(out / "best_recipe.yaml", winner_recipe.to_yaml())
     counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}

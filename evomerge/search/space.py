@@ -113,6 +113,8 @@ class SearchSpace(BaseModel):
         from evomerge.engine import STATISTICS_CACHE_NAME
         from evomerge.search.builder import CandidateBuilder
 
+        if cfg.lora_scalings:  # LoRA adapters as scalings of one live PEFT model (docs/adapters.md)
+            from evomerge.lora.scaling import ScalingBuilder as CandidateBuilder
         return CandidateBuilder(inputs.base_model, inputs.models, method=self.method, device=cfg.device,
                                 dtype=cfg.dtype, seed=cfg.seed, statistics_cache=out / STATISTICS_CACHE_NAME)
 
