@@ -23,6 +23,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath
@@ -574,6 +575,26 @@ def staging_dir(target: Path, word: str = "tmp") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{word}-", dir=target.parent))
     tmp.chmod(0o777 & ~_umask())
     return tmp
+
+
+@contextmanager
+def staged(target: Path, word: str = "tmp"):
+    """A staging directory (``staging_dir``) to fill in the block; when the block ends, it takes ``target``'s
+    place (an old ``target`` is moved aside first and removed after), and on any error it is removed and
+    ``target`` is left as it was: readers see the old directory or the whole new one, never a part."""
+    tmp = staging_dir(target, word)
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _umask() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from evomerge.checkpoint import staging_dir
+from evomerge.checkpoint import staged
 from evomerge.engine import LAYER_PATTERN, resolve_device
 
 
@@ -194,18 +193,11 @@ def _save_atomic(model, tokenizer, out: Path, overwrite: bool, report: str | Non
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out)
-    try:
+    with staged(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_NAME).write_text(report)
         if card is not None:
             (tmp / "README.md").write_text(card)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from evomerge.checkpoint import staging_dir
+from evomerge.checkpoint import staged
 from evomerge.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
 
 
@@ -30,20 +28,9 @@ def write_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict,
     """Write ``adapter_model.safetensors``, ``adapter_config.json`` and the text ``files``; no partial output."""
     out_dir = check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out_dir)
-    try:
+    with staged(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -6,13 +6,12 @@ complete evomerge config), ``mergekit_moe.yaml`` where mergekit-moe can build th
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
-from evomerge.checkpoint import staging_dir
+from evomerge.checkpoint import staged
 from evomerge.moe.assemble import MoeModel
 from evomerge.moe.config import MERGEKIT_GATE_MODES, MoeConfig, MoeError
 
@@ -60,8 +59,7 @@ def write_moe(moe: MoeModel, tokenizer, cfg: MoeConfig, out_dir: str | Path, rep
     if out.exists() and not overwrite:
         raise MoeError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out, "moe")
-    try:
+    with staged(out, "moe") as tmp:
         moe.model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -79,12 +77,6 @@ def write_moe(moe: MoeModel, tokenizer, cfg: MoeConfig, out_dir: str | Path, rep
             (tmp / name).write_text(text)
         (tmp / "moe_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(render_card(report))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -497,21 +497,28 @@ def file_lock(path: Path):
 
 
 @contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM stops the search like Ctrl-C (the running trial is marked interrupted)."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
+def _signal_handlers(handlers: dict):
+    """``handlers`` ({signal number: handler}) installed for the block; in a thread other than the main one,
+    where Python allows no signal handlers, the block runs without them."""
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM stops the search like Ctrl-C (the running trial is marked interrupted)."""
+    return _signal_handlers({signal.SIGTERM: _raise_interrupt})
 
 
 @contextmanager
@@ -525,16 +532,8 @@ def _interrupts_deferred():
             raise KeyboardInterrupt
         pending.append(signum)
 
-    try:
-        previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
+    with _signal_handlers({signal.SIGINT: hold, signal.SIGTERM: hold}):
         yield
-        return
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if pending:
         raise KeyboardInterrupt
 
