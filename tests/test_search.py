@@ -386,7 +386,9 @@ def test_builder_matches_engine_for_stochastic_methods(tiny_zoo, tmp_path):
 
 
 def _cli(args, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # one thread per worker process: two cores shared with the test process and other workers (torch's
+    # spinning threads slow to a crawl when oversubscribed)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -449,7 +451,7 @@ def test_ctrl_c_marks_the_running_trial_and_stops_cleanly(tiny_zoo, tmp_path):
     proc = _cli(["search", str(cfg), "--no-finalize", "--trials", "100000"])  # still running when interrupted
     _finished_trials_once(proc, tmp_path / "run", 3)
     proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=120)[0]
+    output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, output
     assert "re-run the same command to resume" in output and "Traceback" not in output
     trials = _study(tmp_path / "run").get_trials(deepcopy=False)
