@@ -12,10 +12,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_zoo):
-    from evomerge.zoo_adapters import build_adapters
-
-    return build_adapters(tiny_zoo)
+def adapters(tiny_zoo_adapters):
+    return tiny_zoo_adapters
 
 
 def _base(zoo):
