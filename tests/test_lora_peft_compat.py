@@ -60,3 +60,20 @@ def test_bad_peft_recipes_are_refused_naming_the_problem(tiny_zoo, tiny_zoo_adap
         with pytest.raises(AdapterError, match=message):
             load_peft_recipe(data, "bad.yaml")
     assert not (tmp_path / "merged").exists()
+
+
+def test_merge_lora_command_runs_the_compatibility_mode(tiny_zoo, tiny_zoo_adapters, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    recipe = tmp_path / "peft.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(tiny_zoo, tiny_zoo_adapters, "dare_linear")))
+    res = CliRunner().invoke(app, ["merge-lora", str(recipe), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    written = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    reference = _peft_reference(tiny_zoo, tiny_zoo_adapters, "dare_linear", {"density": 0.5})
+    assert all(torch.equal(written[k], reference[k]) for k in reference)
+    res = CliRunner().invoke(app, ["merge-lora", str(recipe), str(tmp_path / "out2"), "--rank", "4"])
+    assert res.exit_code == 2 and "svd_rank" in res.output and not (tmp_path / "out2").exists()
