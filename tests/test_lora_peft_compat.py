@@ -17,7 +17,8 @@ WEIGHTS = [1.0, 0.7]
 def _recipe(zoo, adapters, kind, **options) -> dict:
     params = {"combination_type": kind, **({"density": 0.5} if kind in NEEDS_DENSITY else {}), **options}
     return {"merge_method": "peft", "base_model": str(zoo.base), "parameters": params, "seed": 3,
-            "models": [{"model": str(adapters[n]), "parameters": {"weight": w}} for n, w in zip(("rev", "map"), WEIGHTS)]}
+            "models": [{"model": str(adapters[n]), "parameters": {"weight": w}}
+                       for n, w in zip(("rev", "map"), WEIGHTS)]}
 
 
 def _peft_reference(zoo, adapters, kind, options) -> dict[str, torch.Tensor]:

@@ -63,8 +63,9 @@ def test_a_run_config_searches_the_zoo_adapters_and_peft_cat_is_the_default_merg
     assert inputs.models == {name: str(p) for name, p in adapters.items()}
 
     builder = ScalingBuilder(inputs.base_model, inputs.models, method="task_arithmetic", device="cpu")
+    weights_1 = [{"model": p, "parameters": {"weight": 1.0}} for p in inputs.models.values()]
     builder.build(load_recipe({"merge_method": "task_arithmetic", "base_model": inputs.base_model,
-                               "models": [{"model": p, "parameters": {"weight": 1.0}} for p in inputs.models.values()]}))
+                               "models": weights_1}))
     ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         default = builder.model(input_ids=ids).logits
