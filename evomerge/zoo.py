@@ -819,7 +819,8 @@ def _check_replaceable(root: Path) -> None:
     """Raise unless `root` is a directory holding nothing but zoo parts (so it may be replaced)."""
     if root.is_symlink() or not root.is_dir():
         raise FileExistsError(f"{root}: exists and is not an evomerge zoo directory; choose another output directory")
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in _ZOO_ENTRIES)
+    foreign = sorted(p.name for p in root.iterdir()  # (a staging directory of the adapters left by a killed build)
+                     if p.name not in _ZOO_ENTRIES and not p.name.startswith(".adapters."))
     if foreign:
         raise FileExistsError(
             f"{root}: not an evomerge zoo (it holds {', '.join(foreign[:5])}); "
