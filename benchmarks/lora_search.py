@@ -79,16 +79,11 @@ def ngopt(run, budget: int, seed: int) -> tuple[float, float, float]:
 
 
 def peft_merges(run) -> dict[str, float]:
-    """Test scores of PEFT's add_weighted_adapter `cat` and `ties` (density 0.5) with weights 1."""
-    model = run.builder.model
-    names = list(run.builder.adapter_names.values())
-    out = {}
-    for kind, extra in (("cat", {}), ("ties", {"density": 0.5})):
-        model.add_weighted_adapter(names, [1.0] * len(names), f"peft_{kind}", combination_type=kind, **extra)
-        model.base_model.set_adapter(f"peft_{kind}")
-        out[f"PEFT add_weighted_adapter {kind} (weights 1{', density 0.5' if extra else ''})"] = score(run, "test")
-    model.base_model.set_adapter(names)
-    return out
+    """Test scores of PEFT's add_weighted_adapter merges with weights 1 (the search report's PEFT baselines)."""
+    from evomerge.search.baselines import peft_merged_models
+
+    return {label: run.evaluator("test").evaluate(model).aggregate for label, model in
+            peft_merged_models(run.inputs.base_model, run.inputs.models, torch.float32, run.builder.device)}
 
 
 def main() -> None:

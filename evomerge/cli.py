@@ -266,13 +266,17 @@ def zoo_build(
                                           help="whether the base sees a little of every task in pre-training"),
     overlap: bool = typer.Option(False, help="fine-tune each expert on two neighbouring tasks (shared skills)"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16: the dtype the models are saved in"),
+    adapters: bool = typer.Option(True, help="also train one LoRA adapter per expert (docs/adapters.md)"),
 ) -> None:
-    """Build the offline demo zoo: base, experts, multi-task reference, task data (docs/zoo.md)."""
+    """Build the offline demo zoo: base, experts, multi-task reference, task data, LoRA experts (docs/zoo.md)."""
     from evomerge.zoo import ZooVariant, build_zoo
+    from evomerge.zoo_adapters import build_adapters
 
     variant = ZooVariant(experts=experts, base_knows_tasks=base_knows_tasks, overlap=overlap, dtype=dtype)
     try:
         zoo = build_zoo(out_dir, size=size, seed=seed, force=force, variant=variant)
+        if adapters:
+            build_adapters(zoo, force=force, log=lambda line: console.print(line, highlight=False))
     except (ValueError, FileExistsError) as e:
         _fail(str(e))
     console.print(f"[green]zoo ready[/] at {zoo.root}")

@@ -31,7 +31,17 @@ def merge_lora(
     from evomerge.lora.export import DISCARDED_WARNING, merge_to_adapter
     from evomerge.recipe import RecipeError
 
+    from evomerge.lora.peft_compat import is_peft_recipe, load_peft_recipe, peft_merge
+    from evomerge.yamlfile import read_yaml_mapping
+
     try:
+        data = read_yaml_mapping(recipe, where=str(recipe), what="recipe", error=AdapterError)
+        if is_peft_recipe(data):  # PEFT compatibility mode: PEFT's add_weighted_adapter, its options in the recipe
+            if rank is not None:
+                raise AdapterError(f"{recipe}: merge_method peft takes its rank from parameters.svd_rank, not --rank")
+            written = peft_merge(load_peft_recipe(data, str(recipe), recipe.parent), out_dir, overwrite=overwrite)
+            console.print(f"[green]wrote[/] {written} (PEFT add_weighted_adapter)")
+            return
         report = merge_to_adapter(recipe, out_dir, rank=rank, overwrite=overwrite, where=str(recipe),
                                   device=device, seed=seed)
     except (RecipeError, AdapterError, ValueError) as e:

@@ -57,7 +57,7 @@ ZOO_VERSION = 3  # bump when the data, training code or written files change wha
 # (3: the task YAMLs list each task's train split, for `evomerge finetune`; models and data as in 2)
 MARKER_NAME = "zoo.json"
 REPORT_NAME = "zoo_report.md"
-_ZOO_ENTRIES = {"base", "experts", "multitask", "data", "tasks", "tasks.yaml", REPORT_NAME, MARKER_NAME}
+_ZOO_ENTRIES = {"base", "experts", "adapters", "multitask", "data", "tasks", "tasks.yaml", REPORT_NAME, MARKER_NAME}
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary
@@ -433,13 +433,15 @@ def train_lm(
     pad_id: int,
     log: Callable[[str], None] | None = None,
 ):
-    """Full fine-tuning with AdamW (no weight decay), linear warm-up and linear decay to 0.
+    """Training of the parameters that require grad (all of them: full fine-tuning; a PEFT model's: its
+    adapter) with AdamW (no weight decay), linear warm-up and linear decay to 0.
 
     Batches are drawn with replacement from a generator seeded with `seed`, so the result
     depends only on the inputs (on one thread with deterministic algorithms).
     """
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
@@ -451,7 +453,7 @@ def train_lm(
         ids, mask, labels = _collate([examples[i] for i in idx], pad_id)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -462,12 +464,12 @@ def train_lm(
     return model
 
 
-def _seed(seed: int, label: str) -> int:
+def derived_seed(seed: int, label: str) -> int:
     """A 31-bit seed derived from the zoo seed and a label (stable across runs and platforms)."""
     return int(hashlib.sha256(f"evomerge-zoo-{seed}-{label}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-class _Deterministic:
+class Deterministic:
     """Context: one intra-op thread, deterministic algorithms and no transformers progress bars.
 
     One thread makes the reductions' order (hence the bits) independent of the core count and
@@ -536,7 +538,7 @@ def _generic_examples(tok, spec: ZooSize, seed: int) -> list[tuple[list[int], li
     return _encode_pairs(tok, generic_pairs(rng, spec.n_generic))
 
 
-def _finetune_examples(tok, spec: ZooSize, seed: int, data, tasks: list[str]):
+def finetune_examples(tok, spec: ZooSize, seed: int, data, tasks: list[str]):
     """Encoded training examples of `tasks`, plus `spec.replay` of generic data."""
     pairs = [FAMILIES[t].completion(row) for t in tasks for row in data[t]["train"]]
     examples = _encode_pairs(tok, pairs)
@@ -566,10 +568,10 @@ def train_base(size: str, seed: int, tokenizer=None, data=None, log=None, varian
     spec = variant.spec(size)
     tok = tokenizer or zoo_tokenizer()
     data = data if data is not None else make_zoo_data(size, seed, variant)
-    with _Deterministic():
-        model = build_tiny_model(zoo_config(size, tok), seed=_seed(seed, "init"))
+    with Deterministic():
+        model = build_tiny_model(zoo_config(size, tok), seed=derived_seed(seed, "init"))
         train_lm(model, _pretraining_examples(tok, spec, seed, data), steps=spec.base_steps, lr=spec.base_lr,
-                 batch_size=spec.batch_size, seed=_seed(seed, "base"), pad_id=tok.pad_token_id, log=log)
+                 batch_size=spec.batch_size, seed=derived_seed(seed, "base"), pad_id=tok.pad_token_id, log=log)
     return model
 
 
@@ -586,10 +588,10 @@ def finetune(base_model, tasks: list[str], size: str, seed: int, tokenizer=None,
     if steps is None:
         steps = spec.expert_steps if len(tasks) == 1 else spec.multitask_steps
     label = "+".join(tasks)
-    with _Deterministic():
+    with Deterministic():
         model = copy.deepcopy(base_model)
-        train_lm(model, _finetune_examples(tok, spec, seed, data, tasks), steps=steps,
-                 lr=spec.finetune_lr, batch_size=spec.batch_size, seed=_seed(seed, f"ft-{label}"),
+        train_lm(model, finetune_examples(tok, spec, seed, data, tasks), steps=steps,
+                 lr=spec.finetune_lr, batch_size=spec.batch_size, seed=derived_seed(seed, f"ft-{label}"),
                  pad_id=tok.pad_token_id, log=log)
     return model
 
@@ -665,7 +667,7 @@ def measure_zoo(
             log(f"  {label:<16} " + "  ".join(f"{t} {v:.2f}" for t, v in res.per_task.items())
                 + f"  | mean {res.aggregate:.2f}")
 
-    with _Deterministic():
+    with Deterministic():
         base = AutoModelForCausalLM.from_pretrained(zoo.base).eval()
         score("base", base)
         states = {"base": base.state_dict()}
@@ -750,6 +752,11 @@ class Zoo:
         )
 
     @property
+    def adapters(self) -> dict[str, Path]:
+        """Where each expert's LoRA counterpart lives (built on demand: ``evomerge.zoo_adapters``)."""
+        return {e: self.root / "adapters" / e for e in self.experts}
+
+    @property
     def report(self) -> str:
         """The text of zoo_report.md (the measured table)."""
         return self.report_path.read_text(encoding="utf-8")
@@ -812,7 +819,8 @@ def _check_replaceable(root: Path) -> None:
     """Raise unless `root` is a directory holding nothing but zoo parts (so it may be replaced)."""
     if root.is_symlink() or not root.is_dir():
         raise FileExistsError(f"{root}: exists and is not an evomerge zoo directory; choose another output directory")
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in _ZOO_ENTRIES)
+    foreign = sorted(p.name for p in root.iterdir()  # (a staging directory of the adapters left by a killed build)
+                     if p.name not in _ZOO_ENTRIES and not p.name.startswith(".adapters."))
     if foreign:
         raise FileExistsError(
             f"{root}: not an evomerge zoo (it holds {', '.join(foreign[:5])}); "
@@ -855,7 +863,7 @@ def build_zoo(
     tmp = staging_dir(root, "building")
     try:
         start = time.perf_counter()
-        with _Deterministic():
+        with Deterministic():
             _build_into(tmp, size, seed, variant, log or (lambda _: None))
         seconds = time.perf_counter() - start
         if log:

@@ -48,3 +48,11 @@ def tiny_zoo(tmp_path_factory):
     from evomerge.zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_adapters(tiny_zoo):
+    """The tiny zoo's LoRA experts (evomerge.zoo_adapters), built once per test session."""
+    from evomerge.zoo_adapters import build_adapters
+
+    return build_adapters(tiny_zoo)

@@ -107,7 +107,7 @@ def test_lora_hub_search_beats_its_first_trial(tiny_zoo, tmp_path):
     assert len(trials) == 10 and max(t.value for t in trials) > trials[0].value
     finalize(run)
     summary = (tmp_path / "run" / "summary.md").read_text()
-    assert "| base |" in summary and "fine-tune:" in summary
+    assert "| base |" in summary and "| adapter: " in summary and "| PEFT add_weighted_adapter cat" in summary
     winner = load_recipe(tmp_path / "run" / "best_recipe.yaml")
     run.builder.build(winner)
     from transformers import AutoModelForCausalLM

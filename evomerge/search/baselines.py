@@ -5,7 +5,9 @@ of data-free subspace merging (TSV-M, Iso-CTS) and of data-aware RegMean over th
 user sees whether the search beat them. RegMean calibrates each fine-tune on the search split of the
 run's tasks (its own tasks when the fine-tune is named after them, as the demo zoo's experts are:
 ``evomerge.calibration.own_tasks``);
-its statistics are cached in the run directory.
+its statistics are cached in the run directory. When every model is a LoRA adapter, the table also lists
+what PEFT's own ``add_weighted_adapter`` makes of them (``PEFT_COMBINATIONS``, weights 1): ``cat``, exact,
+and ``ties``, which trims and elects signs on the factors A and B separately (docs/adapters.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from evomerge.recipe import Recipe, load_recipe
 
 BASELINE_METHODS = ("tsv_m", "iso_cts", "regmean")
 CALIBRATION_EXAMPLES = 64  # per task, from the search split
+PEFT_COMBINATIONS = {"cat": {}, "ties": {"density": 0.5}}  # add_weighted_adapter types and their options
 
 
 def baseline_recipe(method: str, base: str, models: dict[str, str], tasks: Any, task_names: Sequence[str]
@@ -49,3 +52,24 @@ def build_into(builder, recipe: Recipe, statistics_cache: Path | None) -> None:
         for name, tensor in iter_merged(plan, device=builder.device):
             if name in builder.params:
                 builder.params[name].copy_(tensor.to(builder.params[name].dtype))
+
+
+def peft_merged_models(base: str, models: dict[str, str], dtype: torch.dtype, device):
+    """Yield (label, model): the base with PEFT's ``add_weighted_adapter`` of every adapter (weights 1) active,
+    one combination type of ``PEFT_COMBINATIONS`` after another (the same live model, re-targeted)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    names = {path: f"adapter{i}" for i, path in enumerate(models.values())}
+    paths = list(names)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), paths[0],
+                                      adapter_name=names[paths[0]])
+    for path in paths[1:]:
+        model.load_adapter(path, adapter_name=names[path])
+    model = model.eval().to(device)
+    for kind, options in PEFT_COMBINATIONS.items():
+        model.add_weighted_adapter(list(names.values()), [1.0] * len(names), f"peft_{kind}", combination_type=kind,
+                                   **options)
+        model.set_adapter(f"peft_{kind}")
+        detail = "".join(f", {k} {v}" for k, v in options.items())
+        yield f"PEFT add_weighted_adapter {kind} (weights 1{detail})", model

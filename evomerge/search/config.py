@@ -56,6 +56,8 @@ class Zoo(_Strict):
     base_knows_tasks: bool = True
     overlap: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # the zoo's LoRA experts (built on first use, evomerge.zoo_adapters) as the models, not its full fine-tunes
+    adapters: bool = False
 
     def variant(self):
         """The zoo variant these keys describe (checked against the size)."""

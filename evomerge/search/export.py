@@ -29,6 +29,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.card import ScoreRow
+from evomerge.lora import is_adapter_dir
 from evomerge.lora.source import mergekit_references
 from evomerge.engine import run_merge
 from evomerge.recipe import load_recipe
@@ -74,6 +75,21 @@ def _method_baselines(run: SearchRun, test, log) -> list:
     return rows
 
 
+def _peft_baselines(run: SearchRun, test, log) -> list:
+    """Test rows of PEFT's ``add_weighted_adapter`` merges when every model is a LoRA adapter (else none)."""
+    from evomerge.search.baselines import peft_merged_models
+    from evomerge.search.builder import DTYPES
+
+    if not all(is_adapter_dir(p) for p in run.inputs.models.values()):
+        return []
+    try:
+        return [_row(label, test.evaluate(model)) for label, model in peft_merged_models(
+            run.inputs.base_model, run.inputs.models, DTYPES[run.cfg.dtype], run.builder.device)]
+    except (ValueError, RuntimeError) as e:  # e.g. PEFT refusing adapters of different ranks or types
+        log(f"PEFT baselines skipped: {e}")
+        return []
+
+
 def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Summary:
     """Re-rank on validation, score baselines on test, write every report file; returns the summary."""
     t0 = time.perf_counter()
@@ -100,9 +116,11 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
                      else f"default recipe ({run.space.method})", test.evaluate(builder.model)))
     if run.space.kind == "parameters":  # merges of the same models by the methods' defaults
         rows += _method_baselines(run, test, log)
+        rows += _peft_baselines(run, test, log)
     for name, path in run.inputs.models.items():
         builder.load_model_weights(path)
-        rows.append(_row(f"fine-tune: {name}", test.evaluate(builder.model)))
+        kind = "adapter" if is_adapter_dir(path) else "fine-tune"
+        rows.append(_row(f"{kind}: {name}", test.evaluate(builder.model)))
     builder.load_model_weights(None)
     rows.append(_row("base", test.evaluate(builder.model)))
     if run.inputs.reference:

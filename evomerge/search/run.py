@@ -57,6 +57,10 @@ def resolve_inputs(cfg: RunConfig, progress: Callable[[str], None] = print) -> I
 
         zoo = build_zoo(cfg.zoo.dir, size=cfg.zoo.size, seed=cfg.zoo.seed, progress=True, variant=cfg.zoo.variant())
         base = base or str(zoo.base)
+        if cfg.zoo.adapters and not models:
+            from evomerge.zoo_adapters import build_adapters
+
+            models = {name: str(p) for name, p in build_adapters(zoo, log=progress).items()}
         models = models or {name: str(p) for name, p in zoo.experts.items()}
         tasks = tasks or str(zoo.tasks_yaml)
         reference = reference or str(zoo.multitask)
