@@ -88,6 +88,9 @@ def test_duration_parsing():
      r"finetune: trains the winner's exported checkpoint; it needs export_checkpoint: true"),
     ("zoo: {size: tiny}\nsearch_space: x.yaml\nsampler: {name: tpe, popsize: 8}\n",
      r"sampler option 'popsize' does not apply to sampler 'tpe' \(only to cmaes / nsga2\)"),
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\nobjectives: per_task\nsampler: {name: nsga2}\nweight_l1: 0.1\n",
+     r"weight_l1 penalises the one aggregate search score"),
+    ("zoo: {size: tiny}\nsearch_space: x.yaml\nweight_l1: -1\n", r"weight_l1"),
     ("zoo: {size: tiny}\nsearch_space: x.yaml\nsampler: {name: tpe, lr_adapt: true}\n",
      r"sampler option 'lr_adapt' does not apply to sampler 'tpe' \(only to cmaes\)"),
     ("zoo: {size: tiny}\nsearch_space: x.yaml\nsampler: {name: cmaes, lr_adapt: true, separable: true}\n",
@@ -752,3 +755,21 @@ def test_nan_oom_and_evaluation_errors_fail_one_trial_not_the_search(tiny_zoo, t
                 "evaluation": "RuntimeError: scorer crashed (simulated)"}[failure]
     assert reason.startswith(expected), reason
     assert "Traceback" in trials[2].user_attrs["traceback"] and not trials[2].user_attrs.get("interrupted")
+
+
+def test_weight_l1_penalises_the_search_score_by_the_searched_weights(tiny_zoo, tmp_path):
+    """LoraHub's L1 regulariser: each trial's value is its search-split aggregate minus weight_l1 times the sum
+    of |searched model weights|; the per-task scores it stores are not penalised."""
+    from evomerge.search.run import SearchRun
+
+    run = SearchRun(load_config(_config(tmp_path, tiny_zoo, budget={"trials": 4}, sampler={"name": "random"},
+                                        weight_l1=0.1)))
+    stats = run.run()
+    trials = {t.number: t for t in run.study.get_trials(deepcopy=False)}
+    assert [r.state for r in stats.trials] == ["COMPLETE"] * 4
+    for rec in stats.trials:
+        t = trials[rec.number]
+        weights = [v for k, v in t.params.items() if k.startswith("weight[")]
+        assert weights and sum(abs(w) for w in weights) > 0
+        assert t.value == pytest.approx(rec.value - 0.1 * sum(abs(w) for w in weights), abs=1e-9)
+        assert t.user_attrs["scores"] == pytest.approx(rec.scores)

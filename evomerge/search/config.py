@@ -197,6 +197,9 @@ class RunConfig(_Strict):
     # LoRA adapters as models, linear/task_arithmetic spaces: candidates as per-module adapter scalings of one
     # live PEFT model, nothing dense built (evomerge.lora.scaling, docs/adapters.md)
     lora_scalings: bool = False
+    # LoraHub's L1 regulariser: the search score minus weight_l1 * sum of |searched model weights| (the
+    # sampler and the pruner see it; validation re-ranking and the test table do not)
+    weight_l1: float = Field(0.0, ge=0)
     workers: Workers = Field(default_factory=Workers)
     dataflow: DataflowStage | None = None  # a data-flow stage after this search (``search.combined``)
 
@@ -209,6 +212,9 @@ class RunConfig(_Strict):
         if self.objectives == "per_task" and self.sampler.name not in ("nsga2", "tpe", "random", "gp"):
             raise ValueError(f"objectives: per_task is multi-objective; sampler '{self.sampler.name}' supports one "
                              f"objective; use nsga2 (or tpe/random/gp)")
+        if self.weight_l1 and self.objectives == "per_task":
+            raise ValueError("weight_l1 penalises the one aggregate search score; it cannot be used with "
+                             "objectives: per_task")
         if self.dataflow is not None and not self.export_checkpoint:
             raise ValueError("dataflow: searches over the first stage's exported winner; it needs export_checkpoint: true")
         if self.finetune is not None and not self.export_checkpoint:

@@ -395,7 +395,7 @@ class SearchRun:
             return TrialRecord(trial.number, "PRUNED", None, {}, build_s, eval_s, "pruned", first_build)
         self._record(trial, attrs)
         values = ([result.per_task[t.name] for t in self.task_specs] if self.n_objectives > 1
-                  else result.aggregate)
+                  else result.aggregate - self.weight_penalty(trial.params))
         self.study.tell(trial, values)
         self._scored[recipe_key(text)] = (trial.number, values, result.aggregate, dict(result.per_task))
         value = result.aggregate
@@ -416,6 +416,13 @@ class SearchRun:
         self.study.tell(trial, values)
         return TrialRecord(trial.number, "COMPLETE", aggregate, dict(per_task), 0.0, 0.0, reason=f"same as #{same_as}")
 
+    def weight_penalty(self, params: dict[str, float]) -> float:
+        """LoraHub's L1 regulariser (Huang et al., 2023, "LoraHub"): ``weight_l1`` · Σ|w| over the searched
+        model weights (parameters named ``weight``), subtracted from the search score."""
+        if not self.cfg.weight_l1:
+            return 0.0
+        return self.cfg.weight_l1 * sum(abs(v) for k, v in params.items() if k.split("[", 1)[0] == "weight")
+
     def _score(self, trial: optuna.Trial):
         """Score on the search split, reporting running scores chunk by chunk to the pruner. Returns the
         result and, for a pruned trial, where it was stopped (the result is then None)."""
@@ -424,7 +431,7 @@ class SearchRun:
             return mean_result([ev.evaluate(self.builder.model) for ev in evs]), None
         streams = [ev.evaluate_chunks(self.builder.model, self.cfg.pruner.chunk_size) for ev in evs]
         for step, running in enumerate(zip(*streams)):  # every evaluator chunks its split the same way
-            score = sum(r.aggregate for r in running) / len(running)
+            score = sum(r.aggregate for r in running) / len(running) - self.weight_penalty(trial.params)
             trial.report(score, step)
             if trial.should_prune():
                 return None, {"examples": running[0].examples_seen, "score": score}
