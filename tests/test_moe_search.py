@@ -50,6 +50,7 @@ def test_moe_search_beats_its_first_trial(moe_run):
     labels = [r.label for r in summary.rows]
     assert labels[0].startswith("winner") and "base" in labels
     assert {f"fine-tune: {name}" for name in run.inputs.models} <= set(labels)
+    assert "regmean defaults (no search)" in labels  # dense method baselines beside the MoE
 
 
 def test_exported_moe_reloads_to_the_candidates_logits_and_its_config_rebuilds_it(moe_run):

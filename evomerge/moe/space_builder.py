@@ -61,7 +61,8 @@ class MoeSpaceBuilder:
         self.routers: dict[tuple, torch.Tensor] = {}
         self.model: torch.nn.Module = self.moe.model
         self.num_layers = len(self.moe.blocks())
-        self.readers: dict[str, ModelReader] = {}
+        # headers of base and experts: what the method baselines' merges plan over (``params``)
+        self.readers = {p: ModelReader(p) for p in (template.base_model, *(e.source_model for e in template.experts))}
         self.dense: dict[str, torch.nn.Module] = {}  # whole models made live by ``load_model_weights``
         self.tokenizer_dir = Path(template.base_model)
         self.training: dict | None = None  # the live candidate's router training (``TrainingReport``)
@@ -114,6 +115,18 @@ class MoeSpaceBuilder:
                 str(self.dtype).removeprefix("torch."), torch.float32)).eval()
         self.model = self.dense[path]
 
+    @property
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters of a scratch dense model (the base's architecture) into which
+        ``search.baselines.build_into`` merges the dense method baselines; that model becomes the live one."""
+        self.load_model_weights(self.template.base_model)
+        if "scratch" not in self.dense:
+            import copy
+
+            self.dense["scratch"] = copy.deepcopy(self.model)
+        self.model = self.dense["scratch"]
+        return dict(self.model.named_parameters())
+
     def nonfinite_tensor(self) -> str | None:
         """The first router or non-expert tensor of the live MoE holding NaN or infinity, else None."""
         for name, tensor in self.moe.model.named_parameters():
@@ -122,6 +135,8 @@ class MoeSpaceBuilder:
         return None
 
     def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
         self.dense.clear()
         self.routers.clear()
         self.model = None

@@ -98,7 +98,7 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     builder.build(run.recipe_for(run.default_point))
     first = {"dataflow": "identity flow of the base (first trial)", "moe": "MoE at the space's defaults (first trial)"}
     rows.append(_row(first.get(run.space.kind, f"default recipe ({run.space.method})"), test.evaluate(builder.model)))
-    if run.space.kind == "parameters":  # merges of the same models by the methods' defaults
+    if run.space.kind in ("parameters", "moe"):  # dense merges of the same models by the methods' defaults
         rows += _method_baselines(run, test, log)
     for name, path in run.inputs.models.items():
         builder.load_model_weights(path)
