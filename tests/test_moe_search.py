@@ -90,7 +90,8 @@ def test_a_resumed_moe_search_finishes_a_larger_budget(moe_run, tiny_zoo):
 @pytest.mark.parametrize("extra, pattern", [
     ({"gate_mode": ["zero"]}, r"unknown key 'gate_mode'"),
     ({"experts_per_token": [1, 4]}, r"experts_per_token: \[4\] outside 1\.\.3"),
-    ({"gate_modes": ["hiden"]}, r"gate_modes"),
+    ({"gate_modes": ["hiden"]}, r"gate_modes\[0\]: .*got .hiden."),
+    ({"train": {"steps": 5}}, r"train\.steps are searched in an moe space"),
     ({"expert_tasks": {"ft9": ["rev"]}}, r"expert_tasks\.ft9: not one of the run's models"),
     ({"architecture": "qwen"}, r"architecture: 'qwen' cannot be built from llama experts"),
 ])

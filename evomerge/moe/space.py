@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from evomerge.moe.config import DATA_FREE_MODES, GATE_MODES, MoeCalibration, MoeConfig, MoeError, RouterTraining
 from evomerge.recipe import pydantic_message
@@ -47,7 +47,13 @@ class _Strict(BaseModel):
 class SpaceTraining(RouterTraining):
     """``train:`` of an MoE space: ``evomerge moe``'s router-training keys; the steps are searched."""
 
-    steps: Literal[0] = 0
+    steps: int = 0
+
+    @model_validator(mode="after")
+    def _steps_searched(self):
+        if self.steps:
+            raise ValueError("steps are searched in an moe space: list the options in train_steps, e.g. [0, 20]")
+        return self
 
 
 class SpaceCalibration(_Strict):
