@@ -10,8 +10,8 @@ candidate (``moe.space.MoeCandidate``) then only rewrites what it chooses, in th
 2. experts per token (the config and every router's ``top_k``);
 3. the routers, by the candidate's ``gate_mode`` (``moe.gates``). Router weights are cached per
    initialisation: data-free modes and those that read only the base (``cheap_embed``, ``hidden*``) once
-   each; ``router_input_mean`` and ``supervised`` (which read the MoE's own activations) per non-expert
-   weights and experts per token;
+   each; those fitted on the MoE's own router inputs (``MODEL_DEPENDENT_MODES``) per non-expert weights and
+   experts per token;
 4. optional router training (``moe.train.train_routers``, ``train_steps`` steps).
 
 The MoE lives on the CPU whatever the run's ``device`` (router fitting and training run there).
@@ -32,7 +32,7 @@ from evomerge.moe.gates import GateContext, router_init
 from evomerge.moe.search import non_expert_deltas, set_non_expert
 from evomerge.search.builder import DTYPES, BuildStats
 
-MODEL_DEPENDENT_MODES = ("router_input_mean", "supervised")  # fitted on the MoE's own router inputs
+MODEL_DEPENDENT_MODES = ("router_input_mean", "router_input_lda", "supervised")  # fitted on the MoE's own router inputs
 
 
 class MoeSpaceBuilder:
