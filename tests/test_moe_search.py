@@ -74,6 +74,11 @@ def test_exported_moe_reloads_to_the_candidates_logits_and_its_config_rebuilds_i
         assert (again(IDS).logits - live).abs().max().item() < 1e-4
     card = (run.out / "merged" / "README.md").read_text()
     assert "winner (trial" in card and "| base |" in card
+    from evomerge.search.export import export_trial
+
+    with pytest.raises(ValueError, match="is an MoE candidate"):  # `evomerge export` re-exports merge recipes
+        export_trial(run.out, tmp / "exported", trial=0)
+    assert not (tmp / "exported").exists()
 
 
 def test_a_resumed_moe_search_finishes_a_larger_budget(moe_run, tiny_zoo):

@@ -237,6 +237,8 @@ class MoeSpace(_Strict):
         from evomerge.evaluate import load_tasks
         from evomerge.moe.space_builder import MoeSpaceBuilder
 
+        if cfg.dataflow is not None:
+            raise SpaceError("dataflow: a data-flow stage stacks the layers of a dense winner; an moe search has none")
         if not isinstance(inputs.tasks, (str, Path)):
             raise SpaceError("search_space: an moe space reads routing prompts from the run's task file; "
                              "name a task file in tasks:")

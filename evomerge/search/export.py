@@ -360,6 +360,9 @@ def export_trial(run_dir: str | Path, out_dir: str | Path, *, trial: int | None 
     t = matches[0]
     if "recipe" not in t.user_attrs:
         raise ValueError(f"{run_dir}: trial {trial} has no recorded recipe (state {t.state.name})")
+    if "gate_mode" in yaml.safe_load(t.user_attrs["recipe"]):  # a ``kind: moe`` candidate, not a merge recipe
+        raise ValueError(f"{run_dir}: trial {trial} is an MoE candidate (search space kind moe): `evomerge finalize` "
+                         f"exports the winner, and `evomerge moe {run_dir}/best_moe.yaml OUT` rebuilds it")
     recipe = load_recipe(t.user_attrs["recipe"], where=f"{run_dir} trial {trial}")
     seed = saved.get("seed", 0) if seed is None else seed
     from evomerge.card import merge_facts, render_card
