@@ -33,11 +33,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from evomerge.moe.build import NON_EXPERT_RECIPE  # beside a rebuild config: the winner's non-expert weights
 from evomerge.moe.config import DATA_FREE_MODES, GATE_MODES, MoeCalibration, MoeConfig, MoeError, RouterTraining
 from evomerge.recipe import pydantic_message
 from evomerge.search.space import Range, SpaceError
 
-NON_EXPERT_RECIPE = "non_expert_recipe.yaml"  # beside a rebuild config: the winner's non-expert weights
 
 
 class _Strict(BaseModel):
@@ -130,9 +130,11 @@ class MoeSpace(_Strict):
         from evomerge.moe.config import check_models
 
         n, problems = len(models), []
-        bad = [k for k in self.experts_per_token + ([self.train.top_k] if self.train.top_k else []) if not 1 <= k <= n]
+        bad = [k for k in self.experts_per_token if not 1 <= k <= n]
         if bad:
             problems.append(f"experts_per_token: {bad} outside 1..{n} (the run has {n} models, one expert each)")
+        if self.train.top_k is not None and self.train.top_k > n:
+            problems.append(f"train.top_k: {self.train.top_k} is more than the {n} experts")
         if any(s < 0 for s in self.train_steps):
             problems.append("train_steps: steps must be >= 0")
         for name in self.expert_tasks or {}:
@@ -153,11 +155,14 @@ class MoeSpace(_Strict):
         return any(m not in DATA_FREE_MODES for m in self.gate_modes) or any(self.train_steps)
 
     # -- geometry ---------------------------------------------------------------------------------------
+    def _lists(self) -> dict[str, list]:
+        """Every list of options, by the candidate field it sets."""
+        return {"gate_mode": self.gate_modes, "experts_per_token": self.experts_per_token,
+                "train_steps": self.train_steps}
+
     def _choices(self) -> dict[str, list]:
         """The searched lists of options (a list of one option is not searched)."""
-        lists = {"gate_mode": self.gate_modes, "experts_per_token": self.experts_per_token,
-                 "train_steps": self.train_steps}
-        return {k: v for k, v in lists.items() if len(v) > 1}
+        return {k: v for k, v in self._lists().items() if len(v) > 1}
 
     def param_names(self, model_names=None, num_layers=None) -> list[str]:
         """``gate_mode``, ``experts_per_token``, ``train_steps`` (when searched), then ``w[expert]``."""
@@ -189,10 +194,8 @@ class MoeSpace(_Strict):
     def to_recipe(self, point: dict[str, float], *, base_model=None, models=None, num_layers=None,
                   dtype=None, name: str | None = None) -> MoeCandidate:
         """The candidate of a point (a choice is its list's entry at the floored number)."""
-        lists = {"gate_mode": self.gate_modes, "experts_per_token": self.experts_per_token,
-                 "train_steps": self.train_steps}
         picked = {k: v[min(max(int(math.floor(point[k])), 0), len(v) - 1)] if k in point else v[0]
-                  for k, v in lists.items()}
+                  for k, v in self._lists().items()}
         weights = {m: round(float(point[f"w[{m}]"]), 6) for m in self._experts} if self.non_expert else {}
         return MoeCandidate(name=name, **picked, non_expert_weights=weights if any(weights.values()) else {})
 
