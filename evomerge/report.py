@@ -219,12 +219,19 @@ def _winner_recipe(data: RunData):
     from evomerge.recipe import load_recipe
     from evomerge.search.run import best_trials
 
-    if data.summary:
-        return load_recipe(data.summary["winner_recipe"], where=f"{data.run_dir}/summary.json")
+    from evomerge.recipe import RecipeError
+
     best = best_trials(data.study, 1)
-    if not best or "recipe" not in best[0].user_attrs:
+    if data.summary:
+        text, where = data.summary["winner_recipe"], f"{data.run_dir}/summary.json"
+    elif best and "recipe" in best[0].user_attrs:
+        text, where = best[0].user_attrs["recipe"], f"trial {best[0].number}"
+    else:
         return None
-    return load_recipe(best[0].user_attrs["recipe"], where=f"trial {best[0].number}")
+    try:
+        return load_recipe(text, where=where)
+    except RecipeError:  # not a merge recipe: an MoE search's candidate (evomerge/moe/space.py)
+        return None
 
 
 def _layers(data: RunData, recipe):

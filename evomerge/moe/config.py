@@ -23,7 +23,7 @@ from evomerge.search.config import Zoo
 from evomerge.yamlfile import read_yaml_mapping
 
 GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden", "hidden_last", "hidden_avg", "router_input_mean",
-              "supervised", "zero")
+              "router_input_lda", "supervised", "zero")
 DATA_FREE_MODES = ("random", "uniform_random", "zero")
 MERGEKIT_GATE_MODES = ("random", "uniform_random", "cheap_embed", "hidden_last", "hidden_avg")  # same tensors
 # source model_type -> the MoE architectures it can become (mergekit's `architecture` names)

@@ -19,6 +19,8 @@ generator seeded by the run seed.
   activation), captured with hooks layer by layer in the assembled MoE (routers of earlier layers already
   set); row e = unit(mean over expert e's positive-prompt tokens − mean over its negative-prompt tokens,
   or, without negatives, the mean of all experts' positive means).
+- ``router_input_lda``: the same class means, whitened by the pooled within-expert covariance of the
+  captured inputs (Fisher's linear discriminant; ``whitened``), closed form like ``router_input_mean``.
 - ``supervised``: per layer, a multinomial logistic regression without bias (the router has none) on the
   same captured inputs, labels = which expert's prompt the token came from, classes balanced, L2 penalty.
 """
@@ -42,6 +44,7 @@ from evomerge.moe.prompts import ExpertPrompts
 
 SUPERVISED_L2 = 1e-3  # logistic-regression penalty on the mean squared router weight
 SUPERVISED_ITERS = 200
+LDA_RIDGE = 1e-3  # router_input_lda: ridge on the within-expert covariance, relative to its mean variance
 
 
 @dataclass
@@ -199,6 +202,25 @@ class RouterInputMean(RouterInit):
                                                                  [n.mean(0) if n is not None else None for n in neg]))
 
 
+def whitened(rows: torch.Tensor, pos: list[torch.Tensor]) -> torch.Tensor:
+    """Fisher's linear discriminant (LDA) from contrast rows: unit(Σ⁻¹ row) per row, Σ the pooled within-expert
+    covariance of the positive tokens (each minus its expert's mean) plus a ridge of ``LDA_RIDGE`` times its
+    mean variance. Directions that vary a lot inside every expert's tokens count less than the raw mean
+    difference says."""
+    within = torch.cat([p - p.mean(0) for p in pos])
+    cov = within.T @ within / max(len(within), 1)
+    cov = cov + LDA_RIDGE * cov.diagonal().mean().clamp(min=1e-8) * torch.eye(cov.shape[0])
+    return unit_rows(torch.linalg.solve(cov, rows.T).T)
+
+
+class RouterInputLda(RouterInit):
+    name = "router_input_lda"
+
+    def weights(self, ctx):
+        return fit_layer_by_layer(ctx, lambda pos, neg: whitened(
+            contrast([p.mean(0) for p in pos], [n.mean(0) if n is not None else None for n in neg]), pos))
+
+
 def logistic_router(features: list[torch.Tensor], seed: int) -> torch.Tensor:
     """(experts, hidden) weights of a bias-free multinomial logistic regression separating the feature sets
     (class e = features[e]); classes weighted equally, L2 penalty ``SUPERVISED_L2``, L-BFGS."""
@@ -231,7 +253,7 @@ class Supervised(RouterInit):
 
 
 GATES: dict[str, type[RouterInit]] = {c.name: c for c in (Random, UniformRandom, Zero, CheapEmbed, Hidden, HiddenLast,
-                                                           HiddenAvg, RouterInputMean, Supervised)}
+                                                           HiddenAvg, RouterInputMean, RouterInputLda, Supervised)}
 
 
 def router_init(name: str) -> RouterInit:

@@ -310,6 +310,12 @@ class DataflowSpace(BaseModel):
         """The mergekit ``slices:`` + ``passthrough`` recipe of a point (``flow_recipe``)."""
         return flow_recipe(self.decode(point), self._paths, base_model=self._base, dtype=dtype, name=name)
 
+    def load_candidate(self, text: str, where: str = "trial") -> Recipe:
+        """A recorded trial's candidate (its recipe YAML)."""
+        from evomerge.recipe import load_recipe
+
+        return load_recipe(text, where=where)
+
     def make_builder(self, inputs, cfg, out: Path):
         """The candidate builder of data-flow recipes: the sources resident, a candidate their layers."""
         from evomerge.search.dataflow_builder import DataflowBuilder

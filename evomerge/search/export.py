@@ -98,13 +98,13 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     val = run.evaluator("validation")
 
     def validate(t) -> float:
-        builder.build(load_recipe(t.user_attrs["recipe"]))
+        builder.build(run.space.load_candidate(t.user_attrs["recipe"], where=f"trial {t.number}"))
         return val.evaluate(builder.model).aggregate
 
     selection = select_winner(study, cfg.top_k, validate, sum(val.n_examples.values()))
     log(selection.describe())
     ranked, winner, winner_val = selection.ranked, selection.winner, selection.validation
-    winner_recipe = load_recipe(winner.user_attrs["recipe"])
+    winner_recipe = run.space.load_candidate(winner.user_attrs["recipe"], where=f"trial {winner.number}")
 
     log("scoring the winner and the baselines on the test split")
     test = run.evaluator("test")
@@ -112,9 +112,9 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
     builder.build(winner_recipe)
     rows.append(_row(f"winner (trial {winner.number})", test.evaluate(builder.model), winner_val))
     builder.build(run.recipe_for(run.default_point))
-    rows.append(_row("identity flow of the base (first trial)" if run.space.kind == "dataflow"
-                     else f"default recipe ({run.space.method})", test.evaluate(builder.model)))
-    if run.space.kind == "parameters":  # merges of the same models by the methods' defaults
+    first = {"dataflow": "identity flow of the base (first trial)", "moe": "MoE at the space's defaults (first trial)"}
+    rows.append(_row(first.get(run.space.kind, f"default recipe ({run.space.method})"), test.evaluate(builder.model)))
+    if run.space.kind in ("parameters", "moe"):  # dense merges of the same models by the methods' defaults
         rows += _method_baselines(run, test, log)
         rows += _peft_baselines(run, test, log)
     for name, path in run.inputs.models.items():
@@ -130,11 +130,19 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
         builder.load_model_weights(run.inputs.reference)
         rows.append(_row("multi-task reference", test.evaluate(builder.model)))
 
-    files = {"recipe": str(out / "best_recipe.yaml")}
-    winner_recipe = mergekit_references(winner_recipe)  # adapters as base+adapter, which mergekit reads
-    write_atomic(out / "best_recipe.yaml", winner_recipe.to_yaml())
     counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    if run.space.kind == "moe":  # the `evomerge moe` config that rebuilds it, and the atomic MoE writer
+        from evomerge.moe.space import export_winner
+
+        log("writing the winner's MoE config" + (f" and checkpoint to {out / 'merged'}" if export_checkpoint else ""))
+        files, text = export_winner(run, winner_recipe, rows, checkpoint=export_checkpoint)
+        export_checkpoint = False
+    else:
+        files = {"recipe": str(out / "best_recipe.yaml")}
+        winner_recipe = mergekit_references(winner_recipe)  # adapters as base+adapter, which mergekit reads
+        text = winner_recipe.to_yaml()
+        write_atomic(out / "best_recipe.yaml", text)
     if export_checkpoint:
         log(f"writing the merged checkpoint to {out / 'merged'}")
         card = search_card(run, winner_recipe, rows, counts, winner.number, winner_val, len(ranked))
@@ -151,7 +159,7 @@ def finalize(run: SearchRun, *, export_checkpoint: bool = True, log=print) -> Su
               "finalize_s": time.perf_counter() - t0,
               "trials_this_process": len(run.stats.trials),
               **{f"study_{k}": v for k, v in study_timing(study).items()}}
-    summary = Summary(winner.number, winner_recipe.to_yaml(), rows,
+    summary = Summary(winner.number, text, rows,
                       [{"trial": t.number, "search": trial_score(t), "validation": v} for t, v in ranked],
                       timing, counts, files, selection.describe())
     try:
@@ -370,6 +378,9 @@ def export_trial(run_dir: str | Path, out_dir: str | Path, *, trial: int | None 
     t = matches[0]
     if "recipe" not in t.user_attrs:
         raise ValueError(f"{run_dir}: trial {trial} has no recorded recipe (state {t.state.name})")
+    if "gate_mode" in yaml.safe_load(t.user_attrs["recipe"]):  # a ``kind: moe`` candidate, not a merge recipe
+        raise ValueError(f"{run_dir}: trial {trial} is an MoE candidate (search space kind moe): `evomerge finalize` "
+                         f"exports the winner, and `evomerge moe {run_dir}/best_moe.yaml OUT` rebuilds it")
     recipe = load_recipe(t.user_attrs["recipe"], where=f"{run_dir} trial {trial}")
     seed = saved.get("seed", 0) if seed is None else seed
     from evomerge.card import merge_facts, render_card

@@ -19,9 +19,10 @@ from evomerge.recipe import evaluate_setting  # noqa: E402
 def write_plots(run, winner_recipe, out_dir: Path) -> dict[str, str]:
     """Write every plot that applies to this run; returns {name: path}."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"history": _save(history_figure(run.study), out_dir / "optimization_history.png"),
-             "layers": _save(layers_figure(winner_recipe, run.model_names, run.num_layers, run.space.attn_mlp),
-                             out_dir / "winner_layers.png")}
+    files = {"history": _save(history_figure(run.study), out_dir / "optimization_history.png")}
+    if run.space.kind != "moe":  # an MoE candidate has no per-layer merge parameters
+        files["layers"] = _save(layers_figure(winner_recipe, run.model_names, run.num_layers, run.space.attn_mlp),
+                                out_dir / "winner_layers.png")
     importance = importances_figure(run.study)
     if importance is not None:
         files["importances"] = _save(importance, out_dir / "param_importances.png")

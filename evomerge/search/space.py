@@ -66,7 +66,7 @@ class SearchSpace(BaseModel):
     """Method, granularity and parameter ranges of a search (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["parameters"] = "parameters"  # or "dataflow" (``dataflow_space.DataflowSpace``)
+    kind: Literal["parameters"] = "parameters"  # or "dataflow" (``dataflow_space.DataflowSpace``), "moe" (``moe.space``)
     method: str
     granularity: Literal["model", "block", "layer"] = "model"
     block_size: int = Field(4, ge=1)
@@ -107,6 +107,12 @@ class SearchSpace(BaseModel):
     def bind(self, base_model: str, models: dict[str, str], where: str = "search_space") -> "SearchSpace":
         """A parameter space needs nothing from the models before the builder loads them."""
         return self
+
+    def load_candidate(self, text: str, where: str = "trial") -> Recipe:
+        """A recorded trial's candidate (its recipe YAML)."""
+        from evomerge.recipe import load_recipe
+
+        return load_recipe(text, where=where)
 
     def make_builder(self, inputs, cfg, out: Path):
         """The resident candidate builder of this space's recipes (``builder.CandidateBuilder``)."""
@@ -269,6 +275,10 @@ def load_space(source: str | Path | dict, *, where: str | None = None) -> Search
         from evomerge.search.dataflow_space import load_dataflow_space
 
         return load_dataflow_space(data, where)
+    if data.get("kind") == "moe":  # a mixture of experts from the fine-tunes: evomerge/moe/space.py
+        from evomerge.moe.space import load_moe_space
+
+        return load_moe_space(data, where)
     try:
         space = SearchSpace.model_validate(data)
     except ValidationError as e:
