@@ -392,8 +392,11 @@ def _cli(args, **kw):
     # one thread per worker process: two cores shared with the test process and other workers (torch's
     # spinning threads slow to a crawl when oversubscribed)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # SIGINT as a terminal delivers it, even when the tests run in a background job (which ignores SIGINT
+    # and passes that on): Python then turns it into KeyboardInterrupt
     return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def _study(run_dir: Path):
