@@ -131,6 +131,8 @@ class CaseResult:
     winners: dict[int, dict] = field(default_factory=dict)  # budget -> {trial, test, validation, share, ...}
     search_s: float = 0.0
     trials_s: float = 0.0
+    fitted: Score | None = None  # start: gradient: the fitted point's test score (before the search refines it)
+    fit_s: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,6 +269,11 @@ def run_case(case: Case, run_overrides: dict, budgets: list[int], seed: int, log
                 cache_val[t.number] = val.evaluate(run.builder.model).aggregate
             return cache_val[t.number]
 
+        fit = run.study.user_attrs.get("gradient_start")
+        if fit:  # the fitted point is the last anchor
+            point = trials[run.study.user_attrs["anchors"] - 1]
+            run.builder.build(load_recipe(point.user_attrs["recipe"]))
+            res.fitted, res.fit_s = _score(test.evaluate(run.builder.model)), fit["seconds"]
         for budget in budgets:
             sel = select_winner(run.study, cfg.top_k, validate, sum(val.n_examples.values()), within=budget)
             run.builder.build(load_recipe(sel.winner.user_attrs["recipe"]))
@@ -350,12 +357,14 @@ def render(results: dict[int, list[CaseResult]], budgets: list[int], args, wall_
             _pct(statistics.median(shares[(unseen, b)])) if shares.get((unseen, b)) else "n/a" for b in budgets) + " |")
     lines += ["", "Per zoo: what it is, search time, finalists' search-minus-validation gap and pruned trials "
               f"at {budgets[-1]} trials (first seed).", "",
-              "| zoo | what | search wall s | trials' build+eval s | overfit gap | pruned |", "|---|---|---:|---:|---:|---:|"]
+              "| zoo | what | search wall s | trials' build+eval s | overfit gap | pruned | fitted start (test) | fit s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in first:
         w = r.winners.get(budgets[-1], {})
         lines.append(f"| {r.case.name} | {r.case.describe()} | {r.search_s:.0f} | {r.trials_s:.0f} | "
                      f"{w.get('overfit_gap', float('nan')):+.3f}{' (widened)' if w.get('widened') else ''} | "
-                     f"{w.get('pruned', 0)} |")
+                     f"{w.get('pruned', 0)} | {r.fitted.cell() if r.fitted else '-'} | "
+                     f"{f'{r.fit_s:.0f}' if r.fit_s is not None else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -402,7 +411,8 @@ def main() -> None:
             {s: [{"case": r.case.name, "unseen": r.case.unseen, "best_default": r.best_default,
                   "baselines": {k: vars(v) for k, v in r.baselines.items()},
                   "winners": {b: {**w, "test": vars(w["test"])} for b, w in r.winners.items()},
-                  "search_s": r.search_s} for r in rs] for s, rs in results.items()}, indent=1, default=str))
+                  "search_s": r.search_s, "fitted": vars(r.fitted) if r.fitted else None,
+                  "fit_s": r.fit_s} for r in rs] for s, rs in results.items()}, indent=1, default=str))
 
 
 if __name__ == "__main__":

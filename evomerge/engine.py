@@ -586,7 +586,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _load(plan: MergePlan, ref: TensorRef, device: torch.device) -> torch.Tensor:
+def load_input(plan: MergePlan, ref: TensorRef, device: torch.device) -> torch.Tensor:
     """Read one input tensor as the kernels see it: cast to the recipe's ``dtype`` (if any).
 
     Tensors stay in their (often 16-bit) storage dtype: the kernels up-cast to float32 one model
@@ -615,8 +615,8 @@ def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed
     """Read the inputs of one output tensor and merge them with the plan's kernel."""
     if task.method == "copy":
         return plan.readers[task.inputs[0].model].get_tensor(task.inputs[0].name)
-    inputs = [_load(plan, r, device) for r in task.inputs]
-    base = _load(plan, task.base, device) if task.base else None
+    inputs = [load_input(plan, r, device) for r in task.inputs]
+    base = load_input(plan, task.base, device) if task.base else None
     for ref, x in zip([task.base, *task.inputs] if base is not None else task.inputs,
                       [base, *inputs] if base is not None else inputs):
         if not all_finite(x):

@@ -354,6 +354,49 @@ class Evaluator:
             self._hflm = (weakref.ref(model), make_hflm(model, self.tokenizer, self.batch_size))
         return self._hflm[1]
 
+    # --- a differentiable loss --------------------------------------------------------------------
+
+    def task_weights(self) -> list[float]:
+        """Each task's share of the aggregate (its weight over the sum of weights)."""
+        weights = [t.spec.weight for t in self._tasks]
+        return [w / sum(weights) for w in weights]
+
+    def task_loss(self, model, index: int, params=None) -> torch.Tensor:
+        """The mean negative log of task `index`'s proxy probability over this split, differentiable in `params`
+        (tensors standing in for the model's own of those names) or in the model's parameters.
+
+        Per example: a generate task's −log p(target | prompt) (teacher-forced: `target_prob`), a multiple-choice
+        task's −log softmax over its choices' scores at the gold (`choice_prob`, length-normalized for
+        acc_norm), a loglikelihood task's −log-likelihood per continuation token. The cross-entropy of the
+        decisions the search metric scores, as a gradient-based merge needs (AdaMerging, arXiv:2310.02575).
+        """
+        t = self._tasks[index]
+        if t.req_start is None:
+            raise TaskError(f"task {t.spec.name!r}: a {t.spec.kind} task has no differentiable loss on the "
+                            f"{self.split} split (build the Evaluator with proxy=True for generate tasks; lm-eval "
+                            "tasks have none)")
+        device = _input_device(model)
+        ids = [r for s, c in zip(t.req_start, t.req_count) for r in range(s, s + c)]
+        batches = [b.to(device) for b in build_loglik_batches(
+            self._requests, ids, batch_size=self.batch_size, pad_id=self._pad_id, max_length=model_max_length(model))]
+        rows = torch.cat([b.request_ids for b in batches]).to(device)
+        ll = torch.cat([continuation_logprobs(model, b, params) for b in batches])
+        ll = torch.zeros(len(self._requests), dtype=ll.dtype, device=device).index_put((rows,), ll)
+        spec = t.spec
+        if isinstance(spec, GenerateTask):
+            return -ll[torch.as_tensor(t.req_start, device=device)].mean()
+        if isinstance(spec, LoglikelihoodTask):
+            n_tok = torch.as_tensor(self._n_tok, dtype=ll.dtype, device=device)
+            return -(ll / n_tok.clamp(min=1))[torch.as_tensor(ids, device=device)].mean()
+        examples = spec.examples(self.split)
+        terms = []
+        for e, (s, c) in enumerate(zip(t.req_start, t.req_count)):
+            scores = ll[s:s + c]
+            if spec.metric == "acc_norm":
+                scores = scores / torch.tensor([float(len(x)) for x in examples[e].continuations], device=device)
+            terms.append(-torch.log_softmax(scores, 0)[examples[e].label])
+        return torch.stack(terms).mean()
+
     # --- results ----------------------------------------------------------------------------------
 
     def _running_aggregate(self, stats, seen) -> float:

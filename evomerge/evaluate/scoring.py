@@ -214,19 +214,20 @@ def _cache_of(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-def _last_logits(model, batch: Batch, keep: int, **kwargs) -> torch.Tensor:
-    """Logits of the last `keep` positions of a forward pass over `batch`."""
+def _last_logits(model, batch: Batch, keep: int, params=None, **kwargs) -> torch.Tensor:
+    """Logits of the last `keep` positions of a forward pass over `batch` (with `params` standing in for
+    the model's own tensors of those names, ``torch.func.functional_call``, when given)."""
     extra = {"logits_to_keep": keep} if _supports_logits_to_keep(model) else {}
-    out = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-        **extra, **kwargs,
-    )
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  **extra, **kwargs)
+    out = model(**inputs) if params is None else torch.func.functional_call(model, params, (), inputs)
     return out.logits[:, -keep:], out
 
 
-def continuation_logprobs(model, batch: Batch) -> torch.Tensor:
-    """Σ log p(continuation token | prefix) per request of a log-likelihood batch, in float32."""
-    logits, _ = _last_logits(model, batch, batch.keep, use_cache=False)
+def continuation_logprobs(model, batch: Batch, params=None) -> torch.Tensor:
+    """Σ log p(continuation token | prefix) per request of a log-likelihood batch, in float32 (differentiable
+    in `params`, tensors that stand in for the model's own, when given)."""
+    logits, _ = _last_logits(model, batch, batch.keep, params, use_cache=False)
     picked = logits[batch.pos_row, batch.pos_pos].float()  # (M, V): only the distinct scored positions
     log_z = torch.logsumexp(picked, dim=-1)
     token_lp = picked[batch.tok_slot, batch.tok_target] - log_z[batch.tok_slot]

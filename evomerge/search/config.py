@@ -179,8 +179,10 @@ class RunConfig(_Strict):
     search_metric: Literal["task", "proxy", "mix"] = "task"
     # where the sampler starts: "anchors" scores the space's anchor points first (the default point and
     # each parameter at its range's quartiles; SearchSpace.anchor_points) and starts CMA-ES at the best
-    # of them; "default" enqueues the default point alone and CMA-ES starts at the middle of the ranges
-    start: Literal["anchors", "default"] = "anchors"
+    # of them; "default" enqueues the default point alone and CMA-ES starts at the middle of the ranges;
+    # "gradient" adds to the anchors a point fitted by gradient on the search split (task-arithmetic
+    # spaces: evomerge.search.gradient_start)
+    start: Literal["anchors", "default", "gradient"] = "anchors"
     budget: Budget = Field(default_factory=lambda: Budget(trials=50))
     sampler: Sampler = Field(default_factory=Sampler)
     pruner: Pruner = Field(default_factory=Pruner)

@@ -109,6 +109,10 @@ class SearchRun:
         # the space checks itself against the models' headers, then makes the builder of its candidates
         self.space: SearchSpace = load_space(cfg.search_space, where=where).bind(
             self.inputs.base_model, self.inputs.models, where)
+        if cfg.start == "gradient":  # refused before any heavy work
+            from evomerge.search.gradient_start import check_space
+
+            check_space(self.space)
         self.builder = self.space.make_builder(self.inputs, cfg, self.out)
         self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.base_model)
         self.num_layers = self.builder.num_layers
@@ -170,7 +174,9 @@ class SearchRun:
                 study.set_user_attr("fingerprint", mine)
                 study.set_user_attr(CONFIG_ATTR, stored_config(self.cfg))
                 starts = (self.space.anchor_points(self.model_names, self.num_layers)
-                          if self.cfg.start == "anchors" else [self.default_point])
+                          if self.cfg.start != "default" else [self.default_point])
+                if self.cfg.start == "gradient":
+                    starts.append(self._fitted_start(study, starts))
                 study.set_user_attr("anchors", len(starts))
                 for i, point in enumerate(starts):
                     study.enqueue_trial(point, user_attrs={"default": True} if i == 0 else {"anchor": i})
@@ -188,6 +194,19 @@ class SearchRun:
                 study.sampler = self._sampler(study.user_attrs.get("start_point"))
             fail_dead_here(study, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         return study
+
+    def _fitted_start(self, study: optuna.Study, anchors: list[dict[str, float]]) -> dict[str, float]:
+        """The ``start: gradient`` point, fitted from the anchor of lowest search-split loss; its summary is
+        kept in the study's ``gradient_start`` attribute."""
+        from evomerge.search.gradient_start import fit_start
+
+        point, summary = fit_start(recipe_for=self.recipe_for, distributions=self.distributions, starts=anchors,
+                                   model=self.builder.model, evaluator=self.evaluator("search", proxy=True),
+                                   progress=lambda text: self.on_event("note", {"text": text}))
+        study.set_user_attr("gradient_start", summary)
+        self.on_event("note", {"text": f"gradient start: search-split loss {summary['start_loss']:.4f} -> "
+                                       f"{summary['fitted_loss']:.4f} in {summary['seconds']:.0f} s"})
+        return point
 
     # -- the loop ---------------------------------------------------------------------------------
     def _budget_left(self, started: float, taken: int) -> bool:
@@ -259,7 +278,7 @@ class SearchRun:
     def _sampler(self, x0: dict[str, float] | None) -> optuna.samplers.BaseSampler:
         """The run's sampler; while a CMA-ES run's anchors are still being scored, a random sampler
         (anchors are enqueued, so it samples nothing) that leaves no CMA-ES state behind."""
-        if self.cfg.start == "anchors" and self.cfg.sampler.name == "cmaes" and x0 is None:
+        if self.cfg.start != "default" and self.cfg.sampler.name == "cmaes" and x0 is None:
             return optuna.samplers.RandomSampler(seed=self._seed)
         return make_sampler(self.cfg.sampler, seed=self._seed, n_objectives=self.n_objectives, x0=x0,
                             learn_from_pruned=self.cfg.pruner.name != "none", budget=self.cfg.budget.trials)

@@ -1,0 +1,158 @@
+"""A start point fitted by gradient: a task-arithmetic space's weights learned on the search split.
+
+Layer-wise AdaMerging (Yang et al., ICLR 2024, arXiv:2310.02575) learns one coefficient per task vector and
+layer by gradient descent on the merged model's loss; it minimizes prediction entropy on unlabeled inputs.
+A search has labels on its search split, so ``start: gradient`` minimizes the tasks' own cross-entropy there
+(``Evaluator.task_loss``: the negative log of the smooth proxies of ``search_metric: proxy``) over the
+space's own dimensions: every ``weight`` (and ``lambda``) the space searches, at its granularity and parts,
+kept inside their ranges (projected Adam). The fitted point is enqueued as one more anchor: it is scored by
+the search metric like any trial and CMA-ES starts from it when it is the best anchor, so the search starts
+where the gradient fit ends. With many experts and a base that never saw the tasks, a fitted point reaches
+merges that a derivative-free search of hundreds of dimensions does not (results/bench/search_quality.md).
+
+The merged tensor of a task-arithmetic point is linear in each weight: ``base + λ·Σ_m w_m·τ_m``
+(``methods/task_arithmetic.py`` without sparsification, normalization or sign election). Which dimension
+gives which tensor its value is read from the engine itself: a probe point with a distinct value in every
+dimension is decoded and planned, so the fit follows the recipe's own resolution rules (parts, layer lists).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from evomerge.engine import load_input, plan_merge
+
+STEPS = 100  # Adam steps over the whole search split
+LR = 0.05  # Adam step size, in the units of the weights
+FITTED = ("weight", "lambda")  # the task-arithmetic parameters the fit learns
+
+
+class GradientStartError(ValueError):
+    """A run whose space or tasks a gradient start cannot fit; the message says why."""
+
+
+def check_space(space) -> None:
+    """Refuse a space the fit cannot differentiate: task arithmetic with only ``weight``/``lambda`` searched and
+    no normalization (TIES-like sign election and sparsification are not differentiable in the weights)."""
+    if space.method != "task_arithmetic":
+        raise GradientStartError(f"start: gradient fits task_arithmetic spaces (e.g. "
+                                 f"search_spaces/task_arithmetic_per_type.yaml); this space's method is {space.method}")
+    other = sorted(set(space.search) - set(FITTED))
+    if other:
+        raise GradientStartError(f"start: gradient fits searched weight and lambda only; this space also searches {other}")
+    if space.fixed.get("normalize"):
+        raise GradientStartError("start: gradient needs normalize: false (a normalized sum divides by the weights)")
+
+
+def probe_point(distributions) -> dict[str, float]:
+    """A point with a distinct value, 6-decimal exact, inside every dimension's range."""
+    n = len(distributions)
+    point = {}
+    for i, (name, d) in enumerate(sorted(distributions.items())):
+        point[name] = round(d.low + (i + 1) / (n + 1) * (d.high - d.low), 6)
+    if len(set(point.values())) != n:
+        raise GradientStartError(f"start: gradient: {n} dimensions are too many to probe at 6 decimals")
+    return point
+
+
+class Layout:
+    """Which dimension sets each weight and lambda of each merged tensor, and the tensors themselves.
+
+    Each tensor's weights and lambda index a vector of the point's dimensions (``dims`` order) followed by the
+    fixed values the recipe resolves for parameters the space does not search."""
+
+    def __init__(self, recipe_for: Callable[[dict], object], distributions, model_params: dict[str, torch.Tensor]):
+        self.dims = sorted(distributions)
+        searched = {d.split("[")[0].split(".")[0] for d in self.dims}
+        probe = probe_point(distributions)
+        self._index = {probe[n]: i for i, n in enumerate(self.dims)}
+        self.constants: list[float] = []
+        plan = plan_merge(recipe_for(probe))
+        self.names, self.bases, self.deltas, self.weight_slots, self.lambda_slots = [], [], [], [], []
+        cpu = torch.device("cpu")
+        for task in plan.tasks:
+            if task.method == "copy" or task.name not in model_params:
+                continue
+            base = load_input(plan, task.base, cpu).float()
+            self.names.append(task.name)
+            self.bases.append(base)
+            self.deltas.append(torch.stack([load_input(plan, r, cpu).float() - base for r in task.inputs]))
+            self.weight_slots.append([self._slot(mp["weight"], "weight" in searched, task.name)
+                                      for mp in task.model_params])
+            self.lambda_slots.append(self._slot(task.params.get("lambda", 1.0), "lambda" in searched, task.name))
+
+    def _slot(self, value: float, searched: bool, tensor: str) -> int:
+        if not searched:
+            self.constants.append(float(value))
+            return len(self.dims) + len(self.constants) - 1
+        dim = self._index.get(round(value, 6))
+        if dim is None:  # an interpolated gradient value (block granularity with smooth: true)
+            raise GradientStartError(f"start: gradient: tensor {tensor} takes an interpolated value; use "
+                                     "granularity model or layer (or block with smooth: false)")
+        return dim
+
+    def merged(self, x: torch.Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        """The candidate's tensors at point `x` (dimension values in ``dims`` order), differentiable in x."""
+        v = torch.cat([x, torch.tensor(self.constants, dtype=x.dtype)])
+        return {name: (base + v[ls] * torch.tensordot(v[ws], delta, dims=1)).to(dtypes[name])
+                for name, base, delta, ws, ls in zip(self.names, self.bases, self.deltas, self.weight_slots,
+                                                     self.lambda_slots)}
+
+
+def fit_start(*, recipe_for: Callable[[dict], object], distributions, starts: list[dict[str, float]], model,
+              evaluator, steps: int = STEPS, lr: float = LR,
+              progress: Callable[[str], None] = lambda s: None) -> tuple[dict[str, float], dict]:
+    """The point of lowest search-split loss found by projected Adam from the start with the lowest loss.
+
+    Returns the point and a summary (start loss, fitted loss, seconds) for the study's records."""
+    t0 = time.perf_counter()
+    params = dict(model.named_parameters())
+    layout = Layout(recipe_for, distributions, params)
+    dtypes = {n: params[n].dtype for n in layout.names}
+    low = torch.tensor([distributions[d].low for d in layout.dims])
+    high = torch.tensor([distributions[d].high for d in layout.dims])
+    shares = evaluator.task_weights()
+
+    def loss_at(x: torch.Tensor, backward: bool) -> float:
+        total = 0.0
+        for i, share in enumerate(shares):
+            if share == 0:
+                continue
+            loss = share * evaluator.task_loss(model, i, layout.merged(x, dtypes))
+            if backward:
+                loss.backward()
+            total += loss.item()
+        return total
+
+    with torch.no_grad():
+        scored = [(loss_at(torch.tensor([p[d] for d in layout.dims]), False), j) for j, p in enumerate(starts)]
+    start_loss, j = min(scored)
+    x = torch.tensor([starts[j][d] for d in layout.dims], requires_grad=True)
+    best = (start_loss, x.detach().clone())
+    opt = torch.optim.Adam([x], lr=lr)
+    was_training = model.training
+    model.eval()
+    try:
+        for step in range(steps):
+            opt.zero_grad()
+            loss = loss_at(x, True)
+            if loss < best[0]:
+                best = (loss, x.detach().clone())
+            opt.step()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, high), low))
+            if step % 10 == 0:
+                progress(f"gradient start: step {step}/{steps}, search-split loss {loss:.4f}")
+        with torch.no_grad():
+            final = loss_at(x, False)
+        if final < best[0]:
+            best = (final, x.detach().clone())
+    finally:
+        model.train(was_training)
+    point = {d: round(float(v), 6) for d, v in zip(layout.dims, best[1])}
+    summary = {"start_anchor": j, "start_loss": round(start_loss, 6), "fitted_loss": round(best[0], 6),
+               "steps": steps, "seconds": round(time.perf_counter() - t0, 1)}
+    return point, summary
