@@ -36,12 +36,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def _recipes(fam: dict) -> list[tuple[str, str, dict]]:
     """(label, method, recipe) for every method the builder takes; the variants both ways round."""
-    from tests.test_flat_builder import VARIANT_NAMES, _recipe
+    from evomerge.testing.recipes import VARIANT_NAMES, variant_recipe
 
-    out = [(f"{m}{' (flipped)' if flip else ''}", m, _recipe(m, fam, flip=flip))
+    out = [(f"{m}{' (flipped)' if flip else ''}", m, variant_recipe(m, fam, flip=flip))
            for m in VARIANT_NAMES for flip in (False, True)]
     for m in ("dare_ties", "della"):  # a bf16 recipe: the builder holds a bf16 model, outputs are rounded
-        out.append((f"{m} bf16", m, {**_recipe(m, fam, flip=False), "dtype": "bfloat16"}))
+        out.append((f"{m} bf16", m, {**variant_recipe(m, fam, flip=False), "dtype": "bfloat16"}))
     out.append(("linear", "linear", {
         "merge_method": "linear", "dtype": "float32",
         "models": [{"model": str(fam["ft0"]), "parameters": {"weight": [0.7, 0.2]}},
@@ -56,7 +56,7 @@ def _recipes(fam: dict) -> list[tuple[str, str, dict]]:
 
 def correctness(device: str, work: Path) -> list[str]:
     """Builder vs engine on ``device`` (bit for bit) and vs the engine on the CPU (max |Δ|)."""
-    from tests.conftest import read_weights
+    from evomerge.testing.weights import read_weights
     from evomerge.engine import run_merge
     from evomerge.recipe import load_recipe
     from evomerge.search.builder import CandidateBuilder
@@ -131,7 +131,7 @@ def engine_speed(large: Path, device: str, work: Path) -> list[str]:
             t0 = time.perf_counter()
             run_merge(recipe, work / f"engine-{method}-{dev}", device=dev, seed=0, overwrite=True)
             secs[dev] = time.perf_counter() - t0
-        from tests.conftest import read_weights
+        from evomerge.testing.weights import read_weights
 
         a, b = read_weights(work / f"engine-{method}-{device}"), read_weights(work / f"engine-{method}-cpu")
         same = all(torch.equal(v, b[k]) for k, v in a.items())

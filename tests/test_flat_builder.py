@@ -18,35 +18,10 @@ from evomerge.engine import run_merge
 from evomerge.methods.l1 import l1_norm
 from evomerge.recipe import RecipeError, load_recipe
 from evomerge.search.builder import CandidateBuilder
+from evomerge.testing.recipes import VARIANT_NAMES, variant_recipe
 
-VARIANT_NAMES = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                 "della", "della_linear"]
-
-
-def _recipe(method: str, fam: dict, *, flip: bool, scale: float = 1.0, density0: float = 0.6) -> dict:
-    """A recipe exercising gradients, filters, a dense input and a negative weight."""
-    extra = {}
-    if method.startswith("della"):
-        extra = {"epsilon": [0.05, 0.1]}
-    if method.startswith("breadcrumbs"):
-        extra = {"gamma": 0.02}
-    models = [
-        {"model": str(fam["ft0"]), "parameters": {
-            "weight": [0.9 * scale, 0.3, 1.2], "density": [{"filter": "self_attn", "value": density0},
-                                                           {"value": [0.35, 0.7]}], **extra}},
-        {"model": str(fam["ft1"]), "parameters": {"weight": -0.4 * scale, "density": 1.0, **extra}},
-        {"model": str(fam["ft2"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.5}],
-                                                  "density": 0.45, **extra}},
-    ]
-    params = {"lambda": [1.0, 0.8, 1.3]}
-    if flip:  # the opposite of the method's defaults
-        params.update({"normalize": method in ("task_arithmetic", "dare_ties", "dare_linear", "breadcrumbs",
-                                               "breadcrumbs_ties", "della_linear"),
-                       "rescale": method in ("ties", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties")})
-        if method == "task_arithmetic":
-            params.pop("rescale")
-    return {"merge_method": method, "base_model": str(fam["base"]), "models": models, "parameters": params,
-            "dtype": "float32"}
+VARIANT_NAMES = VARIANT_NAMES  # re-exported for the other builder tests
+_recipe = variant_recipe
 
 
 def _assert_live_equals(builder: CandidateBuilder, expected: dict[str, torch.Tensor], label: str) -> None:
