@@ -143,11 +143,8 @@ def make_builder(fam: dict, models: dict, method: str, dtype: str, backend: str)
     """A candidate builder of ``method`` on the CPU with ``backend``."""
     from evomerge.search.builder import CandidateBuilder
 
-    path = {"cpu": "host", "reference": "tensors", "cuda": "device"}[backend]
-    builder = CandidateBuilder(fam["base"], models, method=method, device="cpu", seed=SEED, dtype=dtype, path=path)
-    if backend == "cuda":
-        builder.fused = True
-    return builder
+    return CandidateBuilder(fam["base"], models, method=method, device="cpu", seed=SEED, dtype=dtype,
+                            backend=backend)
 
 
 def run_builders(fams: dict, quick: bool = False) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The candidate builder's flat host path: every task-arithmetic variant, bit for bit against the engine.
+"""The cpu backend (flat buffers, one compiled pass): every task-arithmetic variant, bit for bit against the engine.
 
 Recipes here use what the search spaces emit and more: per-model gradients, attention/MLP
 conditionals, global lambda gradients, negative weights, density 1 next to sparse inputs, and both
@@ -45,7 +45,7 @@ def builders(llama_family):
 @pytest.mark.parametrize("flip", [False, True], ids=["defaults", "flipped"])
 def test_flat_candidate_equals_engine(builders, llama_family, tmp_path, method, flip):
     builder = builders[method]
-    assert builder.flat, "the host path should take the task-arithmetic family"
+    assert builder.backend.name == "cpu", "the cpu backend should take the task-arithmetic family"
     recipe = load_recipe(_recipe(method, llama_family, flip=flip))
     builder.build(recipe)
     expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
@@ -101,9 +101,10 @@ def test_flat_and_per_tensor_paths_agree_on_tied_embeddings(qwen_family, tmp_pat
     builder = CandidateBuilder(qwen_family["base"], models, method="ties", device="cpu", seed=0)
     builder.build(recipe)
     flat = {k: v.clone() for k, v in builder.model.state_dict().items()}
-    builder.flat = False
-    builder.build(recipe)
-    per_tensor = builder.model.state_dict()
+    reference = CandidateBuilder(qwen_family["base"], models, method="ties", device="cpu", seed=0, backend="reference")
+    reference.build(recipe)
+    per_tensor = reference.model.state_dict()
+    reference.close()
     assert all(torch.equal(flat[k], per_tensor[k]) for k in flat)
     expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=0))
     _assert_live_equals(builder, expected, "qwen2 tied")
@@ -120,17 +121,6 @@ def test_layer_shifted_slices_are_refused_clearly(builders, llama_family):
     })
     with pytest.raises(ValueError, match="layer-shifted"):
         builders["ties"].build(recipe)
-
-
-def test_floor_writes_base_plus_task_vectors(builders):
-    builder = builders["task_arithmetic"]
-    builder.floor()
-    live = builder.model.state_dict()
-    for name in builder.names[:5]:
-        expected = builder.base[name].clone()
-        for inputs in builder.inputs.values():
-            expected.add_(inputs[name])
-        assert torch.equal(live[name], expected), name
 
 
 def test_l1_norm_is_accurate_and_independent_of_layout():
@@ -177,7 +167,7 @@ def test_engine_and_kernel_sum_in_the_same_order():
     import numpy as np
 
     from evomerge.methods.l1 import L1_BLOCK
-    from evomerge.search.flat_kernel import lane_sum
+    from evomerge.backends.cpu_kernel import lane_sum
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(L1_BLOCK * 600 + 1237, generator=g) * torch.rand(L1_BLOCK * 600 + 1237, generator=g) ** 6
@@ -253,7 +243,7 @@ def test_dare_norm_from_prefix_sums_is_the_engines_or_declined():
     """``_prefix_l1`` gives l1_norm's float32 bits when its error bound allows, and −1 otherwise."""
     import numpy as np
 
-    from evomerge.search import flat_kernel as fk
+    from evomerge.backends import cpu_kernel as fk
 
     gen = torch.Generator().manual_seed(0)
     n = 10_000
@@ -317,7 +307,7 @@ def test_della_norm_from_the_band_is_the_engines_or_declined():
     import numpy as np
 
     from evomerge.methods.sparsify import della_ranks
-    from evomerge.search import flat_kernel as fk
+    from evomerge.backends import cpu_kernel as fk
 
     gen = torch.Generator().manual_seed(1)
     delta = torch.randn(64, 96, generator=gen) * 1e-2
@@ -347,7 +337,7 @@ def test_exponential_search_is_searchsorted():
     """``_search_from`` finds np.searchsorted's position from any start below it."""
     import numpy as np
 
-    from evomerge.search import flat_kernel as fk
+    from evomerge.backends import cpu_kernel as fk
 
     values = np.sort(np.random.default_rng(0).random(5000).astype(np.float32))
     values[100:140] = values[100]  # a run of equal values
@@ -362,7 +352,7 @@ def test_search_recipes_carry_their_structure_and_share_one_plan(builders, llama
     """Decoded recipes carry the real structure signature (names do not count); a copy with new
     models loses it; differently named trials of one space re-use one plan template."""
     from evomerge.recipe import Recipe
-    from evomerge.search.fast_plan import structure_signature
+    from evomerge.backends.fast_plan import structure_signature
     from evomerge.search.space import load_space
 
     space = load_space({"method": "ties", "granularity": "layer",
@@ -378,9 +368,9 @@ def test_search_recipes_carry_their_structure_and_share_one_plan(builders, llama
     assert r2.stamped_structure() == r1.stamped_structure()
     assert r2.model_copy(update={"models": list(r2.models)}).stamped_structure() is None
     b.build(r1)
-    templates = dict(b._templates)
+    templates = dict(b.backend._templates)
     b.build(r2)
-    assert b._templates == templates
+    assert b.backend._templates == templates
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "della"])
@@ -393,13 +383,13 @@ def test_host_memory_check_refuses_or_drops_the_rescale_tables(llama_family, tmp
     import psutil
 
     from evomerge.engine import MergeError
-    from evomerge.search.memory import host_path_bytes
+    from evomerge.backends.memory import host_path_bytes
 
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
     probe = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3)
-    sizes = [e - a for a, e in probe.offsets_array]
+    sizes = [e - a for a, e in probe.backend.offsets_array]
     probe.close()
-    need, optional = host_path_bytes(sum(sizes), max(sizes), 3, probe.variant.sparsification, torch.float32)
+    need, optional = host_path_bytes(sum(sizes), max(sizes), 3, probe.backend.variant.sparsification, torch.float32)
     assert optional > 0
     memory = collections.namedtuple("memory", "available")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(need // 2))
@@ -408,10 +398,10 @@ def test_host_memory_check_refuses_or_drops_the_rescale_tables(llama_family, tmp
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(need + optional // 2))
     with pytest.warns(RuntimeWarning, match="rescale-norm tables"):
         builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3)
-    assert not builder.rescale_tables
+    assert not builder.backend.rescale_tables
     recipe = load_recipe(_recipe(method, llama_family, flip=False))
     builder.build(recipe)
-    assert builder.prefix_sum.size == 0
+    assert builder.backend.prefix_sum.size == 0
     _assert_live_equals(builder, read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3)),
                         f"{method} without rescale tables")
     builder.close()
@@ -423,16 +413,16 @@ def test_host_path_bytes_covers_what_the_host_path_holds(llama_family, method):
     over it by no more than the sort scratch."""
     import numpy as np
 
-    from evomerge.search.memory import host_path_bytes
+    from evomerge.backends.memory import host_path_bytes
 
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1")}
     builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=0)
     builder.precompute()
-    arrays = [builder.flat_base, builder.flat_inputs, builder.flat_out, builder.flat_ranks, builder.flat_fields,
-              builder.flat_q, builder.flat_sorted, builder.prefix_field, builder.prefix_sum]
+    arrays = [builder.backend.flat_base, builder.backend.flat_inputs, builder.backend.flat_out, builder.backend.flat_ranks, builder.backend.flat_fields,
+              builder.backend.flat_q, builder.backend.flat_sorted, builder.backend.prefix_field, builder.backend.prefix_sum]
     held = sum(a.nbytes if isinstance(a, np.ndarray) else a.numel() * a.element_size()
                for a in arrays if a is not None)
-    sizes = [e - a for a, e in builder.offsets_array]
-    need, optional = host_path_bytes(sum(sizes), max(sizes), 2, builder.variant.sparsification, torch.float32)
+    sizes = [e - a for a, e in builder.backend.offsets_array]
+    need, optional = host_path_bytes(sum(sizes), max(sizes), 2, builder.backend.variant.sparsification, torch.float32)
     assert held <= need + optional <= held + 24 * max(sizes), (held, need, optional)
     builder.close()

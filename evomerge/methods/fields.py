@@ -12,7 +12,7 @@ j-th output of SplitMix64 (Steele, Lea & Flood 2014, "Fast splittable pseudorand
 number generators"; ``java.util.SplittableRandom``) seeded with the key, its top 24
 bits as a float32 in [0, 1) (as ``torch.rand`` forms its float32). Because no
 generator state is carried from element to element, a GPU kernel computes any
-element where it needs it instead of reading a stored field (``device_kernels``):
+element where it needs it instead of reading a stored field (``cuda_kernels``):
 the same integers, so the same bits as here.
 """
 
