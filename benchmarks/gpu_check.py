@@ -296,7 +296,7 @@ def memory_use(large: Path, device: str) -> list[str]:
 
     from search_bench import default_candidate
 
-        lines = ["| method | dtype | estimate GiB | held after a build GiB | peak GiB | bytes / parameter: estimate "
+    lines = ["| method | dtype | estimate GiB | held after a build GiB | peak GiB | bytes / parameter: estimate "
              "| held | peak within the estimate |", "|---|---|---:|---:|---:|---:|---:|---|"]
     models = {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}
     gib = 2 ** 30
