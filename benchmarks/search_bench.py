@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "search_bench.md"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    from evomerge.methods import tune_host_allocator
+    from evomerge.host import tune_host_allocator
 
     tune_host_allocator()  # as the CLI does
 
