@@ -16,7 +16,8 @@ triton = pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from tests.conftest import read_weights  # noqa: E402
-from tests.test_flat_builder import VARIANT_NAMES, _assert_live_equals, _recipe  # noqa: E402
+from tests.helpers import assert_live_equals as _assert_live_equals  # noqa: E402
+from evomerge.testing.recipes import VARIANT_NAMES, variant_recipe as _recipe  # noqa: E402
 from evomerge.engine import run_merge  # noqa: E402
 from evomerge.recipe import load_recipe  # noqa: E402
 from evomerge.search.builder import CandidateBuilder  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the cuda backend runs on the CPU only in Triton's interpreter
 
 from tests.conftest import read_weights  # noqa: E402
-from tests.test_flat_builder import _assert_live_equals, source  # noqa: E402
+from tests.helpers import assert_live_equals as _assert_live_equals, source  # noqa: E402
 from evomerge.backends.cuda import segment_totals  # noqa: E402
 from evomerge.engine import run_merge  # noqa: E402
 from evomerge.methods.consensus import input_sum  # noqa: E402

@@ -18,18 +18,8 @@ from evomerge.engine import run_merge
 from evomerge.methods.l1 import l1_norm
 from evomerge.recipe import RecipeError, load_recipe
 from evomerge.search.builder import CandidateBuilder
-from evomerge.testing.recipes import VARIANT_NAMES, variant_recipe
-
-VARIANT_NAMES = VARIANT_NAMES  # re-exported for the other builder tests
-_recipe = variant_recipe
-
-
-def _assert_live_equals(builder: CandidateBuilder, expected: dict[str, torch.Tensor], label: str) -> None:
-    live = builder.model.state_dict()
-    assert set(expected) <= set(live), label
-    bad = [k for k, v in expected.items() if not torch.equal(v, live[k])]
-    assert not bad, f"{label}: {len(bad)} tensors differ from the engine, e.g. {bad[:3]}"
-
+from evomerge.testing.recipes import VARIANT_NAMES, variant_recipe as _recipe
+from tests.helpers import assert_live_equals as _assert_live_equals, source
 
 @pytest.fixture(scope="module")
 def builders(llama_family):
@@ -137,11 +127,6 @@ def test_l1_norm_is_accurate_and_independent_of_layout():
     assert torch.equal(l1_norm(wide[:, ::2], mask), got)
     assert l1_norm(x.double(), mask).item() == pytest.approx(exact, rel=1e-12)
     assert torch.equal(l1_norm(x), l1_norm(x, torch.ones_like(mask)))
-
-
-def source(model: str, lo: int, hi: int, **params) -> dict:
-    """One ``slices:`` source: layers [lo, hi) of ``model``, with optional parameters."""
-    return {"model": model, "layer_range": [lo, hi], **({"parameters": params} if params else {})}
 
 
 def test_slices_recipe_with_slice_and_source_parameters(builders, llama_family, tmp_path):
