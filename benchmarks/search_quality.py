@@ -57,11 +57,13 @@ class Case:
     seed: int
     variant: ZooVariant
     unseen: bool = False
+    adapters: bool = False  # the experts are the zoo's LoRA adapters (evomerge.zoo_adapters), not full fine-tunes
 
     def describe(self) -> str:
         v = self.variant
         n = len(v.families(self.size))
-        return (f"{n} experts, {'overlapping pairs' if v.overlap else 'one task each'}, base "
+        kind = "LoRA experts" if self.adapters else "experts"
+        return (f"{n} {kind}, {'overlapping pairs' if v.overlap else 'one task each'}, base "
                 f"{'knows' if v.base_knows_tasks else 'never saw'} the tasks, {v.dtype}, zoo seed {self.seed}")
 
 
@@ -76,6 +78,7 @@ SUITES = {
         Case("unseen-e8-naive", "small", 1, ZooVariant(experts=8, base_knows_tasks=False), unseen=True),
         Case("unseen-e6-overlap-naive-bf16", "small", 2,
              ZooVariant(experts=6, overlap=True, base_knows_tasks=False, dtype="bfloat16"), unseen=True),
+        Case("unseen-lora", "small", 0, ZooVariant(), unseen=True, adapters=True),
     ],
     # what CI can afford: tiny zoos, small budgets (tests/test_search_quality.py runs one case)
     "ci": [
@@ -86,7 +89,7 @@ SUITES = {
 
 # The run config of every case, before --set: the search space and what a user gets by default.
 DEFAULT_RUN = {
-    "search_space": str(ROOT / "search_spaces" / "ties_per_block.yaml"),
+    "search_space": str(ROOT / "search_spaces" / "regmean_per_layer.yaml"),
     "top_k": 5,
 }
 
@@ -158,6 +161,29 @@ def default_recipe(method: str, zoo) -> dict:
     return recipe
 
 
+def lora_zoo(zoo, cache_dir: Path):
+    """`zoo` with each expert replaced by its LoRA adapter merged into the base (PEFT ``merge_and_unload``,
+    saved once under `cache_dir`): the same tensors a merge of the adapters reads, as full checkpoints for
+    ``baselines``."""
+    import dataclasses
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.zoo_adapters import build_adapters
+
+    out = {}
+    for name, adapter in build_adapters(zoo).items():
+        out[name] = cache_dir / f"{zoo.root.name}-lora-merged" / name
+        if not out[name].is_dir():
+            staging = out[name].with_name(name + ".partial")
+            base = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32)
+            PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(staging)
+            zoo.tokenizer().save_pretrained(staging)
+            staging.rename(out[name])
+    return dataclasses.replace(zoo, experts=out)
+
+
 def baselines(zoo, cache: Path) -> dict[str, Score]:
     """Test-split scores with CIs of the base, each expert, each default merge and the reference (cached)."""
     if cache.exists():
@@ -209,8 +235,10 @@ def run_case(case: Case, run_overrides: dict, budgets: list[int], seed: int, log
 
     zoo = zoo or build_zoo(None, size=case.size, seed=case.seed, variant=case.variant, progress=False)
     cache_dir = cache_dir or default_zoo_dir(case.size, case.seed, case.variant).parent.parent / "bench"
-    cache = cache_dir / f"{zoo.root.name}.json"
-    base_scores = baselines(zoo, cache)
+    if case.adapters:
+        base_scores = baselines(lora_zoo(zoo, cache_dir), cache_dir / f"{zoo.root.name}-lora.json")
+    else:
+        base_scores = baselines(zoo, cache_dir / f"{zoo.root.name}.json")
     defaults = {k: v for k, v in base_scores.items() if k.startswith("default:")}
     best_default = max(defaults, key=lambda k: defaults[k].value)
     experts = {k: v for k, v in base_scores.items() if k.startswith("expert:")}
@@ -219,7 +247,8 @@ def run_case(case: Case, run_overrides: dict, budgets: list[int], seed: int, log
 
     with tempfile.TemporaryDirectory(prefix="evomerge-sq-") as tmp:
         data = {**DEFAULT_RUN, **run_overrides, "name": f"sq-{case.name}",
-                "zoo": {"size": case.size, "seed": case.seed, "dir": str(zoo.root), **_variant_keys(case.variant)},
+                "zoo": {"size": case.size, "seed": case.seed, "dir": str(zoo.root), **_variant_keys(case.variant),
+                        **({"adapters": True} if case.adapters else {})},
                 "budget": {"trials": max(budgets)}, "output_dir": tmp, "seed": seed,
                 "storage": f"journal:{tmp}/study.journal"}
         cfg = RunConfig.model_validate(data).resolved(ROOT)

@@ -240,14 +240,20 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
 
 def model_statistics(model_dir: Path, texts: Sequence[str], calibration: Calibration, *, kind: str = "gram",
                      cache_dir: Path | None = None, device: str | torch.device = "cpu",
-                     progress: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
-    """One model's calibration statistics: read from ``cache_dir`` when present, else computed and stored there."""
+                     progress: Callable[[str], None] | None = None, base_dir: Path | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """One model's calibration statistics: read from ``cache_dir`` when present, else computed and stored there.
+
+    With ``base_dir``, ``model_dir`` is a LoRA adapter of that base (see ``load_calibration_model``)."""
     from safetensors.torch import load_file, save_file
 
     memo = _read_memo(cache_dir) if cache_dir is not None else {}
     path = None
     if cache_dir is not None:
-        key = statistics_key(model_fingerprint(model_dir, memo), texts, calibration, kind)
+        fingerprint = model_fingerprint(model_dir, memo)
+        if base_dir is not None:
+            fingerprint += "+" + model_fingerprint(base_dir, memo)
+        key = statistics_key(fingerprint, texts, calibration, kind)
         path = Path(cache_dir) / f"{kind}-{key}.safetensors"
         if path.is_file():
             if progress:
@@ -255,7 +261,7 @@ def model_statistics(model_dir: Path, texts: Sequence[str], calibration: Calibra
             return load_file(path)
     if progress:
         progress(f"statistics of {model_dir}: {len(texts)} examples")
-    stats = compute_model_statistics(model_dir, texts, calibration, kind=kind, device=device)
+    stats = compute_model_statistics(model_dir, texts, calibration, kind=kind, device=device, base_dir=base_dir)
     if path is not None:
         _write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in stats.items()}, tmp,
                                                   metadata={"model": str(model_dir), "kind": kind}))
@@ -263,19 +269,33 @@ def model_statistics(model_dir: Path, texts: Sequence[str], calibration: Calibra
     return stats
 
 
-def compute_model_statistics(model_dir: Path, texts: Sequence[str], calibration: Calibration, *, kind: str,
-                             device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a model directory (safetensors, no remote code) and compute its ``kind`` statistics on the texts."""
+def load_calibration_model(model_dir: Path, dtype, base_dir: Path | None = None):
+    """The model and tokenizer calibration runs on: ``model_dir`` (safetensors, no remote code), or with
+    ``base_dir`` the base's weights with the LoRA adapter in ``model_dir`` merged in (PEFT's
+    ``merge_and_unload``, the tensors an adapter source gives a merge) and the base's tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if kind not in ("gram", "fisher"):
-        raise ValueError(f"unknown statistics kind {kind!r}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    source = model_dir if base_dir is None else base_dir
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    if base_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
+    return model, tokenizer
+
+
+def compute_model_statistics(model_dir: Path, texts: Sequence[str], calibration: Calibration, *, kind: str,
+                             device: str | torch.device = "cpu", base_dir: Path | None = None
+                             ) -> dict[str, torch.Tensor]:
+    """Load a model (``load_calibration_model``) and compute its ``kind`` statistics on the texts."""
+    if kind not in ("gram", "fisher"):
+        raise ValueError(f"unknown statistics kind {kind!r}")
     # gradients in float32: squared bf16 gradients underflow
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto" if kind == "gram" else torch.float32,
-                                                 trust_remote_code=False, use_safetensors=True).to(device).eval()
+    model, tokenizer = load_calibration_model(model_dir, "auto" if kind == "gram" else torch.float32, base_dir)
+    model = model.to(device).eval()
     try:
         if kind == "fisher":
             return fisher_statistics(model, tokenizer, texts, max_length=calibration.max_length)
@@ -287,8 +307,11 @@ def compute_model_statistics(model_dir: Path, texts: Sequence[str], calibration:
 
 def collect_statistics(calibration: Calibration, model_dirs: Mapping[str, Path], texts: Mapping[str, list[str]], *,
                        kind: str = "gram", cache_dir: Path | None = None, device: str | torch.device = "cpu",
-                       progress: Callable[[str], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Per model name, its statistics (``model_statistics`` for each model directory)."""
+                       progress: Callable[[str], None] | None = None,
+                       base_dirs: Mapping[str, Path] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per model name, its statistics (``model_statistics`` for each model directory; a name in
+    ``base_dirs`` is a LoRA adapter of that base)."""
+    base_dirs = base_dirs or {}
     return {name: model_statistics(Path(model_dirs[name]), texts[name], calibration, kind=kind, cache_dir=cache_dir,
-                                   device=device, progress=progress)
+                                   device=device, progress=progress, base_dir=base_dirs.get(name))
             for name in model_dirs}

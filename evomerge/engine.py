@@ -328,16 +328,20 @@ def prepare_statistics(plan: MergePlan, *, cache_dir: str | Path | None = None, 
             raise RecipeError(f"{plan.where}: no calibration statistics given for model(s) {missing}")
         plan.statistics = {n: prepare(statistics[n]) for n in names}
         return plan
-    dirs = {}
+    dirs, base_dirs = {}, {}
     for name in names:
-        path = (model_dirs or {}).get(name) or getattr(plan.readers[name], "path", None)
+        reader = plan.readers[name]
+        path = (model_dirs or {}).get(name) or getattr(reader, "path", None)
         if path is None:
             raise RecipeError(f"{plan.where}: method '{plan.method.name}' needs calibration statistics of model "
                               f"'{name}': give its directory (model_dirs) or precomputed statistics")
         dirs[name] = Path(path)
+        base_path = getattr(reader.base, "path", None) if hasattr(reader, "adapter") else None
+        if base_path is not None and name not in (model_dirs or {}):  # a LoRA adapter: calibrate base + adapter
+            base_dirs[name] = Path(base_path)
     raw = collect_statistics(plan.recipe.calibration, dirs, plan.calibration_texts, kind=plan.method.calibration,
                              cache_dir=Path(cache_dir) if cache_dir else None, device=resolve_device(device),
-                             progress=progress)
+                             progress=progress, base_dirs=base_dirs)
     plan.statistics = {n: prepare(stats) for n, stats in raw.items()}
     return plan
 

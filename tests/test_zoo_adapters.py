@@ -99,3 +99,31 @@ def test_zoo_build_command_trains_the_adapters_into_an_existing_zoo(tiny_zoo, ad
     for name in adapters:  # the same training, bit for bit
         a, b = (load_file(p / "adapter_model.safetensors") for p in (zoo.adapters[name], adapters[name]))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_regmean_over_adapters_calibrates_base_plus_adapter(tiny_zoo, adapters, tmp_path):
+    """A data-aware method calibrates an adapter source as the base with the adapter merged in: its Gram
+    statistics equal those of the merged checkpoint, and a RegMean recipe over the adapters runs end to end."""
+    from peft import PeftModel
+
+    from evomerge.calibration import Calibration, compute_model_statistics
+    from evomerge.engine import run_merge
+    from evomerge.search.baselines import baseline_recipe
+
+    full = tmp_path / "map-full"
+    PeftModel.from_pretrained(_base(tiny_zoo), adapters["map"]).merge_and_unload().save_pretrained(full)
+    tiny_zoo.tokenizer().save_pretrained(full)
+    texts = ["map: abc -> ", "map: hello world -> ", "map: xyz -> q"]
+    cal = Calibration(examples=3)
+    from_adapter = compute_model_statistics(adapters["map"], texts, cal, kind="gram", base_dir=tiny_zoo.base)
+    from_full = compute_model_statistics(full, texts, cal, kind="gram")
+    base_only = compute_model_statistics(tiny_zoo.base, texts, cal, kind="gram")
+    assert from_adapter.keys() == from_full.keys()
+    for k in from_full:
+        torch.testing.assert_close(from_adapter[k], from_full[k], rtol=1e-5, atol=1e-5)
+    assert any((from_adapter[k] - base_only[k]).abs().max() > 1e-4 for k in base_only)  # the adapter counts
+
+    models = {name: str(p) for name, p in adapters.items()}
+    recipe = baseline_recipe("regmean", str(tiny_zoo.base), models, tiny_zoo.tasks_yaml, list(adapters))
+    run_merge(recipe, tmp_path / "merged", device="cpu")
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

@@ -95,7 +95,7 @@ def _only_for(section: str, model: BaseModel, name: str, options: dict[str, tupl
 
 
 class Sampler(_Strict):
-    name: Literal["cmaes", "tpe", "gp", "random", "nsga2"] = "cmaes"
+    name: Literal["cmaes", "tpe", "gp", "random", "nsga2", "ngopt"] = "cmaes"
     popsize: int | None = Field(None, ge=2)  # CMA-ES population (or NSGA-II population)
     separable: bool = False  # sep-CMA-ES
     sigma0: float | None = Field(None, gt=0)

@@ -262,7 +262,7 @@ class SearchRun:
         if self.cfg.start == "anchors" and self.cfg.sampler.name == "cmaes" and x0 is None:
             return optuna.samplers.RandomSampler(seed=self._seed)
         return make_sampler(self.cfg.sampler, seed=self._seed, n_objectives=self.n_objectives, x0=x0,
-                            learn_from_pruned=self.cfg.pruner.name != "none")
+                            learn_from_pruned=self.cfg.pruner.name != "none", budget=self.cfg.budget.trials)
 
     def _start_sampler(self) -> None:
         """Hand over to CMA-ES once every anchor has finished, its mean at the best anchor by search score.

@@ -207,7 +207,7 @@ def first_rdb_storage(url: str, attempts: int = 6, retry_s: float = STORAGE_RETR
 
 
 def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int, x0: dict[str, float] | None = None,
-                 learn_from_pruned: bool = False) -> optuna.samplers.BaseSampler:
+                 learn_from_pruned: bool = False, budget: int | None = None) -> optuna.samplers.BaseSampler:
     """The Optuna sampler of a run.
 
     CMA-ES starts its mean at ``x0`` when given (the best anchor point of a run that starts from
@@ -215,11 +215,12 @@ def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int, x0: dict[str, fl
     default point there (``SearchSpace.off_center`` names any that do not), and the default is also
     enqueued as the first trial. Other samplers ignore ``x0``: they learn from the anchors' trials.
     ``learn_from_pruned``: CMA-ES ranks a pruned trial by its last running score (Optuna's
-    ``consider_pruned_trials``) instead of never seeing it, so pruning does not starve its generations.
+    ``consider_pruned_trials``) instead of never seeing it, so pruning does not starve its generations
+    (NGOpt likewise). ``budget``: the run's trial budget, from which NGOpt picks its algorithm.
     """
     name = cfg.name
-    if n_objectives > 1 and name == "cmaes":
-        raise ValueError("CMA-ES optimizes one objective; use nsga2 for per-task objectives")
+    if n_objectives > 1 and name in ("cmaes", "ngopt"):
+        raise ValueError(f"{name} optimizes one objective; use nsga2 for per-task objectives")
     if name == "cmaes":
         kw: dict[str, Any] = {"seed": seed, "popsize": cfg.popsize, "n_startup_trials": 0,
                               "warn_independent_sampling": False}
@@ -253,6 +254,10 @@ def make_sampler(cfg: Sampler, *, seed: int, n_objectives: int, x0: dict[str, fl
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.popsize or 16)
+    if name == "ngopt":
+        from evomerge.search.ngopt_sampler import NGOptSampler
+
+        return NGOptSampler(seed=seed, budget=budget, learn_from_pruned=learn_from_pruned)
     raise ValueError(f"unknown sampler {name!r}")
 
 
