@@ -40,25 +40,26 @@ from search_bench import BENCH_SPACES, default_candidate  # noqa: E402
 
 def anatomy(builder, recipe, repeats: int) -> dict[str, float]:
     """Median seconds of each part of ``builder.build(recipe)``, and of the floor."""
-    import evomerge.search.flat_kernel as fk
+    import evomerge.backends.cpu_kernel as fk
+    from floor import floor
 
-    if not builder.flat:
+    if builder.backend.name != "cpu":
         raise SystemExit("the anatomy needs the compiled host path (numba); this builder goes tensor by tensor")
     for _ in range(20):
         builder.build(recipe)  # compile and warm up
-    st = builder._candidate_tables(recipe)
-    mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda, lam = st["tables"]
-    before = builder._before_norms()
+    st = builder.backend._candidate_tables(recipe)
+    mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda, lam = st.tables
+    before = builder.backend._before_norms()
 
     def merge(resc):
-        args = (builder.keep_rule, *builder._buffers, builder.blocks, builder.seg_blocks, st["slot_model"], mode,
-                lo, hi, thr, dme, eps, st["seg_k"], weight, resc, before, builder.variant.consensus, normalize,
-                st["use_total"], st["total"], use_lambda, lam)
-        return lambda: fk.merge_parallel(*args, builder.cuts)
+        args = (builder.backend.keep_rule, *builder.backend._buffers, builder.backend.blocks, builder.backend.seg_blocks, st.slot_model, mode,
+                lo, hi, thr, dme, eps, st.seg_k, weight, resc, before, builder.backend.variant.consensus, normalize,
+                st.use_total, st.total, use_lambda, lam)
+        return lambda: fk.merge_parallel(*args, builder.backend.cuts)
 
-    parts = {"build": lambda: builder.build(recipe), "planning": lambda: builder._candidate_tables(recipe),
+    parts = {"build": lambda: builder.build(recipe), "planning": lambda: builder.backend._candidate_tables(recipe),
              "merge": merge(rescale), "merge, no rescale": merge(np.zeros_like(rescale)),
-             "floor": builder.floor, "floor, one thread": lambda: builder.floor(threads=1)}
+             "floor": lambda: floor(builder), "floor, one thread": lambda: floor(builder, threads=1)}
     times: dict[str, list[float]] = {k: [] for k in parts}
     for _ in range(repeats):
         for k, fn in parts.items():
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "build_anatomy.md"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    from evomerge.methods import tune_host_allocator
+    from evomerge.host import tune_host_allocator
     from evomerge.zoo import build_zoo
 
     tune_host_allocator()

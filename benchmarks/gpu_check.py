@@ -36,12 +36,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def _recipes(fam: dict) -> list[tuple[str, str, dict]]:
     """(label, method, recipe) for every method the builder takes; the variants both ways round."""
-    from tests.test_flat_builder import VARIANT_NAMES, _recipe
+    from evomerge.testing.recipes import VARIANT_NAMES, variant_recipe
 
-    out = [(f"{m}{' (flipped)' if flip else ''}", m, _recipe(m, fam, flip=flip))
+    out = [(f"{m}{' (flipped)' if flip else ''}", m, variant_recipe(m, fam, flip=flip))
            for m in VARIANT_NAMES for flip in (False, True)]
     for m in ("dare_ties", "della"):  # a bf16 recipe: the builder holds a bf16 model, outputs are rounded
-        out.append((f"{m} bf16", m, {**_recipe(m, fam, flip=False), "dtype": "bfloat16"}))
+        out.append((f"{m} bf16", m, {**variant_recipe(m, fam, flip=False), "dtype": "bfloat16"}))
     out.append(("linear", "linear", {
         "merge_method": "linear", "dtype": "float32",
         "models": [{"model": str(fam["ft0"]), "parameters": {"weight": [0.7, 0.2]}},
@@ -56,7 +56,7 @@ def _recipes(fam: dict) -> list[tuple[str, str, dict]]:
 
 def correctness(device: str, work: Path) -> list[str]:
     """Builder vs engine on ``device`` (bit for bit) and vs the engine on the CPU (max |Δ|)."""
-    from tests.conftest import read_weights
+    from evomerge.testing.weights import read_weights
     from evomerge.engine import run_merge
     from evomerge.recipe import load_recipe
     from evomerge.search.builder import CandidateBuilder
@@ -77,14 +77,14 @@ def correctness(device: str, work: Path) -> list[str]:
             first = {k: v.detach().to("cpu", copy=True) for k, v in builder.model.state_dict().items()}
             t0 = time.perf_counter()
             extra = builder.build(recipe).extra
-            path = extra.get("path", builder.path)
+            path = extra.get("path", builder.backend.name)
             if extra.get("in_order_norms"):
                 path += ", rescale norms summed in order (tree sum ambiguous)"
-            if path.startswith("device"):
-                path += (", params alias its output" if builder.aliased else
-                         ", bf16 params written by its kernel" if builder.flat_out16 is not None else
+            if path == "cuda":
+                path += (", params alias its output" if builder.backend.aliased else
+                         ", bf16 params written by its kernel" if builder.backend.flat_out16 is not None else
                          ", params copied from its output")
-                if builder.inputs16:
+                if builder.backend.inputs16:
                     path += ", bf16 fine-tunes (δ formed in the kernels)"
             ms = (time.perf_counter() - t0) * 1e3
             live = {k: v.detach().cpu() for k, v in builder.model.state_dict().items()}
@@ -131,7 +131,7 @@ def engine_speed(large: Path, device: str, work: Path) -> list[str]:
             t0 = time.perf_counter()
             run_merge(recipe, work / f"engine-{method}-{dev}", device=dev, seed=0, overwrite=True)
             secs[dev] = time.perf_counter() - t0
-        from tests.conftest import read_weights
+        from evomerge.testing.weights import read_weights
 
         a, b = read_weights(work / f"engine-{method}-{device}"), read_weights(work / f"engine-{method}-cpu")
         same = all(torch.equal(v, b[k]) for k, v in a.items())
@@ -151,8 +151,8 @@ def lane_sweep(large: Path, device: str, repeats: int = 50) -> tuple[list[str], 
 
     from search_bench import default_candidate
 
-    from evomerge.search import device_kernels as dk
-    from evomerge.search import device_path as dp
+    from evomerge.backends import cuda_kernels as dk
+    from evomerge.backends import cuda as dp
 
     models = {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}
     lines = ["| method | LANE_GROUP | LANE_WARPS | kernel ms | GB/s | same sums |", "|---|---:|---:|---:|---:|---|"]
@@ -161,18 +161,18 @@ def lane_sweep(large: Path, device: str, repeats: int = 50) -> tuple[list[str], 
     for method in ("dare_ties", "della"):
         builder, recipe = default_candidate(large / "base", models, method, device)
         builder.build(recipe)
-        st = builder._candidate_tables(recipe)
+        st = builder.backend._candidate_tables(recipe)
         ints, floats = (torch.from_numpy(t).to(builder.device)
-                        for t in dp.rule_tables(builder.keep_rule, *st["tables"][:6]))
+                        for t in dp.rule_tables(builder.backend.keep_rule, *st.tables[:6]))
 
         def run():
-            return dk.lane_sums(builder.keep_rule, builder.flat_inputs, builder.device_stat, builder.field_keys,
-                                builder.seg_starts, st["slot_models_t"], builder.block_seg, ints, floats,
-                                base=builder.flat_base, row_inverse=builder.row_inverse)
+            return dk.lane_sums(builder.backend.keep_rule, builder.backend.flat_inputs, builder.backend.device_stat, builder.backend.field_keys,
+                                builder.backend.seg_starts, st.slot_models_t, builder.backend.block_seg, ints, floats,
+                                base=builder.backend.flat_base, row_inverse=builder.backend.row_inverse)
 
         reference = run()
-        x = builder.flat_inputs  # δ (float32), or bf16 fine-tunes read with the float32 base
-        stat = builder.device_stat.element_size() if method != "dare_ties" else 0  # DELLA's q or 16-bit rank
+        x = builder.backend.flat_inputs  # δ (float32), or bf16 fine-tunes read with the float32 base
+        stat = builder.backend.device_stat.element_size() if method != "dare_ties" else 0  # DELLA's q or 16-bit rank
         per_input = x.element_size() + (4 if x.dtype == torch.bfloat16 else 0) + stat
         bytes_read = x.numel() * per_input  # δ (or x and base), and DELLA's q, per input
         for setting in LANE_SETTINGS:
@@ -189,8 +189,8 @@ def lane_sweep(large: Path, device: str, repeats: int = 50) -> tuple[list[str], 
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
                 run()
-                b.record()
-                b.synchronize()
+                b.backend.record()
+                b.backend.synchronize()
                 times.append(a.elapsed_time(b))
             ms = statistics.median(times)
             totals[setting] += ms if same else float("inf")
@@ -296,8 +296,6 @@ def memory_use(large: Path, device: str) -> list[str]:
 
     from search_bench import default_candidate
 
-    from evomerge.search.memory import fused_kernels_available, resident_bytes
-
     lines = ["| method | dtype | estimate GiB | held after a build GiB | peak GiB | bytes / parameter: estimate "
              "| held | peak within the estimate |", "|---|---|---:|---:|---:|---:|---:|---|"]
     models = {"ft0": str(large / "ft0"), "ft1": str(large / "ft1")}
@@ -313,10 +311,8 @@ def memory_use(large: Path, device: str) -> list[str]:
             torch.cuda.synchronize(device)
             held = torch.cuda.memory_allocated(device) - before
             peak = torch.cuda.max_memory_allocated(device) - before
-            numel = builder.flat_base.numel()
-            estimate = resident_bytes(numel, max(v.numel() for v in builder.base.values()), len(models),
-                                      builder.variant.sparsification, builder.model_dtype, "device",
-                                      fused_kernels_available(builder.device), int(builder.row.max()))
+            numel = builder.backend.flat_base.numel()
+            estimate = builder.backend.resident_bytes(*builder.backend.tensor_sizes())
             lines.append(f"| {method} | {dtype} | {estimate / gib:.2f} | {held / gib:.2f} | {peak / gib:.2f} "
                          f"| {estimate / numel:.1f} | {held / numel:.1f} | {'yes' if peak <= estimate else 'NO'} |")
             builder.close()
@@ -416,7 +412,7 @@ def main() -> None:
         return rows
 
     def sweep() -> list[str]:
-        from evomerge.search import device_kernels as dk
+        from evomerge.backends import cuda_kernels as dk
 
         rows, best = lane_sweep(large(), args.device)
         if args.lane_best:

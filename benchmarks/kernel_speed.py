@@ -24,7 +24,7 @@ from mergekit.merge_methods import registry as mk_registry
 from mergekit.merge_methods.base import TensorGroup
 
 from evomerge.methods import della_ranks, get_method, random_field, sorted_magnitudes, sparsify
-from evomerge.methods.host import tune_host_allocator
+from evomerge.host import tune_host_allocator
 
 DENSITY, EPSILON = 0.5, 0.15
 

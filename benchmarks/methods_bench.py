@@ -33,35 +33,13 @@ TIMED = ["multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ram
 
 
 def default_recipe(method: str, base: str, experts: dict[str, str], tasks_yaml: str) -> dict | None:
-    """The recipe a user would try first with ``method`` (None: the method does not merge several models)."""
+    """The recipe a user would try first with ``method`` (``evomerge.testing.recipes.default_recipe``);
+    data-aware methods calibrate each expert on its own task's search split."""
     from evomerge.methods import get_method
+    from evomerge.testing.recipes import default_recipe as first_recipe
 
-    spec = get_method(method)
-    paths = list(experts.values())
-    if method == "passthrough":
-        return None
-    models = [{"model": p} for p in paths]
-    recipe: dict = {"merge_method": method, "dtype": "float32"}
-    if spec.max_others == 1 or spec.max_models == 2:  # slerp, nearswap, arcee_fusion: base and one expert
-        models = models[:1]
-    if spec.max_others == 2:  # nuslerp: two experts
-        models = models[:2]
-    for m in models:
-        values = {}
-        if spec.has_param("weight") and spec.param("weight").required:
-            values["weight"] = 1.0
-        if spec.has_param("density"):
-            values["density"] = 0.5
-        if values:
-            m["parameters"] = values
-    recipe["models"] = models
-    if spec.requires_base or not spec.uses_base_as_input:
-        recipe["base_model"] = base
-    if method == "slerp":
-        recipe["parameters"] = {"t": 0.5}
-    if method == "nearswap":
-        recipe["parameters"] = {"t": 0.0001}  # the value of the method's reference model
-    if spec.calibration:
+    recipe = first_recipe(method, base, list(experts.values()))
+    if recipe is not None and get_method(method).calibration:
         recipe["calibration"] = {"tasks": tasks_yaml, "split": "search", "examples": 64,
                                  "model_tasks": {path: [name] for name, path in experts.items()}}
     return recipe

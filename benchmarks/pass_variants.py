@@ -1,6 +1,6 @@
 """What bounds the host's fused merge pass: stand-alone variants of its loop, timed on zoo-sized arrays.
 
-``flat_kernel``'s fused pass reads, per element and input, δ and what its mask rule needs (nothing
+``cpu_kernel``'s fused pass reads, per element and input, δ and what its mask rule needs (nothing
 more for TIES, the random field for DARE, the field and the rank term q for DELLA), then elects
 the sign and merges (TIES consensus), divides by the agreeing weights (normalize), and writes the
 parameter. This times simplified copies of that loop (4 inputs, 343,776 elements: the `small`

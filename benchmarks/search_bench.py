@@ -2,7 +2,7 @@
 
 1. Per-candidate build time of the resident builder for ties, dare_ties and della, versus
    - the floor: one pass reading every resident task vector and writing every parameter, timed the
-     same way (``CandidateBuilder.floor``: a compiled pass over the flat buffers on the host), and the
+     same way (``benchmarks/floor.py``: a compiled pass over the flat buffers on the host), and the
      same pass as eager torch ops tensor by tensor (the floor the previous builder was measured against),
    - mergekit's in-memory merge (``mergekit.merge_methods.api.merge_state_dicts``) on the same
      float32 tensors with the same parameters.
@@ -67,9 +67,9 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def _per_tensor_floor(builder) -> None:
     """The floor as eager torch ops, tensor by tensor: base + Σδ written into each parameter."""
-    for name, b in builder.base.items():
+    for name, b in builder.backend.base.items():
         acc = b.clone()
-        for inputs in builder.inputs.values():
+        for inputs in builder.backend.inputs.values():
             acc.add_(inputs[name])
         builder.params[name].copy_(acc)
     _sync(builder.device)
@@ -95,6 +95,7 @@ def default_candidate(base, models: dict[str, str], method: str, device: str = "
 def build_speed(base, models: dict[str, str], repeats: int, mergekit_repeats: int,
                 device: str = "cpu") -> list[tuple]:
     """(method, build ms, plan ms, floor ms, per-tensor floor ms, mergekit ms) for ties, dare_ties, della."""
+    from floor import floor
     from mergekit.merge_methods.api import merge_state_dicts
 
     rows = []
@@ -103,13 +104,13 @@ def build_speed(base, models: dict[str, str], repeats: int, mergekit_repeats: in
         plans = []
         # the floor: the faster of the candidates' threads and one thread (thread hand-off can cost more)
         build, floor_threads, floor_one = _interleaved_medians(
-            [lambda: plans.append(builder.build(recipe).plan), builder.floor, lambda: builder.floor(threads=1)],
+            [lambda: plans.append(builder.build(recipe).plan), lambda: floor(builder), lambda: floor(builder, threads=1)],
             repeats)
         plan = statistics.median(plans)
         floor = min(floor_threads, floor_one)
         eager_floor = _median_time(lambda: _per_tensor_floor(builder), repeats)
         # mergekit on the same resident float32 tensors (inputs = base + task vectors, as loaded)
-        base_sd = dict(builder.base)
+        base_sd = dict(builder.backend.base)
         sds = {"base": base_sd}
         for name, path in models.items():
             reader = builder.readers[path]
@@ -184,7 +185,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "search_bench.md"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    from evomerge.methods import tune_host_allocator
+    from evomerge.host import tune_host_allocator
 
     tune_host_allocator()  # as the CLI does
 

@@ -293,7 +293,7 @@ _register_lora(app)
 
 
 def main() -> None:
-    from evomerge.methods import tune_host_allocator
+    from evomerge.host import tune_host_allocator
 
     tune_host_allocator()  # keep freed tensor memory for reuse: 2-6x faster merges on the CPU
     try:

@@ -98,11 +98,11 @@ class MergePlan:
     def output_bytes(self) -> int:
         total = 0
         for task in self.tasks:
-            dt = self._out_dtype_of(task)
+            dt = self.out_dtype_of(task)
             total += _numel(task.shape) * torch.empty((), dtype=dt).element_size()
         return total
 
-    def _out_dtype_of(self, task: TensorTask) -> torch.dtype:
+    def out_dtype_of(self, task: TensorTask) -> torch.dtype:
         ref = task.base or task.inputs[0]
         native = self.readers[ref.model].dtype(ref.name)
         if not native.is_floating_point:
@@ -631,7 +631,7 @@ def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed
         statistics = [_statistic(plan, ref, device) for ref in task.inputs]
     out = plan.method.merge(base=base, tensors=inputs, model_params=task.model_params, params=task.params,
                             fields=fields, statistics=statistics)
-    out_dtype = plan._out_dtype_of(task)
+    out_dtype = plan.out_dtype_of(task)
     out = out.to(out_dtype)
     if not all_finite(out):
         raise MergeError(f"merged tensor {task.name} contains NaN or infinite values "
@@ -667,7 +667,7 @@ def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device
     plan = recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_pickle=allow_pickle, where=where)
     dev = resolve_device(device)
     max_shard = parse_size(out_shard_size)
-    expected = [(task.name, task.shape, plan._out_dtype_of(task)) for task in plan.tasks]
+    expected = [(task.name, task.shape, plan.out_dtype_of(task)) for task in plan.tasks]
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard, overwrite=overwrite, expected=expected) as writer:
         prepare_statistics(plan, device=dev,
                            cache_dir=statistics_cache or Path(out_dir).resolve().parent / STATISTICS_CACHE_NAME)

@@ -157,7 +157,7 @@ class Recipe(_Strict):
         return get_method(self.merge_method)
 
     def stamp_structure(self, signature: str) -> "Recipe":
-        """Record the structure signature (``search.fast_plan.structure_signature``) its producer knows it has.
+        """Record the structure signature (``backends.fast_plan.structure_signature``) its producer knows it has.
 
         The stamp lapses when ``models``, ``slices`` or ``parameters`` is replaced (``model_copy``
         with an update); it is for producers whose outputs share one structure by construction.

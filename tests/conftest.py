@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from evomerge.testing.weights import read_weights  # noqa: F401  (tests import it from here)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -34,12 +35,6 @@ def qwen_family(tmp_path_factory) -> dict[str, Path]:
     return {"base": base, "ft0": fts[0], "ft1": fts[1]}
 
 
-def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors model directory (single file or shards)."""
-    out = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,7 @@ def spec_of(name: str, fn, args: tuple, kwargs: dict) -> str:
 @contextlib.contextmanager
 def record_launches(seen: set[str]):
     """Within the block, every launch of the device kernels adds its spec (``spec_of``) to ``seen``."""
-    from evomerge.search import device_kernels as dk
+    from evomerge.backends import cuda_kernels as dk
 
     originals = {name: getattr(dk, name) for name in KERNELS}
 
@@ -91,7 +91,7 @@ def compile_spec(spec: dict, target: tuple) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from evomerge.search import device_kernels as dk
+    from evomerge.backends import cuda_kernels as dk
 
     kernel = getattr(dk, spec["kernel"])
     names = kernel.arg_names  # the parameters in order (a spec's JSON keys are sorted)

@@ -1,4 +1,4 @@
-"""The device path's fused Triton kernels, run by Triton's interpreter on the CPU: bit for bit against the engine.
+"""The cuda backend's fused Triton kernels, run by Triton's interpreter on the CPU: bit for bit against the engine.
 
 On a GPU the same kernels are compiled (``benchmarks/gpu_check.py`` checks them there). Skipped
 where Triton is not installed.
@@ -16,17 +16,18 @@ triton = pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from tests.conftest import read_weights  # noqa: E402
-from tests.test_flat_builder import VARIANT_NAMES, _assert_live_equals, _recipe  # noqa: E402
+from tests.helpers import assert_live_equals as _assert_live_equals  # noqa: E402
+from evomerge.testing.recipes import VARIANT_NAMES, variant_recipe as _recipe  # noqa: E402
 from evomerge.engine import run_merge  # noqa: E402
 from evomerge.recipe import load_recipe  # noqa: E402
 from evomerge.search.builder import CandidateBuilder  # noqa: E402
-from evomerge.search.device_kernels import bf16_bits  # noqa: E402
+from evomerge.backends.cuda_kernels import bf16_bits  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton's interpreter must be on before Triton is first imported")
 
-from evomerge.search import device_kernels as dk  # noqa: E402
+from evomerge.backends import cuda_kernels as dk  # noqa: E402
 
 DEFAULT_LANE_GROUP = dk.LANE_GROUP
 
@@ -43,31 +44,12 @@ def _interpreter_lane_group(monkeypatch):
 @pytest.mark.parametrize("method", VARIANT_NAMES)
 def test_fused_kernels_equal_engine(llama_family, tmp_path, method):
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
-    builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3, path="device")
-    builder.fused = True
+    builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3, backend="cuda")
     for flip in (False, True):
         recipe = load_recipe(_recipe(method, llama_family, flip=flip))
         builder.build(recipe)
         expected = read_weights(run_merge(recipe, tmp_path / f"engine{flip}", device="cpu", seed=3))
         _assert_live_equals(builder, expected, f"{method} flip={flip} (fused)")
-    builder.close()
-
-
-def test_fused_lane_sums_equal_batched_torch(llama_family):
-    """The lane-sum kernel's block sums equal ``device_path.lane_block_sums``' for a DARE candidate."""
-    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
-    builder = CandidateBuilder(llama_family["base"], models, method="dare_ties", device="cpu", seed=3, path="device")
-    recipe = load_recipe(_recipe("dare_ties", llama_family, flip=False))
-    builder.build(recipe)  # sets up the structure and fields
-    st = builder._candidate_tables(recipe)
-    from evomerge.search import device_path as dp
-
-    ints, floats = (torch.from_numpy(t) for t in dp.rule_tables(builder.keep_rule, *st["tables"][:6]))
-    builder.fused = False
-    batched = builder._device_after_norms(st, ints, floats)
-    builder.fused = True
-    fused = builder._device_after_norms(st, ints, floats)
-    assert (batched == fused).all() and (batched > 0).all()
     builder.close()
 
 
@@ -80,14 +62,13 @@ def test_rescale_factors_fall_back_to_in_order_sums(llama_family, tmp_path, meth
     and the bits are the engine's.
     """
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
-    builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3, path="device")
-    builder.fused = True
+    builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3, backend="cuda")
     recipe = load_recipe(_recipe(method, llama_family, flip=False))
     expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
     assert "in_order_norms" not in builder.build(recipe).extra
     _assert_live_equals(builder, expected, f"{method} (tree-summed factors)")
-    builder.rescale_slack = 1e12
-    builder._exact_t = torch.zeros_like(builder._exact_t)  # and no sum counts as exact
+    builder.backend.rescale_slack = 1e12
+    builder.backend._exact_t = torch.zeros_like(builder.backend._exact_t)  # and no sum counts as exact
     assert builder.build(recipe).extra.get("in_order_norms") is True
     _assert_live_equals(builder, expected, f"{method} (in-order fallback)")
     builder.close()
@@ -98,7 +79,7 @@ def test_lane_sums_kernel_keeps_the_order_of_each_lane(monkeypatch, group):
     """On magnitudes spread over 2⁻⁴⁰…2⁴⁰ float64 sums round, so any change of order shows: the kernel's
     block sums equal ``l1.lane_block_sums`` bit for bit (a last program half full, or full)."""
     from evomerge.methods.l1 import lane_block_sums
-    from evomerge.search import device_kernels as dk
+    from evomerge.backends import cuda_kernels as dk
 
     monkeypatch.setattr(dk, "LANE_GROUP", group)
     g = torch.Generator().manual_seed(0)
@@ -120,8 +101,8 @@ def test_rescale_kernel_decides_or_says_it_cannot():
     on a float32 rounding midpoint is reported ambiguous."""
     import numpy as np
 
-    from evomerge.search import device_kernels as dk
-    from evomerge.search import device_path as dp
+    from evomerge.backends import cuda_kernels as dk
+    from evomerge.backends import cuda as dp
 
     g = torch.Generator().manual_seed(1)
     k, n_seg = 2, 40
@@ -139,7 +120,7 @@ def test_rescale_kernel_decides_or_says_it_cannot():
     no_exact_sums = torch.zeros((n_seg, 3), dtype=torch.float64)  # (only a total of 0 counts as exact)
     ambiguous = dk.rescale_factors(sums, first, n_blocks, before, no_exact_sums, slot_models, use, rows)
     after = dp.segment_totals(sums.numpy(), first.numpy(), n_blocks.numpy())
-    from evomerge.search.flat_kernel import L1_EPS32
+    from evomerge.backends.cpu_kernel import L1_EPS32
 
     b = before.numpy()[:, [2, 0]].T
     expected = np.where((b < L1_EPS32) | (after < L1_EPS32), np.float32(1), b / after)
@@ -163,27 +144,26 @@ def test_fused_bf16_recipe(qwen_family, tmp_path, method):
                    {"model": models["b"], "parameters": {**params, "density": [0.3, 0.8]}}],
     })
     builder = CandidateBuilder(qwen_family["base"], models, method=method, device="cpu", seed=0, dtype="bfloat16",
-                               path="device")
-    builder.fused = True
+                               backend="cuda")
     extra = builder.build(recipe).extra
     expected = read_weights(run_merge(recipe, tmp_path / method, device="cpu", seed=0))
     live = builder.model.state_dict()
     bad = [k for k, v in expected.items() if not torch.equal(v, live[k].to(v.dtype))]
     assert not bad, f"{method}: {bad[:3]}"
     assert "in_order_norms" not in extra
-    assert builder.flat_out16 is not None  # the kernel stored bf16 into the parameters themselves
-    assert builder.inputs16 and builder.flat_inputs.dtype == torch.bfloat16 and builder._flat_out is None
+    assert builder.backend.flat_out16 is not None  # the kernel stored bf16 into the parameters themselves
+    assert builder.backend.inputs16 and builder.backend.flat_inputs.dtype == torch.bfloat16 and builder.backend._flat_out is None
     if method == "della":  # the kernels compute q from 16-bit row ranks
-        assert builder.device_stat.dtype == torch.int16
+        assert builder.backend.device_stat.dtype == torch.int16
     if method == "ties":  # no ranks on the device: the kernels compare with the bound elements
-        assert builder.device_stat is None and builder.magnitude_order is not None
+        assert builder.backend.device_stat is None and builder.backend.magnitude_order is not None
     builder.close()
 
 
 def test_exact_sum_limits():
     """Below the limit, float64 sums of a segment's |x| are exact in any order; the limit follows the least
     lowest set bit (2⁵²·g), ignores zeros, and is +∞ for an all-zero segment."""
-    from evomerge.search import device_kernels as dk
+    from evomerge.backends import cuda_kernels as dk
 
     x = torch.tensor([0.75, -3.0, 0.0, 0.0, 2.0 ** -20 * 3, 5.0, 0.0, 0.0, 1.5, 0.0], dtype=torch.float32)
     block_seg = torch.tensor([0, 0, 1, 2, 3], dtype=torch.int32)  # two-element blocks
@@ -231,8 +211,7 @@ def test_launched_kernels_compile_for_hopper_and_ampere(llama_family, qwen_famil
         models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
         for method in VARIANT_NAMES:
             builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3,
-                                       path="device")
-            builder.fused = True
+                                       backend="cuda")
             builder.build(load_recipe(_recipe(method, llama_family, flip=False)))
             builder.close()
         models = {"a": str(qwen_family["ft0"]), "b": str(qwen_family["ft1"])}
@@ -241,10 +220,9 @@ def test_launched_kernels_compile_for_hopper_and_ampere(llama_family, qwen_famil
             recipe = load_recipe({"merge_method": method, "base_model": str(qwen_family["base"]), "dtype": "bfloat16",
                                   "models": [{"model": m, "parameters": params} for m in models.values()]})
             builder = CandidateBuilder(qwen_family["base"], models, method=method, device="cpu", seed=0,
-                                       dtype="bfloat16", path="device")
-            builder.fused = True
+                                       dtype="bfloat16", backend="cuda")
             builder.build(recipe)
-            assert builder.inputs16 and builder.flat_out16 is not None
+            assert builder.backend.inputs16 and builder.backend.flat_out16 is not None
             builder.close()
     specs = [json.loads(s) for s in sorted(seen)]
     for spec in specs:  # recorded with the interpreter's lane group (the fixture's); compiled with the default

@@ -1,4 +1,4 @@
-"""The candidate builder's flat host path: every task-arithmetic variant, bit for bit against the engine.
+"""The cpu backend (flat buffers, one compiled pass): every task-arithmetic variant, bit for bit against the engine.
 
 Recipes here use what the search spaces emit and more: per-model gradients, attention/MLP
 conditionals, global lambda gradients, negative weights, density 1 next to sparse inputs, and both
@@ -18,43 +18,8 @@ from evomerge.engine import run_merge
 from evomerge.methods.l1 import l1_norm
 from evomerge.recipe import RecipeError, load_recipe
 from evomerge.search.builder import CandidateBuilder
-
-VARIANT_NAMES = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                 "della", "della_linear"]
-
-
-def _recipe(method: str, fam: dict, *, flip: bool, scale: float = 1.0, density0: float = 0.6) -> dict:
-    """A recipe exercising gradients, filters, a dense input and a negative weight."""
-    extra = {}
-    if method.startswith("della"):
-        extra = {"epsilon": [0.05, 0.1]}
-    if method.startswith("breadcrumbs"):
-        extra = {"gamma": 0.02}
-    models = [
-        {"model": str(fam["ft0"]), "parameters": {
-            "weight": [0.9 * scale, 0.3, 1.2], "density": [{"filter": "self_attn", "value": density0},
-                                                           {"value": [0.35, 0.7]}], **extra}},
-        {"model": str(fam["ft1"]), "parameters": {"weight": -0.4 * scale, "density": 1.0, **extra}},
-        {"model": str(fam["ft2"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.5}],
-                                                  "density": 0.45, **extra}},
-    ]
-    params = {"lambda": [1.0, 0.8, 1.3]}
-    if flip:  # the opposite of the method's defaults
-        params.update({"normalize": method in ("task_arithmetic", "dare_ties", "dare_linear", "breadcrumbs",
-                                               "breadcrumbs_ties", "della_linear"),
-                       "rescale": method in ("ties", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties")})
-        if method == "task_arithmetic":
-            params.pop("rescale")
-    return {"merge_method": method, "base_model": str(fam["base"]), "models": models, "parameters": params,
-            "dtype": "float32"}
-
-
-def _assert_live_equals(builder: CandidateBuilder, expected: dict[str, torch.Tensor], label: str) -> None:
-    live = builder.model.state_dict()
-    assert set(expected) <= set(live), label
-    bad = [k for k, v in expected.items() if not torch.equal(v, live[k])]
-    assert not bad, f"{label}: {len(bad)} tensors differ from the engine, e.g. {bad[:3]}"
-
+from evomerge.testing.recipes import VARIANT_NAMES, variant_recipe as _recipe
+from tests.helpers import assert_live_equals as _assert_live_equals, source
 
 @pytest.fixture(scope="module")
 def builders(llama_family):
@@ -70,7 +35,7 @@ def builders(llama_family):
 @pytest.mark.parametrize("flip", [False, True], ids=["defaults", "flipped"])
 def test_flat_candidate_equals_engine(builders, llama_family, tmp_path, method, flip):
     builder = builders[method]
-    assert builder.flat, "the host path should take the task-arithmetic family"
+    assert builder.backend.name == "cpu", "the cpu backend should take the task-arithmetic family"
     recipe = load_recipe(_recipe(method, llama_family, flip=flip))
     builder.build(recipe)
     expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3))
@@ -126,9 +91,10 @@ def test_flat_and_per_tensor_paths_agree_on_tied_embeddings(qwen_family, tmp_pat
     builder = CandidateBuilder(qwen_family["base"], models, method="ties", device="cpu", seed=0)
     builder.build(recipe)
     flat = {k: v.clone() for k, v in builder.model.state_dict().items()}
-    builder.flat = False
-    builder.build(recipe)
-    per_tensor = builder.model.state_dict()
+    reference = CandidateBuilder(qwen_family["base"], models, method="ties", device="cpu", seed=0, backend="reference")
+    reference.build(recipe)
+    per_tensor = reference.model.state_dict()
+    reference.close()
     assert all(torch.equal(flat[k], per_tensor[k]) for k in flat)
     expected = read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=0))
     _assert_live_equals(builder, expected, "qwen2 tied")
@@ -147,17 +113,6 @@ def test_layer_shifted_slices_are_refused_clearly(builders, llama_family):
         builders["ties"].build(recipe)
 
 
-def test_floor_writes_base_plus_task_vectors(builders):
-    builder = builders["task_arithmetic"]
-    builder.floor()
-    live = builder.model.state_dict()
-    for name in builder.names[:5]:
-        expected = builder.base[name].clone()
-        for inputs in builder.inputs.values():
-            expected.add_(inputs[name])
-        assert torch.equal(live[name], expected), name
-
-
 def test_l1_norm_is_accurate_and_independent_of_layout():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3001, 7, generator=g) * torch.rand(3001, 7, generator=g) ** 4
@@ -172,11 +127,6 @@ def test_l1_norm_is_accurate_and_independent_of_layout():
     assert torch.equal(l1_norm(wide[:, ::2], mask), got)
     assert l1_norm(x.double(), mask).item() == pytest.approx(exact, rel=1e-12)
     assert torch.equal(l1_norm(x), l1_norm(x, torch.ones_like(mask)))
-
-
-def source(model: str, lo: int, hi: int, **params) -> dict:
-    """One ``slices:`` source: layers [lo, hi) of ``model``, with optional parameters."""
-    return {"model": model, "layer_range": [lo, hi], **({"parameters": params} if params else {})}
 
 
 def test_slices_recipe_with_slice_and_source_parameters(builders, llama_family, tmp_path):
@@ -202,7 +152,7 @@ def test_engine_and_kernel_sum_in_the_same_order():
     import numpy as np
 
     from evomerge.methods.l1 import L1_BLOCK
-    from evomerge.search.flat_kernel import lane_sum
+    from evomerge.backends.cpu_kernel import lane_sum
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(L1_BLOCK * 600 + 1237, generator=g) * torch.rand(L1_BLOCK * 600 + 1237, generator=g) ** 6
@@ -278,7 +228,7 @@ def test_dare_norm_from_prefix_sums_is_the_engines_or_declined():
     """``_prefix_l1`` gives l1_norm's float32 bits when its error bound allows, and −1 otherwise."""
     import numpy as np
 
-    from evomerge.search import flat_kernel as fk
+    from evomerge.backends import cpu_kernel as fk
 
     gen = torch.Generator().manual_seed(0)
     n = 10_000
@@ -342,7 +292,7 @@ def test_della_norm_from_the_band_is_the_engines_or_declined():
     import numpy as np
 
     from evomerge.methods.sparsify import della_ranks
-    from evomerge.search import flat_kernel as fk
+    from evomerge.backends import cpu_kernel as fk
 
     gen = torch.Generator().manual_seed(1)
     delta = torch.randn(64, 96, generator=gen) * 1e-2
@@ -372,7 +322,7 @@ def test_exponential_search_is_searchsorted():
     """``_search_from`` finds np.searchsorted's position from any start below it."""
     import numpy as np
 
-    from evomerge.search import flat_kernel as fk
+    from evomerge.backends import cpu_kernel as fk
 
     values = np.sort(np.random.default_rng(0).random(5000).astype(np.float32))
     values[100:140] = values[100]  # a run of equal values
@@ -387,7 +337,7 @@ def test_search_recipes_carry_their_structure_and_share_one_plan(builders, llama
     """Decoded recipes carry the real structure signature (names do not count); a copy with new
     models loses it; differently named trials of one space re-use one plan template."""
     from evomerge.recipe import Recipe
-    from evomerge.search.fast_plan import structure_signature
+    from evomerge.backends.fast_plan import structure_signature
     from evomerge.search.space import load_space
 
     space = load_space({"method": "ties", "granularity": "layer",
@@ -403,9 +353,9 @@ def test_search_recipes_carry_their_structure_and_share_one_plan(builders, llama
     assert r2.stamped_structure() == r1.stamped_structure()
     assert r2.model_copy(update={"models": list(r2.models)}).stamped_structure() is None
     b.build(r1)
-    templates = dict(b._templates)
+    templates = dict(b.backend._templates)
     b.build(r2)
-    assert b._templates == templates
+    assert b.backend._templates == templates
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "della"])
@@ -418,13 +368,13 @@ def test_host_memory_check_refuses_or_drops_the_rescale_tables(llama_family, tmp
     import psutil
 
     from evomerge.engine import MergeError
-    from evomerge.search.memory import host_path_bytes
+    from evomerge.backends.memory import host_path_bytes
 
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
     probe = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3)
-    sizes = [e - a for a, e in probe.offsets_array]
+    sizes = [e - a for a, e in probe.backend.offsets_array]
     probe.close()
-    need, optional = host_path_bytes(sum(sizes), max(sizes), 3, probe.variant.sparsification, torch.float32)
+    need, optional = host_path_bytes(sum(sizes), max(sizes), 3, probe.backend.variant.sparsification, torch.float32)
     assert optional > 0
     memory = collections.namedtuple("memory", "available")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(need // 2))
@@ -433,10 +383,10 @@ def test_host_memory_check_refuses_or_drops_the_rescale_tables(llama_family, tmp
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(need + optional // 2))
     with pytest.warns(RuntimeWarning, match="rescale-norm tables"):
         builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3)
-    assert not builder.rescale_tables
+    assert not builder.backend.rescale_tables
     recipe = load_recipe(_recipe(method, llama_family, flip=False))
     builder.build(recipe)
-    assert builder.prefix_sum.size == 0
+    assert builder.backend.prefix_sum.size == 0
     _assert_live_equals(builder, read_weights(run_merge(recipe, tmp_path / "engine", device="cpu", seed=3)),
                         f"{method} without rescale tables")
     builder.close()
@@ -448,16 +398,16 @@ def test_host_path_bytes_covers_what_the_host_path_holds(llama_family, method):
     over it by no more than the sort scratch."""
     import numpy as np
 
-    from evomerge.search.memory import host_path_bytes
+    from evomerge.backends.memory import host_path_bytes
 
     models = {k: str(llama_family[k]) for k in ("ft0", "ft1")}
     builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=0)
     builder.precompute()
-    arrays = [builder.flat_base, builder.flat_inputs, builder.flat_out, builder.flat_ranks, builder.flat_fields,
-              builder.flat_q, builder.flat_sorted, builder.prefix_field, builder.prefix_sum]
+    arrays = [builder.backend.flat_base, builder.backend.flat_inputs, builder.backend.flat_out, builder.backend.flat_ranks, builder.backend.flat_fields,
+              builder.backend.flat_q, builder.backend.flat_sorted, builder.backend.prefix_field, builder.backend.prefix_sum]
     held = sum(a.nbytes if isinstance(a, np.ndarray) else a.numel() * a.element_size()
                for a in arrays if a is not None)
-    sizes = [e - a for a, e in builder.offsets_array]
-    need, optional = host_path_bytes(sum(sizes), max(sizes), 2, builder.variant.sparsification, torch.float32)
+    sizes = [e - a for a, e in builder.backend.offsets_array]
+    need, optional = host_path_bytes(sum(sizes), max(sizes), 2, builder.backend.variant.sparsification, torch.float32)
     assert held <= need + optional <= held + 24 * max(sizes), (held, need, optional)
     builder.close()

@@ -223,7 +223,7 @@ def test_regmean_search_space_builds_the_engines_merge(llama_family, tmp_path):
                                      statistics_cache=tmp_path / "cache"))
         live = builder.model.state_dict()
         assert all(torch.equal(v, live[k]) for k, v in out.items())
-    assert len(builder._statistics) == 1 and len(list((tmp_path / "cache").glob("gram-*"))) == 3
+    assert len(builder.backend._statistics) == 1 and len(list((tmp_path / "cache").glob("gram-*"))) == 3
     with pytest.raises(SpaceError, match="needs calibration data"):
         load_space({"method": "regmean", "search": {"alpha": {"low": 0.1, "high": 0.9}}})
     with pytest.raises(SpaceError, match="uses no data"):

@@ -8,7 +8,6 @@ disjoint merge), the methods (``task_arithmetic``, ``linear``, ``slerp``,
 
 from .consensus import agreement_mask, disjoint_merge, elect_sign, weighted_sum
 from .fields import RandomFields, field_seed, random_field
-from .host import tune_host_allocator
 from .linear import linear, passthrough
 from .model_stock import model_stock
 from .registry import METHODS, MergeMethod, ParamSpec, get_method
@@ -65,8 +64,8 @@ from .task_arithmetic import (
 __all__ = [
     # registry
     "METHODS", "MergeMethod", "ParamSpec", "get_method",
-    # randomness and host tuning
-    "random_field", "field_seed", "RandomFields", "tune_host_allocator",
+    # randomness
+    "random_field", "field_seed", "RandomFields",
     # task-arithmetic family
     "VARIANTS", "TaskArithmeticVariant", "compute_dtype", "generalized_task_arithmetic", "merge_task_vectors",
     "combine_task_vectors",

@@ -12,7 +12,7 @@ j-th output of SplitMix64 (Steele, Lea & Flood 2014, "Fast splittable pseudorand
 number generators"; ``java.util.SplittableRandom``) seeded with the key, its top 24
 bits as a float32 in [0, 1) (as ``torch.rand`` forms its float32). Because no
 generator state is carried from element to element, a GPU kernel computes any
-element where it needs it instead of reading a stored field (``device_kernels``):
+element where it needs it instead of reading a stored field (``cuda_kernels``):
 the same integers, so the same bits as here.
 """
 
@@ -40,7 +40,7 @@ def field_seed(seed: int, tensor_name: str, model_index: int) -> int:
 
 def splitmix_uniform(key: int, start: int, count: int) -> np.ndarray:
     """Elements [start, start + count) of the field with this key (float32, NumPy's wrapping uint64
-    arithmetic): the definition, which ``fields_host`` and the GPU kernels compute the same way.
+    arithmetic): the definition, which ``backends.fields_host`` and the GPU kernels compute the same way.
 
     z = key + (j + 1)·γ; z = (z ⊕ z≫30)·M₁; z = (z ⊕ z≫27)·M₂; z ⊕= z≫31; u = (z≫40)·2⁻²⁴.
     """
@@ -89,13 +89,13 @@ def random_field(
     """Uniform [0, 1) float32 field of ``shape`` (``splitmix_uniform`` over the flat index), on ``device``.
 
     Computed on the host, the values do not depend on the device: with NumPy in cache-sized chunks,
-    or with ``compiled`` by numba on its threads (``fields_host``; the search, which has numba
+    or with ``compiled`` by numba on its threads (``backends.fields_host``; the search, which has numba
     loaded anyway: `evomerge merge` does not import it, ~200 MB of memory).
     """
     field = torch.empty(int(np.prod(tuple(shape), dtype=np.int64)), dtype=torch.float32).numpy()  # torch's allocator
     key = field_seed(seed, tensor_name, model_index)
     if compiled:
-        from .fields_host import fill_uniform
+        from evomerge.backends.fields_host import fill_uniform
 
         fill_uniform(np.uint64(key), field)
     else:

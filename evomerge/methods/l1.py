@@ -6,7 +6,7 @@ thread count. Here the sum has one definition: float64 accumulation over blocks 
 ``L1_BLOCK`` elements (counted from the tensor's first element), eight interleaved lanes
 inside a block, ``((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))`` per block, blocks added in order,
 rounded once to the tensor's dtype. The engine (``apply_mask``, here in torch) and the search's
-compiled candidate kernel (``l1_host.lane_sum``, numba) follow this order exactly, so their
+compiled candidate kernel (``backends.l1_host.lane_sum``, numba) follow this order exactly, so their
 rescale factors, and so their merged tensors, are identical (tests compare). The result is more
 accurate than a float32 sum and differs from mergekit's by at most a rounding of the norm (≤ 1
 ulp of the factor).

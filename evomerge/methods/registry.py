@@ -283,8 +283,8 @@ def _task_arithmetic_kernel(variant: TaskArithmeticVariant) -> Kernel:
             variant, base, tensors,
             weights=[m["weight"] for m in model_params],
             densities=[m["density"] for m in model_params],
-            gammas=[m.get("gamma", 0.01) for m in model_params],
-            epsilons=[m.get("epsilon", 0.15) for m in model_params],
+            gammas=[m.get("gamma", GAMMA.default) for m in model_params],
+            epsilons=[m.get("epsilon", EPSILON.default) for m in model_params],
             normalize=params["normalize"], rescale=params["rescale"], lambda_=params["lambda"],
             fields=fields,
         )

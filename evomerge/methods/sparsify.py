@@ -425,14 +425,21 @@ def apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.
     return masked.mul_(before / after)
 
 
+def default_param(name: str) -> float:
+    """A sparsifier parameter's default (gamma, epsilon): the method registry's, its one source."""
+    from evomerge.methods.registry import EPSILON, GAMMA
+
+    return {"gamma": GAMMA, "epsilon": EPSILON}[name].default
+
+
 def sparsify(
     delta: torch.Tensor,
     method: str | None,
     *,
     density: float = 1.0,
     rescale: bool = False,
-    gamma: float = 0.01,
-    epsilon: float = 0.15,
+    gamma: float | None = None,
+    epsilon: float | None = None,
     field: torch.Tensor | None = None,
     sorted_magnitudes: torch.Tensor | None = None,
     ranks: torch.Tensor | None = None,
@@ -441,10 +448,13 @@ def sparsify(
     """Sparsify one task vector with ``method`` in {None, magnitude, random, magnitude_outliers, della_magprune}.
 
     Matches mergekit ``sparsify.sparsify``; density ≥ 1 returns δ untouched.
-    ``field`` (a ``random_field``) is required by the random methods.
+    ``field`` (a ``random_field``) is required by the random methods. ``gamma`` / ``epsilon``
+    default to the registry's (``registry.GAMMA``, ``registry.EPSILON``).
     """
     if method is None or density >= 1:
         return delta
+    gamma = default_param("gamma") if gamma is None else gamma
+    epsilon = default_param("epsilon") if epsilon is None else epsilon
     if method == "magnitude":
         mask = magnitude_mask(delta, density, sorted_magnitudes, flat_ranks)
     elif method == "magnitude_outliers":

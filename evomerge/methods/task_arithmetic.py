@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .consensus import disjoint_merge, elect_sign, weighted_sum
-from .sparsify import sparsify
+from .sparsify import default_param, sparsify
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,8 @@ def _sparsified(variant: TaskArithmeticVariant, delta: torch.Tensor, i: int, *, 
         variant.sparsification,
         density=densities[i],
         rescale=rescale,
-        gamma=gammas[i] if gammas is not None else 0.01,
-        epsilon=epsilons[i] if epsilons is not None else 0.15,
+        gamma=gammas[i] if gammas is not None else None,
+        epsilon=epsilons[i] if epsilons is not None else None,
         field=fields[i] if fields is not None else None,
         sorted_magnitudes=sorted_magnitudes[i] if sorted_magnitudes is not None else None,
         ranks=ranks[i] if ranks is not None else None,
@@ -243,7 +243,7 @@ def _chunk_maskers(variant, deltas, *, densities, gammas, epsilons, fields, flat
             if sp == "magnitude":
                 low, high = n - magnitude_keep_count(n, density), n
             else:
-                low, high = breadcrumbs_window(n, density, gammas[i] if gammas is not None else 0.01)
+                low, high = breadcrumbs_window(n, density, gammas[i] if gammas is not None else default_param("gamma"))
             maskers.append(_rank_window(fr.reshape(-1), low, high))
             continue
         field = fields[i] if fields is not None else None
@@ -256,7 +256,7 @@ def _chunk_maskers(variant, deltas, *, densities, gammas, epsilons, fields, flat
         if density <= 0:
             maskers.append(_none_kept(delta.device))
             continue
-        epsilon = epsilons[i] if epsilons is not None else 0.15
+        epsilon = epsilons[i] if epsilons is not None else default_param("epsilon")
         check_della_window(density, epsilon)
         r = ranks[i] if ranks is not None else None
         if r is None:

@@ -190,6 +190,8 @@ class RunConfig(_Strict):
     study_name: str | None = None
     seed: int = 0
     device: str = "auto"
+    # which candidate backend merges the task-arithmetic family (evomerge.backends; docs/internals.md)
+    backend: Literal["auto", "reference", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(32, ge=1)
     output_dir: str = "results/run"

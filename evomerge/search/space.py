@@ -120,9 +120,13 @@ class SearchSpace(BaseModel):
         from evomerge.search.builder import CandidateBuilder
 
         if cfg.lora_scalings:  # LoRA adapters as scalings of one live PEFT model (docs/adapters.md)
-            from evomerge.lora.scaling import ScalingBuilder as CandidateBuilder
+            from evomerge.lora.scaling import ScalingBuilder
+
+            return ScalingBuilder(inputs.base_model, inputs.models, method=self.method, device=cfg.device,
+                                  dtype=cfg.dtype, seed=cfg.seed, statistics_cache=out / STATISTICS_CACHE_NAME)
         return CandidateBuilder(inputs.base_model, inputs.models, method=self.method, device=cfg.device,
-                                dtype=cfg.dtype, seed=cfg.seed, statistics_cache=out / STATISTICS_CACHE_NAME)
+                                dtype=cfg.dtype, seed=cfg.seed, backend=cfg.backend,
+                                statistics_cache=out / STATISTICS_CACHE_NAME)
 
     # -- geometry ---------------------------------------------------------------------------------
     def n_groups(self, num_layers: int) -> int:
@@ -223,7 +227,7 @@ class SearchSpace(BaseModel):
         # every point decodes to the same structure (only numbers differ): computed once, then stamped
         key = (base_model, tuple(models.items()), num_layers, dtype)
         if key not in self._signatures:
-            from evomerge.search.fast_plan import structure_signature
+            from evomerge.backends.fast_plan import structure_signature
 
             self._signatures[key] = structure_signature(recipe)
         return recipe.stamp_structure(self._signatures[key])

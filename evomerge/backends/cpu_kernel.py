@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from evomerge.methods.l1_host import lane_sum
+from evomerge.backends.l1_host import lane_sum
 
 from evomerge.methods.sparsify import L1_EPS
 

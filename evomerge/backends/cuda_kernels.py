@@ -1,12 +1,11 @@
-"""Fused Triton kernels for the device path: a candidate in two passes over the resident buffers.
+"""Fused Triton kernels of the cuda backend: a candidate in two passes over the resident buffers.
 
-``device_path`` runs a candidate as a few dozen whole-buffer torch operations; each reads and
-writes the buffers again, and the rescale norms take 511 launches. Here the same arithmetic is
-fused: ``lane_sums`` reads each input's δ and rank/q once and writes one float64 sum per
-4096-element block (the rescale norms' blocks); ``rescale_factors`` turns each tensor's blocks
-into its factor ‖δ‖₁/‖m⊙δ‖₁ on the device (no round trip to the host); and ``merge`` reads the
+They reproduce ``methods.task_arithmetic.merge_task_vectors`` (the reference backend's and
+``evomerge merge``'s arithmetic) over every tensor at once: ``lane_sums`` reads each input's δ
+and rank/q once and writes one float64 sum per 4096-element block (the rescale norms' blocks);
+``rescale_factors`` turns each tensor's blocks into its factor ‖δ‖₁/‖m⊙δ‖₁ on the device (no round trip to the host); and ``merge`` reads the
 inputs once more with the base and writes the merged parameters. Per element, the float
-operations are ``device_path``'s (so the engine's), in the same order: FMA contraction is turned
+operations are the engine's, in the same order: FMA contraction is turned
 off (``enable_fp_fusion=False``) and divisions are correctly rounded (``div_rn``), so the bits
 are the engine's. DARE's and DELLA's random field is not stored: each element's value is
 computed where it is used, from its tensor's key and its index in the tensor (``_uniform``,
@@ -23,24 +22,33 @@ import torch
 import triton
 import triton.language as tl
 
+from evomerge.methods.fields import GOLDEN_GAMMA, MIX_1, MIX_2
 from evomerge.methods.l1 import L1_BLOCK
-from evomerge.search import flat_kernel as fk
-from evomerge.search.memory import SCRATCH_CHUNK
+from evomerge.backends import cpu_kernel as fk
+from evomerge.backends.memory import SCRATCH_CHUNK
 
 LANE_GROUP = 4  # blocks per lane-sum program (4·8 lanes): fastest in the H200 sweep (results/bench/gpu_check.md)
 LANE_WARPS = 1
 MERGE_BLOCK = 1024  # elements per merge program (divides 4096: one segment per program)
 MERGE_WARPS = 4
 NO_RULE = -1  # task arithmetic: no sparsifier, every δ kept
+# the keep rules' numbers and SplitMix64's constants, from their one source each (``cpu_kernel``, ``methods.fields``)
+RULE_MAGNITUDE: tl.constexpr = tl.constexpr(fk.RULE_MAGNITUDE)
+RULE_FIELD: tl.constexpr = tl.constexpr(fk.RULE_FIELD)
+RULE_DELLA: tl.constexpr = tl.constexpr(fk.RULE_DELLA)
+RULE_TOP: tl.constexpr = tl.constexpr(fk.RULE_TOP)
+GAMMA: tl.constexpr = tl.constexpr(GOLDEN_GAMMA)
+M1: tl.constexpr = tl.constexpr(MIX_1)
+M2: tl.constexpr = tl.constexpr(MIX_2)
 
 
 @triton.jit
 def _uniform(key, index):
     """The random field at ``index`` (int64, the element's flat index in its tensor) of the tensor
     with ``key`` (int64 bits of the uint64 key): ``methods.fields.splitmix_uniform``, bit for bit."""
-    z = key.to(tl.uint64, bitcast=True) + (index + 1).to(tl.uint64, bitcast=True) * 0x9E3779B97F4A7C15
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = key.to(tl.uint64, bitcast=True) + (index + 1).to(tl.uint64, bitcast=True) * GAMMA
+    z = (z ^ (z >> 30)) * M1
+    z = (z ^ (z >> 27)) * M2
     z = z ^ (z >> 31)
     return (z >> 40).to(tl.float32) * 5.9604644775390625e-08  # · 2⁻²⁴: exact
 
@@ -74,24 +82,24 @@ def _della_q(stat_ptr, offs, inverse, RANK16: tl.constexpr):
 @triton.jit
 def _keep(d_ptr, base_ptr, delta, stat_ptr, key, index, offs, lo, hi, thr, eps, inverse, RULE: tl.constexpr,
           RANK16: tl.constexpr, X16: tl.constexpr):
-    """The method's keep rule (``device_path.keep_mask``) for ``delta`` at ``offs``; ``d_ptr`` and ``stat_ptr``
-    at the input's rows, ``key`` and ``index`` locate the random field (``_uniform``), ``inverse`` is DELLA's
-    1/(n−1) (``_della_q``).
+    """The method's keep rule (``sparsify.magnitude_mask``, ``breadcrumbs_mask``, ``dare_mask``, ``della_mask``)
+    for ``delta`` at ``offs``; ``d_ptr`` and ``stat_ptr`` at the input's rows, ``key`` and ``index`` locate
+    the random field (``_uniform``), ``inverse`` is DELLA's 1/(n−1) (``_della_q``).
 
     The magnitude rules keep a window [lo, hi) of stable ascending ranks, the order of (|δ|, position).
     So an element's rank is at least r exactly when (|δ|, position) is at least that of the element
     ranked r: ``lo`` and ``hi`` are the positions of the elements ranked at the window's ends
     (−1: that end is open; ``lo`` −2: keep none), and no rank is stored per element."""
-    if RULE == 0 or RULE == 3:  # magnitude window / top-k: compare (|δ|, position) with the bound elements
+    if RULE == RULE_MAGNITUDE or RULE == RULE_TOP:  # magnitude window / top-k: compare (|δ|, position) with the bound elements
         mag = tl.abs(delta)
         at_lo = tl.abs(_delta(d_ptr, base_ptr, tl.maximum(lo, 0), X16))
         at_hi = tl.abs(_delta(d_ptr, base_ptr, tl.maximum(hi, 0), X16))
         above = (lo == -1) | ((lo >= 0) & ((mag > at_lo) | ((mag == at_lo) & (offs >= lo))))
         below = (hi == -1) | (mag < at_hi) | ((mag == at_hi) & (offs < hi))
         keep = above & below
-    elif RULE == 1:  # DARE: field < density
+    elif RULE == RULE_FIELD:  # DARE: field < density
         keep = _uniform(key, index) < thr
-    elif RULE == 2:  # DELLA: field < q·ε + (density − ε)
+    elif RULE == RULE_DELLA:  # DELLA: field < q·ε + (density − ε)
         p = _della_q(stat_ptr, offs, inverse, RANK16) * eps
         p = p + thr
         keep = _uniform(key, index) < p
@@ -210,7 +218,8 @@ def _merge_kernel(d_ptr, stat_ptr, inverse_ptr, keys_ptr, starts_ptr, slot_model
                   floats_ptr, rows_ptr, norm_ptr, active_ptr, base_ptr, out_ptr, n, n_seg, k: tl.constexpr, RULE: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, SCALE: tl.constexpr, LAMBDA: tl.constexpr, DIVIDE: tl.constexpr,
                   OUT16: tl.constexpr, X16: tl.constexpr, RANK16: tl.constexpr, BLOCK: tl.constexpr):
-    """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) with the engine's operations (``device_path.mix``).
+    """out = base + λ·mix(((δᵢ·keepᵢ)·scaleᵢ)·wᵢ) with the engine's operations
+    (``consensus.disjoint_merge`` or ``consensus.weighted_sum``, as ``task_arithmetic.merge_task_vectors``).
 
     Segments start at multiples of 4096 elements and BLOCK divides 4096, so a program's elements
     lie in one segment: its settings are scalars, read once. The number of inputs k is a
@@ -368,8 +377,6 @@ def merge(rule: int, flat_inputs: torch.Tensor, stat: torch.Tensor | None, keys:
 
 
 def rule_code(keep_rule: int, sparsification: str | None) -> int:
-    """The kernels' RULE: ``flat_kernel``'s rule, or ``NO_RULE`` without a sparsifier."""
+    """The kernels' RULE: ``cpu_kernel``'s rule, or ``NO_RULE`` without a sparsifier."""
     return NO_RULE if sparsification is None else keep_rule
 
-
-assert fk.RULE_MAGNITUDE == 0 and fk.RULE_FIELD == 1 and fk.RULE_DELLA == 2 and fk.RULE_TOP == 3

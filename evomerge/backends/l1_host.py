@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .l1 import L1_BLOCK
+from evomerge.methods.l1 import L1_BLOCK
 
 
 @njit(cache=True, nogil=True)

@@ -3,13 +3,10 @@ builder checks against the free memory before it loads anything (``CandidateBuil
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 RANK16_MAX_ROW = 1 << 16  # DELLA rows up to this length keep 16-bit ranks on the fused path
-SCRATCH_CHUNK = 1 << 22  # elements per step of the device path's setup passes over the whole model
+SCRATCH_CHUNK = 1 << 22  # elements per step of the cuda backend's setup passes over the whole model
 SORT_SCRATCH = 48  # bytes per element of the largest tensor while it is ranked on the GPU (see resident_bytes)
 CHUNK_SCRATCH = 64  # bytes per element of a SCRATCH_CHUNK step (exact_sum_limits' temporaries and δ)
 
@@ -71,10 +68,3 @@ def host_path_bytes(numel: int, largest: int, k: int, sparsification: str | None
     elif sparsification == "della_magprune":
         per, optional = per + 12 * k, 20 * k
     return numel * per + 24 * largest, numel * optional
-
-
-def fused_kernels_available(device: torch.device) -> bool:
-    """Whether the device path runs the fused Triton kernels: on CUDA with Triton installed, unless
-    ``EVOMERGE_DEVICE_KERNELS=torch`` asks for the batched torch operations."""
-    return (device.type == "cuda" and os.environ.get("EVOMERGE_DEVICE_KERNELS", "auto") != "torch"
-            and importlib.util.find_spec("triton") is not None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .fields import GOLDEN_GAMMA, MIX_1, MIX_2
+from evomerge.methods.fields import GOLDEN_GAMMA, MIX_1, MIX_2
 
 _GAMMA, _M1, _M2 = np.uint64(GOLDEN_GAMMA), np.uint64(MIX_1), np.uint64(MIX_2)
 _SCALE = np.float32(2.0 ** -24)

@@ -1,0 +1,104 @@
+"""Conformance: every candidate backend × task-arithmetic variant × dtype equals `evomerge merge`, bit for bit.
+
+Each case builds a ``variant_recipe`` (gradients, filters, a dense input, a negative weight) with
+one backend and compares the live model with the engine's output files for the same recipe and
+seed; the engine runs once per recipe (module cache). The cpu and reference backends run here;
+the cuda backend runs on a real GPU (``gpu`` marker) and, in Triton's interpreter on the CPU, in
+``test_device_kernels.py``. Also: how ``backend=`` is chosen and refused, in the builder and in a
+run config.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from evomerge.engine import run_merge
+from evomerge.recipe import load_recipe
+from evomerge.search.builder import CandidateBuilder
+from evomerge.testing.recipes import VARIANT_NAMES, variant_recipe
+from evomerge.testing.weights import read_weights
+
+CPU_BACKENDS = ["cpu", "reference"]
+HAS_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def engine_outputs(llama_family, tmp_path_factory):
+    """``evomerge merge``'s tensors per (method, dtype), computed on first use."""
+    root, made = tmp_path_factory.mktemp("engine"), {}
+
+    def get(method: str, dtype: str) -> dict[str, torch.Tensor]:
+        if (method, dtype) not in made:
+            recipe = load_recipe({**variant_recipe(method, llama_family, flip=False), "dtype": dtype})
+            made[method, dtype] = read_weights(run_merge(recipe, root / f"{method}-{dtype}", device="cpu", seed=3))
+        return made[method, dtype]
+
+    return get
+
+
+def _check(builder: CandidateBuilder, expected: dict[str, torch.Tensor], label: str) -> None:
+    live = builder.model.state_dict()
+    bad = [k for k, v in expected.items() if not torch.equal(v, live[k].to("cpu", v.dtype))]
+    assert not bad, f"{label}: {len(bad)} tensors differ from evomerge merge, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", VARIANT_NAMES)
+def test_cpu_backends_equal_engine(llama_family, engine_outputs, method, dtype):
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    recipe = load_recipe({**variant_recipe(method, llama_family, flip=False), "dtype": dtype})
+    for backend in CPU_BACKENDS:
+        builder = CandidateBuilder(llama_family["base"], models, method=method, device="cpu", seed=3, dtype=dtype,
+                                   backend=backend)
+        assert builder.backend.name == backend
+        builder.build(recipe)
+        _check(builder, engine_outputs(method, dtype), f"{backend} {method} {dtype}")
+        builder.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "reference"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", VARIANT_NAMES)
+def test_gpu_backends_equal_engine(llama_family, engine_outputs, method, dtype, backend):
+    """On a GPU: the GPU's result equals `evomerge merge` on the CPU (the same bits on both devices)."""
+    models = {k: str(llama_family[k]) for k in ("ft0", "ft1", "ft2")}
+    recipe = load_recipe({**variant_recipe(method, llama_family, flip=False), "dtype": dtype})
+    builder = CandidateBuilder(llama_family["base"], models, method=method, device="cuda", seed=3, dtype=dtype,
+                               backend=backend)
+    builder.build(recipe)
+    _check(builder, engine_outputs(method, dtype), f"{backend} {method} {dtype}")
+    builder.close()
+
+
+def test_backend_choice_and_refusals(llama_family):
+    from evomerge.backends import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, "ties") == "cpu"
+    assert resolve_backend("auto", cpu, "linear") == "reference"  # other methods: tensor by tensor
+    assert resolve_backend("cpu", cpu, "slerp") == "reference"
+    with pytest.raises(ValueError, match="backend must be one of auto, reference, cpu, cuda, got 'numba'"):
+        resolve_backend("numba", cpu, "ties")
+    with pytest.raises(ValueError, match="the cpu backend merges on the CPU only"):
+        resolve_backend("cpu", torch.device("cuda"), "ties")
+    models = {"a": str(llama_family["ft0"])}
+    builder = CandidateBuilder(llama_family["base"], models, method="linear", device="cpu", backend="cpu")
+    assert builder.backend.name == "reference"
+    builder.close()
+
+
+def test_run_config_backend_key_is_validated(tmp_path):
+    from evomerge.search.config import ConfigError, load_config
+
+    cfg = {"name": "t", "base_model": "b", "models": ["m"], "search_space": "s.yaml", "tasks": "t.yaml",
+           "backend": "gpu"}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="backend"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({**cfg, "backend": "reference"}))
+    assert load_config(path).backend == "reference"
