@@ -64,13 +64,14 @@ class Layout:
     Each tensor's weights and lambda index a vector of the point's dimensions (``dims`` order) followed by the
     fixed values the recipe resolves for parameters the space does not search."""
 
-    def __init__(self, recipe_for: Callable[[dict], object], distributions, model_params: dict[str, torch.Tensor]):
+    def __init__(self, recipe_for: Callable[[dict], object], distributions, model_params: dict[str, torch.Tensor],
+                 plan_of: Callable = plan_merge):
         self.dims = sorted(distributions)
         searched = {d.split("[")[0].split(".")[0] for d in self.dims}
         probe = probe_point(distributions)
         self._index = {probe[n]: i for i, n in enumerate(self.dims)}
         self.constants: list[float] = []
-        plan = plan_merge(recipe_for(probe))
+        plan = plan_of(recipe_for(probe))
         self.names, self.bases, self.deltas, self.weight_slots, self.lambda_slots = [], [], [], [], []
         cpu = torch.device("cpu")
         for task in plan.tasks:
@@ -103,14 +104,15 @@ class Layout:
 
 
 def fit_start(*, recipe_for: Callable[[dict], object], distributions, starts: list[dict[str, float]], model,
-              evaluator, steps: int = STEPS, lr: float = LR,
+              evaluator, plan_of: Callable = plan_merge, steps: int = STEPS, lr: float = LR,
               progress: Callable[[str], None] = lambda s: None) -> tuple[dict[str, float], dict]:
     """The point of lowest search-split loss found by projected Adam from the start with the lowest loss.
 
+    `plan_of` plans a recipe (the candidate builder's ``plan``, over its open files; default: the engine's).
     Returns the point and a summary (start loss, fitted loss, seconds) for the study's records."""
     t0 = time.perf_counter()
     params = dict(model.named_parameters())
-    layout = Layout(recipe_for, distributions, params)
+    layout = Layout(recipe_for, distributions, params, plan_of)
     dtypes = {n: params[n].dtype for n in layout.names}
     low = torch.tensor([distributions[d].low for d in layout.dims])
     high = torch.tensor([distributions[d].high for d in layout.dims])

@@ -202,6 +202,7 @@ class SearchRun:
 
         point, summary = fit_start(recipe_for=self.recipe_for, distributions=self.distributions, starts=anchors,
                                    model=self.builder.model, evaluator=self.evaluator("search", proxy=True),
+                                   plan_of=self.builder.plan,
                                    progress=lambda text: self.on_event("note", {"text": text}))
         study.set_user_attr("gradient_start", summary)
         self.on_event("note", {"text": f"gradient start: search-split loss {summary['start_loss']:.4f} -> "
