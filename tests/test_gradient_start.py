@@ -10,7 +10,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.engine import merge_in_memory
+from evomerge.engine import iter_merged, plan_merge, prepare_statistics
 from evomerge.evaluate import Evaluator, TaskError
 from evomerge.evaluate.scoring import encode_pairs
 from evomerge.search.config import load_config
@@ -64,14 +64,21 @@ def test_task_loss_is_the_proxy_cross_entropy_and_differentiable(tiny_zoo):
             plain.task_loss(model, gen[0])
 
 
-@pytest.mark.parametrize("family", ["tiny_zoo", "qwen_family"])  # qwen: tied embeddings
-def test_layout_reproduces_the_engine_merge_at_any_point(family, request):
+@pytest.mark.parametrize("family, space_file", [
+    ("tiny_zoo", "task_arithmetic_per_type.yaml"),
+    ("qwen_family", "task_arithmetic_per_type.yaml"),  # tied embeddings
+    ("tiny_zoo", "regmean_per_layer.yaml"),  # through RegMean's own kernel, with calibration statistics
+])
+def test_layout_reproduces_the_engine_merge_at_any_point(family, space_file, request, tmp_path):
     zoo = request.getfixturevalue(family)
     if family == "tiny_zoo":
         base, models = str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}
     else:
         base, models = str(zoo["base"]), {k: str(v) for k, v in zoo.items() if k != "base"}
-    space = load_space(SPACES / "task_arithmetic_per_type.yaml")
+    space = load_space(SPACES / space_file)
+    if space.calibration is not None:
+        space = space.with_calibration_tasks(str(zoo.tasks_yaml), models, list(models))
+    check_space(space)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     num_layers = model.config.num_hidden_layers
     dists = space.distributions(list(models), num_layers)
@@ -80,21 +87,19 @@ def test_layout_reproduces_the_engine_merge_at_any_point(family, request):
         return space.to_recipe(point, base_model=base, models=models, num_layers=num_layers)
 
     params = dict(model.named_parameters())
-    layout = Layout(recipe_for, dists, params)
+    layout = Layout(recipe_for, dists, params, statistics_cache=tmp_path)
     g = torch.Generator().manual_seed(0)
     point = {d: round(float(dists[d].low + torch.rand((), generator=g) * (dists[d].high - dists[d].low)), 6)
              for d in layout.dims}
     mine = layout.merged(torch.tensor([point[d] for d in layout.dims]), {n: params[n].dtype for n in layout.names})
-    states = {p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict()
-              for p in [base, *models.values()]}
-    reference = merge_in_memory(recipe_for(point), states)
+    reference = dict(iter_merged(prepare_statistics(plan_merge(recipe_for(point)), cache_dir=tmp_path), device="cpu"))
     assert set(mine) == set(params) and len(mine) > 10
     for name, tensor in mine.items():
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("space, pattern", [
-    ({"method": "ties", "search": {"weight": {"low": 0, "high": 2}}}, "task_arithmetic"),
+    ({"method": "ties", "search": {"weight": {"low": 0, "high": 2}}}, "task_arithmetic and regmean"),
     ({"method": "task_arithmetic", "search": {"weight": {"low": 0, "high": 2}}, "fixed": {"normalize": True}},
      "normalize: false"),
 ])

@@ -413,13 +413,14 @@ def _regmean_kernel(*, base, tensors, model_params, params, fields, statistics):
     if sum(importance) <= 0:
         raise ValueError("regmean: the weights must not all be 0")
     present = any(s is not None for s in statistics) and weights[0].dim() == 2
-    if all(w == 1.0 for w in importance):  # the paper's merge, exactly
+    fitted = any(torch.is_tensor(w) for w in importance)  # a gradient fit (search/gradient_start.py): weighted form
+    if not fitted and all(w == 1.0 for w in importance):  # the paper's merge, exactly
         merged = regmean(weights, statistics, params["alpha"])
     elif present:
         merged = regmean(weights, weighted_statistics(statistics, importance), params["alpha"])
     else:
         merged = weighted_mean(weights, importance)
-    if params["lambda"] == 1.0:
+    if not torch.is_tensor(params["lambda"]) and params["lambda"] == 1.0:
         return merged
     if base_c is None:
         raise ValueError("regmean: lambda other than 1 scales the merge's task vector and needs a base_model")

@@ -1,20 +1,18 @@
-"""A start point fitted by gradient: a task-arithmetic space's weights learned on the search split.
+"""A start point fitted by gradient: a space's weights (and other knobs) learned on the search split.
 
 Layer-wise AdaMerging (Yang et al., ICLR 2024, arXiv:2310.02575) learns one coefficient per task vector and
 layer by gradient descent on the merged model's loss; it minimizes prediction entropy on unlabeled inputs.
 A search has labels on its search split, so ``start: gradient`` minimizes the tasks' own cross-entropy there
 (``Evaluator.task_loss``: the negative log of the smooth proxies of ``search_metric: proxy``) over the
-space's own dimensions: every ``weight`` (and ``lambda``) the space searches, at its granularity and parts,
-kept inside their ranges (projected Adam). The fitted point is enqueued as one more anchor: it is scored by
-the search metric like any trial and CMA-ES starts from it when it is the best anchor, so the search starts
-where the gradient fit ends. With many experts and a base that never saw the tasks, a fitted point reaches
-merges that a derivative-free search of hundreds of dimensions does not (results/bench/search_quality.md).
+space's own dimensions, kept inside their ranges (projected Adam): every ``weight`` and ``lambda`` of a
+task-arithmetic space, or RegMean's per-model importance, off-diagonal ratio ``alpha`` and ``lambda``
+(differentiable through its closed-form solve). The fitted point is enqueued as one more anchor: it is scored
+by the search metric like any trial, and CMA-ES starts from it when it is the best anchor, so the search
+starts where the gradient fit ends.
 
-The merged tensor of a task-arithmetic point is linear in each weight: ``base + λ·Σ_m w_m·τ_m``
-(``methods/task_arithmetic.py`` without sparsification, normalization or sign election). Which dimension
-gives which tensor its value is read from the engine itself: a probe point with a distinct value in every
-dimension is decoded and planned, so the fit follows the recipe's own resolution rules (parts, layer lists).
-"""
+Which dimension gives which tensor its value is read from the engine itself: a probe point with a distinct
+value in every dimension is decoded and planned, so the fit follows the recipe's own resolution rules
+(parts, layer lists)."""
 
 from __future__ import annotations
 
@@ -23,11 +21,12 @@ from typing import Callable
 
 import torch
 
-from evomerge.engine import load_input, plan_merge
+from evomerge.engine import load_input, plan_merge, prepare_statistics
 
 STEPS = 100  # Adam steps over the whole search split
-LR = 0.05  # Adam step size, in the units of the weights
-FITTED = ("weight", "lambda")  # the task-arithmetic parameters the fit learns
+LR = 0.05  # Adam step size, in the units of the parameters
+# the methods whose merge is differentiable in these searched parameters, and the parameters the fit learns
+FITTED = {"task_arithmetic": ("weight", "lambda"), "regmean": ("weight", "alpha", "lambda")}
 
 
 class GradientStartError(ValueError):
@@ -35,14 +34,11 @@ class GradientStartError(ValueError):
 
 
 def check_space(space) -> None:
-    """Refuse a space the fit cannot differentiate: task arithmetic with only ``weight``/``lambda`` searched and
-    no normalization (TIES-like sign election and sparsification are not differentiable in the weights)."""
-    if space.method != "task_arithmetic":
-        raise GradientStartError(f"start: gradient fits task_arithmetic spaces (e.g. "
+    """Refuse a space the fit cannot differentiate: a method other than those of ``FITTED`` (sign election and
+    sparsification are not differentiable in the weights), or a normalized task-arithmetic sum."""
+    if space.method not in FITTED:
+        raise GradientStartError(f"start: gradient fits {' and '.join(FITTED)} spaces (e.g. "
                                  f"search_spaces/task_arithmetic_per_type.yaml); this space's method is {space.method}")
-    other = sorted(set(space.search) - set(FITTED))
-    if other:
-        raise GradientStartError(f"start: gradient fits searched weight and lambda only; this space also searches {other}")
     if space.fixed.get("normalize"):
         raise GradientStartError("start: gradient needs normalize: false (a normalized sum divides by the weights)")
 
@@ -59,31 +55,39 @@ def probe_point(distributions) -> dict[str, float]:
 
 
 class Layout:
-    """Which dimension sets each weight and lambda of each merged tensor, and the tensors themselves.
+    """Which dimension sets each fitted parameter of each merged tensor, and the tensors themselves.
 
-    Each tensor's weights and lambda index a vector of the point's dimensions (``dims`` order) followed by the
-    fixed values the recipe resolves for parameters the space does not search."""
+    A tensor's fitted parameters index a vector of the point's dimensions (``dims`` order) followed by the
+    fixed values the recipe resolves for the parameters the space does not search."""
 
     def __init__(self, recipe_for: Callable[[dict], object], distributions, model_params: dict[str, torch.Tensor],
-                 plan_of: Callable = plan_merge):
+                 plan_of: Callable = plan_merge, statistics_cache=None):
         self.dims = sorted(distributions)
         searched = {d.split("[")[0].split(".")[0] for d in self.dims}
         probe = probe_point(distributions)
         self._index = {probe[n]: i for i, n in enumerate(self.dims)}
         self.constants: list[float] = []
-        plan = plan_of(recipe_for(probe))
-        self.names, self.bases, self.deltas, self.weight_slots, self.lambda_slots = [], [], [], [], []
+        plan = prepare_statistics(plan_of(recipe_for(probe)), cache_dir=statistics_cache, device="cpu")
+        self.method = plan.method
+        fitted = FITTED[self.method.name]
+        self.per_model = [p.name for p in self.method.params if p.per_model and p.name in fitted]
+        self.per_tensor = [p.name for p in self.method.params if not p.per_model and p.name in fitted]
+        self.tasks, self.inputs, self.statistics, self.model_slots, self.slots = [], [], [], [], []
         cpu = torch.device("cpu")
         for task in plan.tasks:
             if task.method == "copy" or task.name not in model_params:
                 continue
-            base = load_input(plan, task.base, cpu).float()
-            self.names.append(task.name)
-            self.bases.append(base)
-            self.deltas.append(torch.stack([load_input(plan, r, cpu).float() - base for r in task.inputs]))
-            self.weight_slots.append([self._slot(mp["weight"], "weight" in searched, task.name)
-                                      for mp in task.model_params])
-            self.lambda_slots.append(self._slot(task.params.get("lambda", 1.0), "lambda" in searched, task.name))
+            self.tasks.append(task)
+            self.inputs.append([None if r is None else load_input(plan, r, cpu).float() for r in [task.base, *task.inputs]])
+            self.statistics.append(None if plan.statistics is None else
+                                   [plan.statistics[r.model].get(r.name) for r in task.inputs])
+            self.model_slots.append([{p: self._slot(mp[p], p in searched, task.name) for p in self.per_model}
+                                     for mp in task.model_params])
+            self.slots.append({p: self._slot(task.params[p], p in searched, task.name) for p in self.per_tensor})
+
+    @property
+    def names(self) -> list[str]:
+        return [task.name for task in self.tasks]
 
     def _slot(self, value: float, searched: bool, tensor: str) -> int:
         if not searched:
@@ -98,13 +102,27 @@ class Layout:
     def merged(self, x: torch.Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
         """The candidate's tensors at point `x` (dimension values in ``dims`` order), differentiable in x."""
         v = torch.cat([x, torch.tensor(self.constants, dtype=x.dtype)])
-        return {name: (base + v[ls] * torch.tensordot(v[ws], delta, dims=1)).to(dtypes[name])
-                for name, base, delta, ws, ls in zip(self.names, self.bases, self.deltas, self.weight_slots,
-                                                     self.lambda_slots)}
+        out = {}
+        for task, (base, *inputs), stats, model_slots, slots in zip(
+                self.tasks, self.inputs, self.statistics, self.model_slots, self.slots):
+            model_params = [{**mp, **{p: v[i] for p, i in ms.items()}} for mp, ms in zip(task.model_params, model_slots)]
+            params = {**task.params, **{p: v[i] for p, i in slots.items()}}
+            out[task.name] = self.merge(base, inputs, model_params, params, stats).to(dtypes[task.name])
+        return out
+
+    def merge(self, base, inputs, model_params, params, statistics) -> torch.Tensor:
+        """One tensor's merge with tensor-valued parameters: task arithmetic's ``base + λ·Σ_m w_m·(x_m − base)``
+        (``methods/task_arithmetic.py`` without sparsification or normalization), else the method's own kernel."""
+        if self.method.name == "task_arithmetic":
+            weights = torch.stack([mp["weight"] for mp in model_params])
+            deltas = torch.stack([x - base for x in inputs])
+            return base + params["lambda"] * torch.tensordot(weights, deltas, dims=1)
+        return self.method.kernel(base=base, tensors=inputs, model_params=model_params, params=params, fields=None,
+                                  statistics=statistics)
 
 
 def fit_start(*, recipe_for: Callable[[dict], object], distributions, starts: list[dict[str, float]], model,
-              evaluator, plan_of: Callable = plan_merge, steps: int = STEPS, lr: float = LR,
+              evaluator, plan_of: Callable = plan_merge, statistics_cache=None, steps: int = STEPS, lr: float = LR,
               progress: Callable[[str], None] = lambda s: None) -> tuple[dict[str, float], dict]:
     """The point of lowest search-split loss found by projected Adam from the start with the lowest loss.
 
@@ -112,7 +130,7 @@ def fit_start(*, recipe_for: Callable[[dict], object], distributions, starts: li
     Returns the point and a summary (start loss, fitted loss, seconds) for the study's records."""
     t0 = time.perf_counter()
     params = dict(model.named_parameters())
-    layout = Layout(recipe_for, distributions, params, plan_of)
+    layout = Layout(recipe_for, distributions, params, plan_of, statistics_cache)
     dtypes = {n: params[n].dtype for n in layout.names}
     low = torch.tensor([distributions[d].low for d in layout.dims])
     high = torch.tensor([distributions[d].high for d in layout.dims])

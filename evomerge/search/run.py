@@ -198,11 +198,12 @@ class SearchRun:
     def _fitted_start(self, study: optuna.Study, anchors: list[dict[str, float]]) -> dict[str, float]:
         """The ``start: gradient`` point, fitted from the anchor of lowest search-split loss; its summary is
         kept in the study's ``gradient_start`` attribute."""
+        from evomerge.engine import STATISTICS_CACHE_NAME
         from evomerge.search.gradient_start import fit_start
 
         point, summary = fit_start(recipe_for=self.recipe_for, distributions=self.distributions, starts=anchors,
                                    model=self.builder.model, evaluator=self.evaluator("search", proxy=True),
-                                   plan_of=self.builder.plan,
+                                   plan_of=self.builder.plan, statistics_cache=self.out / STATISTICS_CACHE_NAME,
                                    progress=lambda text: self.on_event("note", {"text": text}))
         study.set_user_attr("gradient_start", summary)
         self.on_event("note", {"text": f"gradient start: search-split loss {summary['start_loss']:.4f} -> "
