@@ -16,6 +16,7 @@ value in every dimension is decoded and planned, so the fit follows the recipe's
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -73,10 +74,10 @@ class Layout:
         self.per_model = [p.name for p in self.method.params if p.per_model and p.name in fitted]
         self.per_tensor = [p.name for p in self.method.params if not p.per_model and p.name in fitted]
         self.tasks, self.inputs, self.statistics, self.model_slots, self.slots = [], [], [], [], []
+        fitted_tasks = [t for t in plan.tasks if t.method != "copy" and t.name in model_params]
+        check_memory(fitted_tasks)
         cpu = torch.device("cpu")
-        for task in plan.tasks:
-            if task.method == "copy" or task.name not in model_params:
-                continue
+        for task in fitted_tasks:
             self.tasks.append(task)
             self.inputs.append([None if r is None else load_input(plan, r, cpu).float() for r in [task.base, *task.inputs]])
             self.statistics.append(None if plan.statistics is None else
@@ -119,6 +120,20 @@ class Layout:
             return base + params["lambda"] * torch.tensordot(weights, deltas, dims=1)
         return self.method.kernel(base=base, tensors=inputs, model_params=model_params, params=params, fields=None,
                                   statistics=statistics)
+
+
+def check_memory(tasks) -> None:
+    """Refuse, before loading anything, a fit whose float32 copies of every input tensor do not fit in the host's
+    available memory (the fit holds the base and every fine-tune; meant for models of up to a few billion
+    parameters)."""
+    import psutil
+
+    need = sum(4 * math.prod(t.shape) * (len(t.inputs) + (t.base is not None)) for t in tasks)
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise GradientStartError(f"start: gradient holds float32 copies of the base and every fine-tune: about "
+                                 f"{need / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB are available; use "
+                                 "start: anchors")
 
 
 def fit_start(*, recipe_for: Callable[[dict], object], distributions, starts: list[dict[str, float]], model,
