@@ -119,9 +119,12 @@ def test_interpolated_block_values_are_refused(llama_family):
                space.distributions(list(models), n), dict(model.named_parameters()))
 
 
-def test_a_gradient_start_search_scores_the_fitted_point_as_an_anchor_and_starts_cma_es(tiny_zoo, tmp_path):
+def test_a_gradient_start_search_scores_the_fitted_point_as_an_anchor_and_starts_cma_es(tiny_zoo, tmp_path,
+                                                                                       monkeypatch):
+    from evomerge.search import gradient_start
     from evomerge.search.run import SearchRun, trial_score
 
+    monkeypatch.setattr(gradient_start, "STEPS", 15)
     run = SearchRun(load_config(_run_config(tmp_path, tiny_zoo)))
     run.run()
     trials = run.study.get_trials(deepcopy=False)
@@ -130,7 +133,7 @@ def test_a_gradient_start_search_scores_the_fitted_point_as_an_anchor_and_starts
     assert run.study.user_attrs["anchors"] == n
     assert [t.params for t in trials[:n - 1]] == anchors
     summary = run.study.user_attrs["gradient_start"]
-    assert summary["fitted_loss"] < summary["start_loss"]
+    assert summary["steps"] == 15 and summary["fitted_loss"] < summary["start_loss"]
     fitted = trials[n - 1]
     assert fitted.user_attrs["anchor"] == n - 1 and fitted.params != trials[summary["start_anchor"]].params
     best = max(trials[:n], key=trial_score)

@@ -137,13 +137,15 @@ def check_memory(tasks) -> None:
 
 
 def fit_start(*, recipe_for: Callable[[dict], object], distributions, starts: list[dict[str, float]], model,
-              evaluator, plan_of: Callable = plan_merge, statistics_cache=None, steps: int = STEPS, lr: float = LR,
+              evaluator, plan_of: Callable = plan_merge, statistics_cache=None, steps: int | None = None, lr: float = LR,
               progress: Callable[[str], None] = lambda s: None) -> tuple[dict[str, float], dict]:
     """The point of lowest search-split loss found by projected Adam from the start with the lowest loss.
 
-    `plan_of` plans a recipe (the candidate builder's ``plan``, over its open files; default: the engine's).
+    `plan_of` plans a recipe (the candidate builder's ``plan``, over its open files; default: the engine's);
+    `steps` defaults to ``STEPS``.
     Returns the point and a summary (start loss, fitted loss, seconds) for the study's records."""
     t0 = time.perf_counter()
+    steps = STEPS if steps is None else steps
     params = dict(model.named_parameters())
     layout = Layout(recipe_for, distributions, params, plan_of, statistics_cache)
     dtypes = {n: params[n].dtype for n in layout.names}
