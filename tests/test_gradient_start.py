@@ -1,4 +1,4 @@
-"""``start: gradient``: a task-arithmetic point fitted on the search split (evomerge.search.gradient_start)."""
+"""``start: gradient``: a point of a task-arithmetic or RegMean space fitted on the search split (evomerge.search.gradient_start)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from evomerge.engine import iter_merged, plan_merge, prepare_statistics
 from evomerge.evaluate import Evaluator, TaskError
 from evomerge.evaluate.scoring import encode_pairs
 from evomerge.search.config import load_config
-from evomerge.search.gradient_start import GradientStartError, Layout, check_space
+from evomerge.search.gradient_start import GradientStartError, Layout, check_space, resolve_start
 from evomerge.search.space import load_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -147,3 +147,18 @@ def test_gradient_start_refuses_a_space_before_loading_models(tiny_zoo, tmp_path
     cfg = load_config(_run_config(tmp_path, tiny_zoo, search_space=str(SPACES / "ties_per_model.yaml")))
     with pytest.raises(GradientStartError, match="task_arithmetic"):
         SearchRun(cfg)
+
+
+def test_auto_start_fits_where_it_applies_and_falls_back_to_anchors(tiny_zoo):
+    from evomerge.evaluate import LmEvalTask, load_tasks
+
+    specs = load_tasks(tiny_zoo.tasks_yaml)
+    regmean, ties = load_space(SPACES / "regmean_per_layer.yaml"), load_space(SPACES / "ties_per_model.yaml")
+    assert resolve_start("auto", regmean, specs) == "gradient"
+    assert resolve_start("auto", ties, specs) == "anchors"
+    assert resolve_start("auto", regmean, specs, lora_scalings=True) == "anchors"
+    assert resolve_start("anchors", regmean, specs) == "anchors" and resolve_start("default", ties, specs) == "default"
+    lm_eval = LmEvalTask.model_validate({"name": "hs", "kind": "lm_eval", "task": "hellaswag", "metric": "acc,none"})
+    assert resolve_start("auto", regmean, [*specs, lm_eval]) == "anchors"
+    with pytest.raises(GradientStartError, match="lm-eval tasks \\['hs'\\]"):
+        resolve_start("gradient", regmean, [*specs, lm_eval])

@@ -180,9 +180,9 @@ class RunConfig(_Strict):
     # where the sampler starts: "anchors" scores the space's anchor points first (the default point and
     # each parameter at its range's quartiles; SearchSpace.anchor_points) and starts CMA-ES at the best
     # of them; "default" enqueues the default point alone and CMA-ES starts at the middle of the ranges;
-    # "gradient" adds to the anchors a point fitted by gradient on the search split (task-arithmetic
-    # spaces: evomerge.search.gradient_start)
-    start: Literal["anchors", "default", "gradient"] = "anchors"
+    # "gradient" adds to the anchors a point fitted by gradient on the search split (task-arithmetic and
+    # RegMean spaces: evomerge.search.gradient_start); "auto": gradient where it applies, else anchors
+    start: Literal["auto", "anchors", "default", "gradient"] = "auto"
     budget: Budget = Field(default_factory=lambda: Budget(trials=50))
     sampler: Sampler = Field(default_factory=Sampler)
     pruner: Pruner = Field(default_factory=Pruner)

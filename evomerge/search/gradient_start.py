@@ -37,11 +37,36 @@ class GradientStartError(ValueError):
 def check_space(space) -> None:
     """Refuse a space the fit cannot differentiate: a method other than those of ``FITTED`` (sign election and
     sparsification are not differentiable in the weights), or a normalized task-arithmetic sum."""
-    if space.method not in FITTED:
+    if getattr(space, "method", None) not in FITTED:  # a data-flow space has none
         raise GradientStartError(f"start: gradient fits {' and '.join(FITTED)} spaces (e.g. "
                                  f"search_spaces/task_arithmetic_per_type.yaml); this space's method is {space.method}")
     if space.fixed.get("normalize"):
         raise GradientStartError("start: gradient needs normalize: false (a normalized sum divides by the weights)")
+
+
+def resolve_start(start: str, space, task_specs, lora_scalings: bool = False) -> str:
+    """The start a run uses: ``auto`` is ``gradient`` where the fit applies (a space ``check_space`` accepts,
+    evomerge's own task kinds, dense candidates) and ``anchors`` elsewhere; ``gradient`` where it does not
+    apply is an error naming why."""
+    from evomerge.evaluate import LmEvalTask
+
+    if start not in ("auto", "gradient"):
+        return start
+    problems = []
+    try:
+        check_space(space)
+    except GradientStartError as e:
+        problems.append(str(e))
+    lm_eval = [t.name for t in task_specs if isinstance(t, LmEvalTask)]
+    if lm_eval:
+        problems.append(f"start: gradient needs a differentiable loss; lm-eval tasks {lm_eval} have none")
+    if lora_scalings:
+        problems.append("start: gradient fits dense candidates; lora_scalings searches adapter scalings")
+    if not problems:
+        return "gradient"
+    if start == "gradient":
+        raise GradientStartError("; ".join(problems))
+    return "anchors"
 
 
 def probe_point(distributions) -> dict[str, float]:

@@ -109,17 +109,15 @@ class SearchRun:
         # the space checks itself against the models' headers, then makes the builder of its candidates
         self.space: SearchSpace = load_space(cfg.search_space, where=where).bind(
             self.inputs.base_model, self.inputs.models, where)
-        if cfg.start == "gradient":  # refused before any heavy work
-            from evomerge.search.gradient_start import check_space
+        from evomerge.evaluate import load_tasks
+        from evomerge.search.gradient_start import resolve_start
 
-            check_space(self.space)
+        self.task_specs = load_tasks(self.inputs.tasks)
+        self.start = resolve_start(cfg.start, self.space, self.task_specs, cfg.lora_scalings)  # before heavy work
         self.builder = self.space.make_builder(self.inputs, cfg, self.out)
         self.tokenizer = AutoTokenizer.from_pretrained(self.inputs.base_model)
         self.num_layers = self.builder.num_layers
         self.model_names = list(self.inputs.models)
-        from evomerge.evaluate import load_tasks
-
-        self.task_specs = load_tasks(self.inputs.tasks)
         self.space = self.space.with_calibration_tasks(  # data-aware methods
             self.inputs.tasks, self.inputs.models, [t.name for t in self.task_specs])
         self._evaluators: dict[str, Any] = {}
@@ -174,9 +172,9 @@ class SearchRun:
                 study.set_user_attr("fingerprint", mine)
                 study.set_user_attr(CONFIG_ATTR, stored_config(self.cfg))
                 starts = (self.space.anchor_points(self.model_names, self.num_layers)
-                          if self.cfg.start != "default" else [self.default_point])
-                if self.cfg.start == "gradient":
-                    starts.append(self._fitted_start(study, starts))
+                          if self.start != "default" else [self.default_point])
+                if self.start == "gradient":
+                    starts += self._fitted_start(study, starts)
                 study.set_user_attr("anchors", len(starts))
                 for i, point in enumerate(starts):
                     study.enqueue_trial(point, user_attrs={"default": True} if i == 0 else {"anchor": i})
@@ -195,20 +193,27 @@ class SearchRun:
             fail_dead_here(study, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         return study
 
-    def _fitted_start(self, study: optuna.Study, anchors: list[dict[str, float]]) -> dict[str, float]:
-        """The ``start: gradient`` point, fitted from the anchor of lowest search-split loss; its summary is
-        kept in the study's ``gradient_start`` attribute."""
+    def _fitted_start(self, study: optuna.Study, anchors: list[dict[str, float]]) -> list[dict[str, float]]:
+        """The ``start: gradient`` point (a list of one), fitted from the anchor of lowest search-split loss; its
+        summary is kept in the study's ``gradient_start`` attribute."""
         from evomerge.engine import STATISTICS_CACHE_NAME
-        from evomerge.search.gradient_start import fit_start
+        from evomerge.search.gradient_start import GradientStartError, fit_start
 
-        point, summary = fit_start(recipe_for=self.recipe_for, distributions=self.distributions, starts=anchors,
-                                   model=self.builder.model, evaluator=self.evaluator("search", proxy=True),
-                                   plan_of=self.builder.plan, statistics_cache=self.out / STATISTICS_CACHE_NAME,
-                                   progress=lambda text: self.on_event("note", {"text": text}))
+        try:
+            point, summary = fit_start(
+                recipe_for=self.recipe_for, distributions=self.distributions, starts=anchors, model=self.builder.model,
+                evaluator=self.evaluator("search", proxy=True), plan_of=self.builder.plan,
+                statistics_cache=self.out / STATISTICS_CACHE_NAME,
+                progress=lambda text: self.on_event("note", {"text": text}))
+        except GradientStartError as e:  # e.g. memory; start: auto goes on from the anchors alone
+            if self.cfg.start != "auto":
+                raise
+            self.on_event("note", {"text": f"{e}; starting from the anchors alone"})
+            return []
         study.set_user_attr("gradient_start", summary)
         self.on_event("note", {"text": f"gradient start: search-split loss {summary['start_loss']:.4f} -> "
                                        f"{summary['fitted_loss']:.4f} in {summary['seconds']:.0f} s"})
-        return point
+        return [point]
 
     # -- the loop ---------------------------------------------------------------------------------
     def _budget_left(self, started: float, taken: int) -> bool:
@@ -280,7 +285,7 @@ class SearchRun:
     def _sampler(self, x0: dict[str, float] | None) -> optuna.samplers.BaseSampler:
         """The run's sampler; while a CMA-ES run's anchors are still being scored, a random sampler
         (anchors are enqueued, so it samples nothing) that leaves no CMA-ES state behind."""
-        if self.cfg.start != "default" and self.cfg.sampler.name == "cmaes" and x0 is None:
+        if self.start != "default" and self.cfg.sampler.name == "cmaes" and x0 is None:
             return optuna.samplers.RandomSampler(seed=self._seed)
         return make_sampler(self.cfg.sampler, seed=self._seed, n_objectives=self.n_objectives, x0=x0,
                             learn_from_pruned=self.cfg.pruner.name != "none", budget=self.cfg.budget.trials)
