@@ -64,3 +64,17 @@ def backend_class(name: str):
     from evomerge.backends.cuda import CudaBackend
 
     return CudaBackend
+
+
+def tensor_kernel(backend: str, device: torch.device, method: str):
+    """How ``evomerge merge`` (``engine.run_merge``) merges each tensor of ``method`` on ``device``.
+
+    The cpu backend's compiled pass, one tensor at a time (``cpu_stream.merge_tensor``), where
+    ``resolve_backend`` picks ``cpu`` (the task-arithmetic family on the CPU); else None: the
+    reference kernels (``MergeMethod.merge``), tensor by tensor on any device.
+    """
+    if resolve_backend(backend, device, method) != "cpu":
+        return None
+    from evomerge.backends.cpu_stream import merge_tensor
+
+    return merge_tensor

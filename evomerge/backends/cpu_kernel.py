@@ -182,7 +182,8 @@ def merge_segments(rule, D, R, Q, F, SM, PF, PS, SB, SQ, base, out, blocks, seg_
     one to four inputs whose masks are all a comparison per element (``_keep_bounds``) is merged by
     ``_fused_segment`` in one vectorized pass. So is a TIES/breadcrumbs segment whose window
     bounds fall inside runs of equal |δ| (common with bf16 models): its pass compares the stable
-    ranks themselves (``RULE_RANKS``). Any other segment goes by blocks (``_merge_block``). Returns
+    ranks themselves (``RULE_RANKS``), and so is every magnitude segment when ``SM`` is empty (a
+    one-tensor merge, ``cpu_stream``, gives ranks only). Any other segment goes by blocks (``_merge_block``). Returns
     the number of block-path segments plus 2³² times the number of segments fused by their ranks.
     ``rule`` is the builder's mask family (``RULE_TOP``, ``RULE_MAGNITUDE``, ``RULE_FIELD`` or ``RULE_DELLA``);
     ``R`` the per-model statistic of the block path (ranks; DELLA's q), ``Q`` DELLA's q for the
@@ -210,8 +211,11 @@ def merge_segments(rule, D, R, Q, F, SM, PF, PS, SB, SQ, base, out, blocks, seg_
             continue
         b0, b1 = seg_blocks[s, 0], seg_blocks[s, 1]
         start, end = blocks[b0, 1], blocks[b1 - 1, 2]
-        fused = 0 < k <= 4 and _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, A, B)
-        if not fused and 0 < k <= 4 and R.shape[0] and (rule == RULE_MAGNITUDE or rule == RULE_TOP):
+        magnitude = rule == RULE_MAGNITUDE or rule == RULE_TOP
+        ranks_only = magnitude and SM.shape[0] == 0  # no sorted magnitudes: compare the ranks (``R``)
+        fused = 0 < k <= 4 and not ranks_only and _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr,
+                                                           dme, eps, A, B)
+        if not fused and 0 < k <= 4 and R.shape[0] and magnitude:
             _rank_bounds(end - start, s, k, mode, lo, hi, LA, LB)  # ties at a bound: compare the ranks
             _rescale_factors(RULE_RANKS, True, LA, LB, D, R, Q, F, PF, PS, SB, SQ, blocks, b0, b1, s, k, slot_model,
                              mode, lo, hi, thr, dme, eps, rescale, before, sc, scratch[0])

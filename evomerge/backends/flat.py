@@ -21,6 +21,7 @@ from evomerge.backends import cpu_kernel as fk
 from evomerge.backends.fast_plan import PlanTemplate, structure_signature
 from evomerge.backends.reference import ReferenceBackend
 from evomerge.engine import TensorTask, all_finite
+from evomerge.methods.consensus import weight_divisor
 from evomerge.methods.l1 import l1_norm
 from evomerge.recipe import Recipe
 
@@ -198,11 +199,11 @@ class FlatBackend(ReferenceBackend):
 
     @staticmethod
     def _weight_total(weights: tuple, seen: dict) -> tuple[bool, np.float32]:
-        """Σw as ``weighted_sum`` computes it (float32 torch sum) and whether |Σw| ≥ 1e-8; ``seen`` holds the
-        candidate's sums so far (segments often share weights; a cache across candidates would grow all night)."""
+        """Whether ``weighted_sum`` divides by Σw, and that Σw (``weight_divisor``; 1 where it does not); ``seen``
+        holds the candidate's sums so far (segments often share weights; a cache across candidates would grow)."""
         if weights not in seen:
-            total = torch.tensor(list(weights), dtype=torch.float32).sum()
-            seen[weights] = (bool(total.abs() >= 1e-8), np.float32(total.item()))
+            total = weight_divisor(weights)
+            seen[weights] = (total is not None, np.float32(1.0 if total is None else total.item()))
         return seen[weights]
 
     def _candidate_tables(self, recipe: Recipe) -> Structure:
