@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from numba import njit
 
 from evomerge.backends import cpu_kernel as fk
 from evomerge.backends.fields_host import fill_uniform
 from evomerge.backends.l1_host import l1_norm_host
 from evomerge.backends.window_host import window_ranks
-from evomerge.engine import all_finite
 from evomerge.methods.consensus import weight_divisor
 from evomerge.methods.fields import field_seed
 from evomerge.methods.l1 import L1_BLOCK
@@ -61,14 +61,14 @@ def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor, tensors: Se
     k, n, shape = len(tensors), base.numel(), base.shape
     base32 = base.to(torch.float32).reshape(-1)
     deltas = torch.empty((k, n), dtype=torch.float32)
-    for i, x in enumerate(tensors):
-        torch.sub(x.reshape(-1), base32, out=deltas[i])
-    if not all_finite(deltas):  # finite inputs whose difference overflows float32
-        return None
+    D = deltas.numpy()
+    for i, x in enumerate(tensors):  # δ = x − base in float32: x cast exactly, then the engine's subtraction
+        deltas[i].copy_(x.reshape(-1))
+        if not subtract_finite(D[i], base32.numpy()):  # finite inputs whose difference overflows float32
+            return None
     models, glob = method.resolve(model_params, params)
     tables, seg_k, use_total, total = _tables(variant.sparsification, models, glob, n, shape, consensus=variant.consensus)
     mode = tables[0]
-    D = deltas.numpy()
     rule = {"magnitude": fk.RULE_TOP, "magnitude_outliers": fk.RULE_MAGNITUDE, "random": fk.RULE_FIELD,
             "della_magprune": fk.RULE_DELLA}.get(variant.sparsification, fk.RULE_FIELD)
     R, Q, F = np.empty((0, 0), dtype=np.int32), D, EMPTY32
@@ -82,10 +82,8 @@ def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor, tensors: Se
             fill_uniform(np.uint64(field_seed(seed, name, i)), F[i])
     if rule == fk.RULE_DELLA and (mode[0] == fk.MODE_DELLA).any():
         R = Q = np.zeros((k, n), dtype=np.float32)
-        row = np.array([shape[1] if len(shape) >= 2 else n], dtype=np.int64)
         for i in np.flatnonzero(mode[0] == fk.MODE_DELLA):
-            ranks = della_ranks(deltas[i].view(shape)).reshape(1, -1).numpy()
-            Q[i] = fk.della_q(ranks, [(0, n)], row)[0]
+            della_rank_terms(deltas[i].view(shape), Q[i])
     rescale = tables[8]
     before = np.ones((1, k), dtype=np.float32)
     if rescale[0]:
@@ -126,3 +124,32 @@ def _tables(sparsification: str | None, models: list[dict], glob: dict, n: int, 
         if divisor is not None:
             use_total[0], total[0] = True, np.float32(divisor.item())
     return tables, seg_k, use_total, total
+
+
+@njit(cache=True, nogil=True)
+def subtract_finite(delta, base):
+    """delta −= base in place (float32, as torch subtracts); whether every result is finite."""
+    finite = True
+    for j in range(delta.shape[0]):
+        v = delta[j] - base[j]
+        delta[j] = v
+        finite &= v - v == 0
+    return finite
+
+
+ROWS_ELEMENTS = 1 << 20  # DELLA's row ranks are sorted about this many elements at a time (bounded scratch)
+
+
+def della_rank_terms(delta: torch.Tensor, q: np.ndarray) -> None:
+    """q = DELLA's rank term (r/(n−1))·2 of every element of δ (flat, float32; ``cpu_kernel.della_q``),
+    r its row rank (``sparsify.della_ranks``), computed a block of rows at a time."""
+    row = delta.shape[1] if delta.dim() >= 2 else delta.numel()
+    rows = np.array([row], dtype=np.int64)
+    if delta.dim() != 2:  # 1-D: one row; more dimensions: ranks along dim 1, whole
+        ranks = della_ranks(delta).reshape(1, -1).numpy()
+        q[:] = fk.della_q(ranks, [(0, q.shape[0])], rows)[0]
+        return
+    step = max(1, ROWS_ELEMENTS // max(row, 1))
+    for r0 in range(0, delta.shape[0], step):
+        ranks = della_ranks(delta[r0:r0 + step]).reshape(1, -1).numpy()
+        q[r0 * row:r0 * row + ranks.shape[1]] = fk.della_q(ranks, [(0, ranks.shape[1])], rows)[0]
