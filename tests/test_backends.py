@@ -145,3 +145,21 @@ def test_window_ranks_match_stable_ranks():
         out = np.empty(5000, dtype=np.int32)
         window_ranks(delta, lo, hi, out)
         np.testing.assert_array_equal((out >= lo) & (out < hi), (ranks >= lo) & (ranks < hi), err_msg=f"{lo}, {hi}")
+
+
+@pytest.mark.parametrize("shape", [(37, 300), (1000,), (4, 3, 5), (9, 1)])
+def test_della_rank_terms_match_the_reference(monkeypatch, shape):
+    """DELLA's rank term a block of rows at a time (``della_rank_terms``) equals ``della_q(della_ranks(δ))``."""
+    import numpy as np
+
+    from evomerge.backends import cpu_kernel, cpu_stream
+    from evomerge.methods.sparsify import della_ranks
+
+    monkeypatch.setattr(cpu_stream, "ROWS_ELEMENTS", 1000)  # several blocks of rows
+    delta = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 4).round() / 4  # many ties
+    row = shape[1] if len(shape) >= 2 else delta.numel()
+    expected = cpu_kernel.della_q(della_ranks(delta).reshape(1, -1).numpy(), [(0, delta.numel())],
+                                  np.array([row], dtype=np.int64))[0]
+    got = np.empty(delta.numel(), dtype=np.float32)
+    cpu_stream.della_rank_terms(delta, got)
+    np.testing.assert_array_equal(got, expected)

@@ -37,7 +37,7 @@ from evomerge.methods.consensus import weight_divisor
 from evomerge.methods.fields import field_seed
 from evomerge.methods.l1 import L1_BLOCK
 from evomerge.methods.registry import DENSITY, EPSILON, GAMMA, MergeMethod
-from evomerge.methods.sparsify import della_ranks
+from evomerge.methods.sparsify import della_ranks, sorted_row_keys
 from evomerge.methods.task_arithmetic import VARIANTS
 
 # where each value sits in the value vector ``segment_tables`` reads: k weights, densities, gammas,
@@ -141,15 +141,30 @@ ROWS_ELEMENTS = 1 << 20  # DELLA's row ranks are sorted about this many elements
 
 
 def della_rank_terms(delta: torch.Tensor, q: np.ndarray) -> None:
-    """q = DELLA's rank term (r/(n−1))·2 of every element of δ (flat, float32; ``cpu_kernel.della_q``),
-    r its row rank (``sparsify.della_ranks``), computed a block of rows at a time."""
-    row = delta.shape[1] if delta.dim() >= 2 else delta.numel()
-    rows = np.array([row], dtype=np.int64)
+    """q = DELLA's rank term (r/(n−1))·2 of every element of δ (flat, float32, ``cpu_kernel.della_q``'s
+    operations), r its stable rank of |δ| in its row (``sparsify.della_ranks``), a block of rows at a time."""
     if delta.dim() != 2:  # 1-D: one row; more dimensions: ranks along dim 1, whole
+        row = delta.shape[1] if delta.dim() > 2 else delta.numel()
         ranks = della_ranks(delta).reshape(1, -1).numpy()
-        q[:] = fk.della_q(ranks, [(0, q.shape[0])], rows)[0]
+        q[:] = fk.della_q(ranks, [(0, q.shape[0])], np.array([row], dtype=np.int64))[0]
         return
+    rows, row = delta.shape
     step = max(1, ROWS_ELEMENTS // max(row, 1))
-    for r0 in range(0, delta.shape[0], step):
-        ranks = della_ranks(delta[r0:r0 + step]).reshape(1, -1).numpy()
-        q[r0 * row:r0 * row + ranks.shape[1]] = fk.della_q(ranks, [(0, ranks.shape[1])], rows)[0]
+    flat = delta.numpy()
+    for r0 in range(0, rows, step):
+        keys = sorted_row_keys(np.abs(flat[r0:r0 + step]))
+        _scatter_rank_terms(keys, q[r0 * row:(r0 + keys.shape[0]) * row])
+
+
+@njit(cache=True, nogil=True)
+def _scatter_rank_terms(keys, q):
+    """q[row, column] = (r/(n−1))·2 in float32 for each row's ascending keys (``sorted_row_keys``), r the
+    key's position: ``della_ranks`` scattered and ``della_q`` applied in one pass (q = 0 in one-element rows)."""
+    rows, n = keys.shape
+    if n < 2:
+        q[:] = 0
+        return
+    last, two = np.float32(n - 1), np.float32(2.0)
+    for r in range(rows):
+        for p in range(n):
+            q[r * n + (keys[r, p] & 0xFFFFFFFF)] = (np.float32(p) / last) * two

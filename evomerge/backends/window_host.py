@@ -47,33 +47,32 @@ def window_ranks(delta, lo, hi, out):
     """
     n = delta.shape[0]
     bits = delta.view(np.int32)
-    high_counts = np.zeros(1 << 15, dtype=np.int64)
-    for j in range(n):
-        high_counts[(bits[j] & ABS_BITS) >> 16] += 1
-    va = vb = np.int32(0)
-    drop_a = keep_b = 0
-    if lo > 0:  # the first lo − (count below va) elements equal to va rank below lo
+    counts = np.zeros((4, 1 << 15), dtype=np.int64)  # four interleaved histograms: runs of equal values
+    quarter = n - n % 4  # do not wait on one counter
+    for j in range(0, quarter, 4):
+        counts[0, (bits[j] & ABS_BITS) >> 16] += 1
+        counts[1, (bits[j + 1] & ABS_BITS) >> 16] += 1
+        counts[2, (bits[j + 2] & ABS_BITS) >> 16] += 1
+        counts[3, (bits[j + 3] & ABS_BITS) >> 16] += 1
+    for j in range(quarter, n):
+        counts[0, (bits[j] & ABS_BITS) >> 16] += 1
+    high_counts = counts[0] + counts[1] + counts[2] + counts[3]
+    # below lo: |δ| < va, or the first drop_a elements equal to va; at or above hi: |δ| > vb, or the
+    # elements equal to vb after the first keep_b (no bound: comparisons that never hold)
+    va, drop_a = np.int32(-1), 0
+    vb, keep_b = np.int32(0x7FFFFFFF), n
+    if lo > 0:
         va, below = _select(bits, high_counts, lo)
         drop_a = lo - below
-    if hi < n:  # the first hi − (count below vb) elements equal to vb rank below hi
+    if hi < n:
         vb, below = _select(bits, high_counts, hi)
         keep_b = hi - below
     seen_a = seen_b = 0
-    for j in range(n):
+    for j in range(n):  # branch-free: the comparisons are about as likely as not
         v = bits[j] & ABS_BITS
-        r = lo
-        if lo > 0:
-            if v < va:
-                r = 0
-            elif v == va:
-                if seen_a < drop_a:
-                    r = 0
-                seen_a += 1
-        if hi < n:
-            if v > vb:
-                r = hi
-            elif v == vb:
-                if seen_b >= keep_b:
-                    r = hi
-                seen_b += 1
-        out[j] = r
+        at_a, at_b = v == va, v == vb
+        under = (v < va) | (at_a & (seen_a < drop_a))
+        over = (v > vb) | (at_b & (seen_b >= keep_b))
+        seen_a += at_a
+        seen_b += at_b
+        out[j] = lo + (hi - lo) * over - lo * under
