@@ -16,7 +16,8 @@ ABS_BITS = np.int32(0x7FFFFFFF)
 
 @njit(cache=True, nogil=True)
 def _select(bits, high_counts, rank):
-    """(value, count below it) of the element ranked ``rank`` in ascending order of non-negative float32 ``bits``.
+    """(value, count below it, count equal to it) of the element ranked ``rank`` in ascending order of the
+    magnitudes of float32 ``bits``.
 
     ``high_counts`` histograms the high 16 bits; one more pass histograms the low 16 bits inside the
     bucket holding the rank.
@@ -35,7 +36,7 @@ def _select(bits, high_counts, rank):
     while below + low_counts[offset] <= rank:
         below += low_counts[offset]
         offset += 1
-    return np.int32((bucket << 16) | offset), below
+    return np.int32((bucket << 16) | offset), below, low_counts[offset]
 
 
 @njit(cache=True, nogil=True)
@@ -57,22 +58,27 @@ def window_ranks(delta, lo, hi, out):
     for j in range(quarter, n):
         counts[0, (bits[j] & ABS_BITS) >> 16] += 1
     high_counts = counts[0] + counts[1] + counts[2] + counts[3]
-    # below lo: |δ| < va, or the first drop_a elements equal to va; at or above hi: |δ| > vb, or the
-    # elements equal to vb after the first keep_b (no bound: comparisons that never hold)
-    va, drop_a = np.int32(-1), 0
-    vb, keep_b = np.int32(0x7FFFFFFF), n
+    # below lo: |δ| < va, and the first drop_a elements equal to va (in flat order); at or above hi:
+    # |δ| > vb, and the last over_b elements equal to vb (no bound: comparisons that never hold)
+    va, vb, drop_a, over_b = np.int32(-1), np.int32(0x7FFFFFFF), 0, 0
     if lo > 0:
-        va, below = _select(bits, high_counts, lo)
+        va, below, _ = _select(bits, high_counts, lo)
         drop_a = lo - below
     if hi < n:
-        vb, below = _select(bits, high_counts, hi)
-        keep_b = hi - below
-    seen_a = seen_b = 0
-    for j in range(n):  # branch-free: the comparisons are about as likely as not
+        vb, below, equal = _select(bits, high_counts, hi)
+        over_b = below + equal - hi
+    for j in range(n):
         v = bits[j] & ABS_BITS
-        at_a, at_b = v == va, v == vb
-        under = (v < va) | (at_a & (seen_a < drop_a))
-        over = (v > vb) | (at_b & (seen_b >= keep_b))
-        seen_a += at_a
-        seen_b += at_b
-        out[j] = lo + (hi - lo) * over - lo * under
+        out[j] = lo + (hi - lo) * (v > vb) - lo * (v < va)
+    j = 0
+    while drop_a > 0:  # ties at a bound: only as far as the split of the equal run
+        if (bits[j] & ABS_BITS) == va:
+            out[j] = 0
+            drop_a -= 1
+        j += 1
+    j = n - 1
+    while over_b > 0:
+        if (bits[j] & ABS_BITS) == vb:
+            out[j] = hi
+            over_b -= 1
+        j -= 1
