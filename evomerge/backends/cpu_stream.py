@@ -63,12 +63,8 @@ def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor, tensors: Se
     deltas = torch.empty((k, n), dtype=torch.float32)
     D = deltas.numpy()
     for i, x in enumerate(tensors):  # δ = x − base in float32: x cast exactly, then the engine's subtraction
-        if x.dtype == torch.bfloat16:
-            finite = bf16_task_vector(x.reshape(-1).view(torch.int16).numpy(), base32.numpy(), D[i])
-        else:
-            deltas[i].copy_(x.reshape(-1))
-            finite = subtract_finite(D[i], base32.numpy())
-        if not finite:  # finite inputs whose difference overflows float32
+        deltas[i].copy_(x.reshape(-1))
+        if not subtract_finite(D[i], base32.numpy()):  # finite inputs whose difference overflows float32
             return None
     models, glob = method.resolve(model_params, params)
     tables, seg_k, use_total, total = _tables(variant.sparsification, models, glob, n, shape, consensus=variant.consensus)
@@ -138,23 +134,6 @@ def subtract_finite(delta, base):
         v = delta[j] - base[j]
         delta[j] = v
         finite &= v - v == 0
-    return finite
-
-
-@njit(cache=True, nogil=True)
-def bf16_task_vector(x, base, delta):
-    """delta = float32(x) − base for bf16 ``x`` given as its int16 bits (exact widening: the bits << 16), a
-    block at a time; whether every result is finite."""
-    bits = delta.view(np.int32)
-    finite = True
-    for start in range(0, delta.shape[0], L1_BLOCK):
-        end = min(delta.shape[0], start + L1_BLOCK)
-        for j in range(start, end):
-            bits[j] = (np.int32(x[j]) & 0xFFFF) << 16
-        for j in range(start, end):
-            v = delta[j] - base[j]
-            delta[j] = v
-            finite &= v - v == 0
     return finite
 
 
