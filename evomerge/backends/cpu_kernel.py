@@ -176,7 +176,8 @@ def _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo, hi, thr, dme, eps, b
 @njit(cache=True, nogil=True)
 def merge_segments(rule, D, R, Q, F, SM, PF, PS, SB, SQ, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr,
                    dme, eps, seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda, lam, s0, s1):
-    """out = base + λ·mix(wᵢ·sparsify(δᵢ)) for merged segments [s0, s1) (seg_k ≥ 0), one segment at a time.
+    """out = base + λ·mix(wᵢ·sparsify(δᵢ)) for merged segments [s0, s1) (seg_k ≥ 0), one segment at a time:
+    ``methods.task_arithmetic.generalized_task_arithmetic`` per segment, bit for bit.
 
     Per segment: the rescale factors first (``_rescale_factors``), then the merge. A segment with
     one to four inputs whose masks are all a comparison per element (``_keep_bounds``) is merged by
@@ -451,32 +452,33 @@ def _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, 
 
 @njit(inline="always")
 def keep_magnitude(x, u, q, a, b):
-    """TIES / breadcrumbs: |δ| in [a, b) (``_keep_bounds``)."""
+    """TIES / breadcrumbs (``sparsify.magnitude_mask``, ``breadcrumbs_mask``): |δ| in [a, b) (``_keep_bounds``)."""
     m = abs(x)
     return (m >= a) & ~(m >= b)
 
 
 @njit(inline="always")
 def keep_top(x, u, q, a, b):
-    """TIES: |δ| ≥ a (its window has no upper bound: b is NaN)."""
+    """TIES (``sparsify.magnitude_mask``): |δ| ≥ a (its window has no upper bound: b is NaN)."""
     return abs(x) >= a
 
 
 @njit(inline="always")
 def keep_rank(x, u, q, a, b):
-    """TIES / breadcrumbs by the stable rank itself: u (the rank) in [a, b) (``_rank_bounds``)."""
+    """TIES / breadcrumbs by the stable rank itself (``sparsify.rank_window_mask``): u (the rank) in [a, b)
+    (``_rank_bounds``)."""
     return (u >= a) & (u < b)
 
 
 @njit(inline="always")
 def keep_field(x, u, q, a, b):
-    """DARE: field < a."""
+    """DARE (``sparsify.dare_mask``): field < a."""
     return u < a
 
 
 @njit(inline="always")
 def keep_della(x, u, q, a, b):
-    """DELLA: field < (density − ε) + q·ε, torch's float32 operations."""
+    """DELLA (``sparsify.della_mask``): field < (density − ε) + q·ε, torch's float32 operations."""
     return u < a + q * b
 
 
@@ -543,7 +545,8 @@ def _inputs(keep, j, d, u, q, A, B, c, w, present):
 
 @njit(inline="always")
 def _consensus_loop(keep, d, u, q, A, B, c, w, wd, lm, bas, dst):
-    """TIES disjoint merge per element, bit for bit what ``_merge_block`` computes, in fewer operations.
+    """TIES disjoint merge per element (``consensus.disjoint_merge``), bit for bit what ``_merge_block``
+    computes, in fewer operations.
 
     vᵢ = (δᵢ·scᵢ)·wᵢ where kept, else 0; σ = sign(Σvᵢ) (+1 for ±0); m = the vᵢ with vᵢ·σ > 0 added
     in input order to σ·0; dd = their wdᵢ added to 0 (wd = w when normalizing, else 0s);
@@ -594,7 +597,8 @@ def _consensus_loop(keep, d, u, q, A, B, c, w, wd, lm, bas, dst):
 
 @njit(inline="always")
 def _sum_loop(keep, d, u, q, A, B, c, w, present, tot, lm, bas, dst):
-    """Weighted sum per element: Σvᵢ in input order ÷ Σw (÷1 unless normalizing), ×λ, + base."""
+    """Weighted sum per element (``consensus.weighted_sum``): Σvᵢ in input order ÷ Σw (÷1 unless
+    normalizing), ×λ, + base."""
     a, b = (A[0], A[1], A[2], A[3]), (B[0], B[1], B[2], B[3])
     for j in range(dst.shape[0]):
         v0, v1, v2, v3 = _inputs(keep, j, d, u, q, a, b, c, w, present)
@@ -605,73 +609,87 @@ def _sum_loop(keep, d, u, q, A, B, c, w, present, tot, lm, bas, dst):
 # functions, not a rule passed as an argument, so that numba's on-disk cache can hold them.
 @njit(cache=True, nogil=True)
 def _consensus_top(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """``consensus.disjoint_merge`` after TIES's top-k mask (``_consensus_loop``)."""
     _consensus_loop(keep_top, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _consensus_magnitude(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """``consensus.disjoint_merge`` after a magnitude window (``_consensus_loop``)."""
     _consensus_loop(keep_magnitude, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _consensus_field(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """``consensus.disjoint_merge`` after DARE's mask (``_consensus_loop``)."""
     _consensus_loop(keep_field, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _consensus_rank(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """``consensus.disjoint_merge`` after a window of stable ranks (``_consensus_loop``)."""
     _consensus_loop(keep_rank, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _sum_rank(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    """``consensus.weighted_sum`` after a window of stable ranks (``_sum_loop``)."""
     _sum_loop(keep_rank, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _consensus_della(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """``consensus.disjoint_merge`` after DELLA's mask (``_consensus_loop``)."""
     _consensus_loop(keep_della, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _sum_magnitude(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    """``consensus.weighted_sum`` after a magnitude window (``_sum_loop``)."""
     _sum_loop(keep_magnitude, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _sum_field(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    """``consensus.weighted_sum`` after DARE's mask (``_sum_loop``)."""
     _sum_loop(keep_field, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _sum_della(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    """``consensus.weighted_sum`` after DELLA's mask (``_sum_loop``)."""
     _sum_loop(keep_della, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _masked_l1_magnitude(delta, field, q, a, b, blocks, b0, b1, scratch):
+    """``l1.l1_norm`` of δ under a magnitude window (``_masked_l1``)."""
     return _masked_l1(keep_magnitude, delta, field, q, a, b, blocks, b0, b1, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _masked_l1_rank(delta, ranks, q, a, b, blocks, b0, b1, scratch):
+    """``l1.l1_norm`` of δ under a window of stable ranks (``_masked_l1``)."""
     return _masked_l1(keep_rank, delta, ranks, q, a, b, blocks, b0, b1, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _masked_l1_field(delta, field, q, a, b, blocks, b0, b1, scratch):
+    """``l1.l1_norm`` of δ under DARE's mask (``_masked_l1``)."""
     return _masked_l1(keep_field, delta, field, q, a, b, blocks, b0, b1, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _masked_l1_della(delta, field, q, a, b, blocks, b0, b1, scratch):
+    """``l1.l1_norm`` of δ under DELLA's mask (``_masked_l1``)."""
     return _masked_l1(keep_della, delta, field, q, a, b, blocks, b0, b1, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _merge_block(D, R, F, base, out, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps,
                  weight, sc, consensus, normalize, use_total, total, use_lambda, lam, W, scratch):
-    """One block of segment s with k inputs (``merge_segments``); W and scratch are reusable buffers."""
+    """One block of segment s with k inputs (``merge_segments``): ``sparsify.apply_mask``, the weights, and
+    ``consensus.disjoint_merge`` or ``weighted_sum`` in their order; W and scratch are reusable buffers."""
     m = end - start
     dst = out[start:end]
     bas = base[start:end]
@@ -721,7 +739,8 @@ def _merge_block(D, R, F, base, out, start, end, s, k, slot_model, mode, lo, hi,
 
 @njit(cache=True, nogil=True)
 def _consensus4(W, m, k, weights, S, normalize):
-    """S[:m] = s·Σᵢ max(s·W[i], 0) (÷ the agreeing weights when ``normalize``), s the sign of S, in one pass.
+    """S[:m] = s·Σᵢ max(s·W[i], 0) (÷ the agreeing weights when ``normalize``), s the sign of S, in one pass
+    (``consensus.disjoint_merge``).
 
     Up to four inputs; missing ones are rows of zeros with weight 0, which add +0 to both sums
     and so change no bit. Same operations, in the same order, as the general loop below.

@@ -128,7 +128,8 @@ def _tables(sparsification: str | None, models: list[dict], glob: dict, n: int, 
 
 @njit(cache=True, nogil=True)
 def subtract_finite(delta, base):
-    """delta −= base in place (float32, as torch subtracts); whether every result is finite."""
+    """delta −= base in place (float32: ``generalized_task_arithmetic``'s ``torch.sub``); whether every result
+    is finite."""
     finite = True
     for j in range(delta.shape[0]):
         v = delta[j] - base[j]

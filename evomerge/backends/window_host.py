@@ -43,7 +43,8 @@ def _select(bits, high_counts, rank):
 def window_ranks(delta, lo, hi, out):
     """out[j] = lo where element j's stable ascending rank of |δ| lies in [lo, hi), 0 below it, hi above it.
 
-    A stand-in for the ranks themselves (``flat_ranks``): a rank comparison ``lo <= r < hi`` gives the
+    Reproduces ``sparsify.rank_window_mask`` (as ``lo <= r < hi``). A stand-in for the ranks themselves
+    (``flat_ranks``): a rank comparison ``lo <= r < hi`` gives the
     same answer for it, which is all the compiled pass reads. Needs 0 < lo or hi < n, lo < hi, finite δ.
     """
     n = delta.shape[0]
