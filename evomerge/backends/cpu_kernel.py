@@ -51,6 +51,9 @@ RULE_MAGNITUDE, RULE_FIELD, RULE_DELLA, RULE_TOP = 0, 1, 2, 3
 RULE_RANKS = 4
 # a method's sparsification, for ``segment_tables``
 SPARSIFICATION = {None: 0, "magnitude": 1, "magnitude_outliers": 2, "random": 3, "della_magprune": 4}
+# each sparsification's mask family (no sparsifier: the field rule, whose comparisons then always keep)
+KEEP_RULE = {None: RULE_FIELD, "magnitude": RULE_TOP, "magnitude_outliers": RULE_MAGNITUDE, "random": RULE_FIELD,
+             "della_magprune": RULE_DELLA}
 ONE = np.float32(1.0)
 L1_EPS32 = np.float32(L1_EPS)
 ZERO = np.float32(0.0)

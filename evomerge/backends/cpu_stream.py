@@ -36,14 +36,13 @@ from evomerge.backends.window_host import window_ranks
 from evomerge.methods.consensus import weight_divisor
 from evomerge.methods.fields import field_seed
 from evomerge.methods.l1 import L1_BLOCK
-from evomerge.methods.registry import DENSITY, EPSILON, GAMMA, MergeMethod
+from evomerge.methods.registry import MergeMethod
 from evomerge.methods.sparsify import della_ranks, sorted_row_keys
 from evomerge.methods.task_arithmetic import VARIANTS
 
-# where each value sits in the value vector ``segment_tables`` reads: k weights, densities, gammas,
-# epsilons, then normalize, rescale, lambda
+# the value vector ``segment_tables`` reads: k weights, densities, gammas, epsilons, then normalize,
+# rescale, lambda (a parameter the method lacks is never read: 0 stands in)
 PER_MODEL = ("weight", "density", "gamma", "epsilon")
-PER_MODEL_DEFAULTS = {"weight": 1.0, "density": DENSITY.default, "gamma": GAMMA.default, "epsilon": EPSILON.default}
 EMPTY32 = np.empty((0, 0), dtype=np.float32)
 
 
@@ -68,14 +67,13 @@ def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor, tensors: Se
             return None
     models, glob = method.resolve(model_params, params)
     tables, seg_k, use_total, total = _tables(variant.sparsification, models, glob, n, shape, consensus=variant.consensus)
-    mode = tables[0]
-    rule = {"magnitude": fk.RULE_TOP, "magnitude_outliers": fk.RULE_MAGNITUDE, "random": fk.RULE_FIELD,
-            "della_magprune": fk.RULE_DELLA}.get(variant.sparsification, fk.RULE_FIELD)
+    mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda, lam = tables
+    rule = fk.KEEP_RULE[variant.sparsification]
     R, Q, F = np.empty((0, 0), dtype=np.int32), D, EMPTY32
     if rule in (fk.RULE_TOP, fk.RULE_MAGNITUDE) and (mode[0] == fk.MODE_RANKS).any():
         R = np.zeros((k, n), dtype=np.int32)  # a rank stand-in per input (``window_ranks``); 0s keep all
         for i in np.flatnonzero(mode[0] == fk.MODE_RANKS):
-            window_ranks(D[i], int(tables[1][0, i]), int(tables[2][0, i]), R[i])
+            window_ranks(D[i], int(lo[0, i]), int(hi[0, i]), R[i])
     if rule in (fk.RULE_FIELD, fk.RULE_DELLA) and (mode[0] >= fk.MODE_FIELD).any():
         F = np.empty((k, n), dtype=np.float32)
         for i in range(k):
@@ -84,7 +82,6 @@ def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor, tensors: Se
         R = Q = np.zeros((k, n), dtype=np.float32)
         for i in np.flatnonzero(mode[0] == fk.MODE_DELLA):
             della_rank_terms(deltas[i].view(shape), Q[i])
-    rescale = tables[8]
     before = np.ones((1, k), dtype=np.float32)
     if rescale[0]:
         for i in range(k):
@@ -93,7 +90,6 @@ def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor, tensors: Se
     blocks = np.array([(0, x, min(n, x + L1_BLOCK)) for x in range(0, n, L1_BLOCK)], dtype=np.int64).reshape(-1, 3)
     seg_blocks = np.array([[0, len(blocks)]], dtype=np.int64)
     slot_model = np.arange(k, dtype=np.int64).reshape(1, k)
-    mode, lo, hi, thr, dme, eps, weight, normalize, rescale, use_lambda, lam = tables
     fk.merge_segments(rule, D, R, Q, F, EMPTY32, np.empty((0, 0, 0), dtype=np.float32),
                       np.empty((0, 0), dtype=np.float64), np.empty((0, 0, 0), dtype=np.int64),
                       np.empty((0, 0, 0, 2), dtype=np.float32), base32.numpy(), out, blocks, seg_blocks, slot_model,
@@ -105,7 +101,7 @@ def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor, tensors: Se
 def _tables(sparsification: str | None, models: list[dict], glob: dict, n: int, shape, *, consensus: bool):
     """The one-segment tables of ``cpu_kernel.segment_tables`` for these resolved parameter values, and Σw."""
     k = len(models)
-    values = [float(m.get(p, PER_MODEL_DEFAULTS[p])) for p in PER_MODEL for m in models]
+    values = [float(m.get(p, 0.0)) for p in PER_MODEL for m in models]
     vector = np.array([*values, float(glob["normalize"]), float(glob["rescale"]), float(glob["lambda"])],
                       dtype=np.float64)
     per_model = [np.arange(j * k, (j + 1) * k, dtype=np.int64).reshape(1, k) for j in range(len(PER_MODEL))]
@@ -119,8 +115,9 @@ def _tables(sparsification: str | None, models: list[dict], glob: dict, n: int, 
     fk.segment_tables(fk.SPARSIFICATION[sparsification], vector, *per_model, *flags, seg_k,
                       np.array([n], dtype=np.int64), np.array([row], dtype=np.int64), *tables)
     use_total, total = np.zeros(1, dtype=np.bool_), np.ones(1, dtype=np.float32)
-    if not consensus and tables[7][0]:
-        divisor = weight_divisor(tables[6][0].tolist())
+    weight, normalize = tables[6], tables[7]
+    if not consensus and normalize[0]:
+        divisor = weight_divisor(weight[0].tolist())
         if divisor is not None:
             use_total[0], total[0] = True, np.float32(divisor.item())
     return tables, seg_k, use_total, total

@@ -105,9 +105,7 @@ class FlatBackend(ReferenceBackend):
                 p.data = self._flat_out[a:e].view(p.shape)
         self.model.to(self.device)  # what is not a view yet: buffers, tied or other parameters (views stay)
         self.offsets_array = [self.offsets[n] for n in self.names]
-        self.keep_rule = {"magnitude": fk.RULE_TOP, "magnitude_outliers": fk.RULE_MAGNITUDE,
-                          "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
-                                                                                        fk.RULE_FIELD)
+        self.keep_rule = fk.KEEP_RULE[self.variant.sparsification]
         self.sparsification = fk.SPARSIFICATION[self.variant.sparsification]
         self._before: np.ndarray | None = None  # float32 ‖δ‖₁ per segment and model
         self._templates: dict[str, PlanTemplate] = {}
