@@ -19,7 +19,9 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -661,9 +663,32 @@ def iter_merged(plan: MergePlan, *, device="auto", seed: int = 0,
     from evomerge.backends import tensor_kernel
 
     dev = resolve_device(device)
-    kernel = tensor_kernel(backend, dev, plan.method.name)
-    for task in plan.tasks:
-        yield task.name, compute_tensor(plan, task, dev, seed, kernel)
+    for task, tensor in merged_tensors(plan, dev, seed, tensor_kernel(backend, dev, plan.method.name)):
+        yield task.name, tensor
+
+
+def merged_tensors(plan: MergePlan, device: torch.device, seed: int,
+                   kernel: TensorKernel | None) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+    """``(task, compute_tensor(...))`` for every task of the plan, in order.
+
+    With a compiled ``kernel`` (single-threaded and releasing the GIL) the next tensor is merged on a
+    second thread while the caller takes this one, when torch has two or more threads: at most two
+    tensors are being merged at once, and the results do not depend on it.
+    """
+    if kernel is None or torch.get_num_threads() < 2:
+        for task in plan.tasks:
+            yield task, compute_tensor(plan, task, device, seed, kernel)
+        return
+    with ThreadPoolExecutor(2) as pool:
+        pending: deque = deque()
+        for task in plan.tasks:
+            pending.append((task, pool.submit(compute_tensor, plan, task, device, seed, kernel)))
+            if len(pending) == 2:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device="auto", seed: int = 0,
@@ -691,8 +716,7 @@ def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard, overwrite=overwrite, expected=expected) as writer:
         prepare_statistics(plan, device=dev,
                            cache_dir=statistics_cache or Path(out_dir).resolve().parent / STATISTICS_CACHE_NAME)
-        for task in plan.tasks:
-            tensor = compute_tensor(plan, task, dev, seed, kernel)
+        for task, tensor in merged_tensors(plan, dev, seed, kernel):
             writer.add_tensor(task.name, tensor.cpu())
             if progress:
                 progress(task, tensor.numel() * tensor.element_size())

@@ -10,7 +10,7 @@ to cast and write; nothing is kept between tensors. Statistics per rule:
 
 - TIES / breadcrumbs: each element's stable magnitude rank rounded to its window's ends, found in
   linear time (``window_host.window_ranks``; the search's builder sorts once for many candidates);
-- DARE: the random fields (``fields_host.fill_uniform``, the same bits as ``fields.random_field``);
+- DARE: the random fields (``fields_host.fill_uniform_range``, the same bits as ``fields.random_field``);
 - DELLA: the fields and DELLA's rank term q from the row ranks (``sparsify.della_ranks``,
   ``cpu_kernel.della_q``).
 
@@ -30,7 +30,7 @@ import torch
 from numba import njit
 
 from evomerge.backends import cpu_kernel as fk
-from evomerge.backends.fields_host import fill_uniform
+from evomerge.backends.fields_host import fill_uniform_range
 from evomerge.backends.l1_host import l1_norm_host
 from evomerge.backends.window_host import window_ranks
 from evomerge.methods.consensus import weight_divisor
@@ -77,7 +77,7 @@ def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor, tensors: Se
     if rule in (fk.RULE_FIELD, fk.RULE_DELLA) and (mode[0] >= fk.MODE_FIELD).any():
         F = np.empty((k, n), dtype=np.float32)
         for i in range(k):
-            fill_uniform(np.uint64(field_seed(seed, name, i)), F[i])
+            fill_uniform_range(np.uint64(field_seed(seed, name, i)), F[i], 0, n)  # this thread (``run_merge``'s)
     if rule == fk.RULE_DELLA and (mode[0] == fk.MODE_DELLA).any():
         R = Q = np.zeros((k, n), dtype=np.float32)
         for i in np.flatnonzero(mode[0] == fk.MODE_DELLA):
