@@ -60,12 +60,12 @@ def test_cpu_backends_equal_engine(llama_family, engine_outputs, method, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", VARIANT_NAMES)
-def test_merge_streams_through_cpu_backend(llama_family, engine_outputs, tmp_path, method, dtype):
+def test_merge_streams_through_cpu_backend(llama_family, tmp_path, method, dtype):
     """`evomerge merge` on the CPU: the cpu backend's compiled pass (``backend="auto"``) equals the reference
     kernels bit for bit, with a TIES/breadcrumbs window bound inside runs of equal |δ| (bf16) or not."""
     recipe = load_recipe({**variant_recipe(method, llama_family, flip=False), "dtype": dtype})
     reference = read_weights(run_merge(recipe, tmp_path / "ref", device="cpu", seed=3, backend="reference"))
-    compiled = engine_outputs(method, dtype)
+    compiled = read_weights(run_merge(recipe, tmp_path / "cpu", device="cpu", seed=3, backend="cpu"))
     assert reference.keys() == compiled.keys()
     bad = [k for k, v in reference.items() if not torch.equal(v, compiled[k])]
     assert not bad, f"{method} {dtype}: {len(bad)} tensors differ, e.g. {bad[:3]}"
@@ -79,6 +79,8 @@ def test_tensor_kernel_choice():
     cpu = torch.device("cpu")
     assert tensor_kernel("auto", cpu, "della") is merge_tensor
     assert tensor_kernel("reference", cpu, "ties") is None
+    assert tensor_kernel("auto", cpu, "task_arithmetic") is None  # no mask: the torch kernels are faster
+    assert tensor_kernel("cpu", cpu, "task_arithmetic") is merge_tensor
     assert tensor_kernel("auto", cpu, "linear") is None
     assert tensor_kernel("auto", torch.device("cuda"), "ties") is None  # tensor by tensor on a GPU
 
