@@ -5,6 +5,7 @@ fine-tunes), then merges them with each method through both command-line tools i
 processes, measuring wall time and peak RSS (GNU time's maximum resident set size).
 
     python benchmarks/merge_speed.py [--methods linear,ties] [--work DIR] [--out results/bench/merge_speed.md]
+                                     [--backend auto|reference] [--skip-mergekit]
 
 Targets (2-core machine): ties and della >= 5x faster than mergekit; linear and
 task_arithmetic no slower; peak RSS no higher than mergekit's.
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/evomerge-merge-bench")
     ap.add_argument("--out", default="results/bench/merge_speed.md")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--backend", default="auto", help="evomerge merge --backend (reference: the torch kernels)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,8 @@ def main() -> None:
         ours_dir, theirs_dir = work / f"out-evomerge-{method}", work / f"out-mergekit-{method}"
         for d in (ours_dir, theirs_dir):
             shutil.rmtree(d, ignore_errors=True)
-        t_ours, rss_ours = timed([str(bindir / "evomerge"), "merge", str(recipe), str(ours_dir), "--device", "cpu"])
+        t_ours, rss_ours = timed([str(bindir / "evomerge"), "merge", str(recipe), str(ours_dir), "--device", "cpu",
+                                 "--backend", args.backend])
         if args.skip_mergekit:
             t_mk = rss_mk = float("nan")
         else:

@@ -33,6 +33,8 @@ def merge(
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
     allow_pickle: bool = typer.Option(False, help="allow pickled .bin checkpoints (loaded weights_only)"),
     dry_run: bool = typer.Option(False, help="print the plan without reading weights"),
+    backend: str = typer.Option("auto", help="auto | reference | cpu | cuda: the task-arithmetic family's "
+                                             "kernels (auto: compiled on the CPU; the same bits)"),
 ) -> None:
     """Merge models as RECIPE says and write the result to OUT_DIR."""
     from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -62,7 +64,7 @@ def merge(
                 bar.advance(nbytes, n)
 
             path = run_merge(plan, out_dir, device=device, seed=seed, out_shard_size=out_shard_size,
-                             overwrite=overwrite, progress=progress)
+                             overwrite=overwrite, progress=progress, backend=backend)
         console.print(f"[green]wrote[/] {path}")
     except (RecipeError, CheckpointError, MergeError, ValueError) as e:
         _fail(str(e))

@@ -7,7 +7,8 @@ ranges, shapes, vocabulary sizes, required parameters and cross-parameter constr
 read or written until the whole plan is valid.
 
 :func:`run_merge` executes a plan file-to-file: tensors are read memory-mapped one at a time,
-merged by the kernels in :mod:`evomerge.methods` on the chosen device, and written into a sharded
+merged by the kernels in :mod:`evomerge.methods` on the chosen device (the task-arithmetic family on
+the CPU by the cpu backend's compiled pass, :func:`evomerge.backends.tensor_kernel`), and written into a sharded
 checkpoint that appears atomically at the end. :func:`merge_in_memory` runs the same plan over
 in-memory state dicts.
 """
@@ -18,7 +19,9 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -611,8 +614,13 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed: int) -> torch.Tensor:
-    """Read the inputs of one output tensor and merge them with the plan's kernel."""
+TensorKernel = Callable[..., "torch.Tensor | None"]  # ``backends.cpu_stream.merge_tensor``'s signature
+
+
+def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed: int,
+                   kernel: TensorKernel | None = None) -> torch.Tensor:
+    """Read the inputs of one output tensor and merge them: with ``kernel`` (``backends.tensor_kernel``)
+    where it takes the tensor, else with the plan's reference kernel (``MergeMethod.merge``)."""
     if task.method == "copy":
         return plan.readers[task.inputs[0].model].get_tensor(task.inputs[0].name)
     inputs = [load_input(plan, r, device) for r in task.inputs]
@@ -629,8 +637,12 @@ def compute_tensor(plan: MergePlan, task: TensorTask, device: torch.device, seed
         if plan.statistics is None:
             raise MergeError(f"method {plan.method.name} needs calibration statistics: call prepare_statistics first")
         statistics = [_statistic(plan, ref, device) for ref in task.inputs]
-    out = plan.method.merge(base=base, tensors=inputs, model_params=task.model_params, params=task.params,
-                            fields=fields, statistics=statistics)
+    out = None
+    if kernel is not None and base is not None:
+        out = kernel(plan.method, task.name, base, inputs, task.model_params, task.params, seed)
+    if out is None:
+        out = plan.method.merge(base=base, tensors=inputs, model_params=task.model_params, params=task.params,
+                                fields=fields, statistics=statistics)
     out_dtype = plan.out_dtype_of(task)
     out = out.to(out_dtype)
     if not all_finite(out):
@@ -645,34 +657,66 @@ def _statistic(plan: MergePlan, ref: TensorRef, device: torch.device) -> torch.T
     return None if value is None else value.to(device)
 
 
-def iter_merged(plan: MergePlan, *, device="auto", seed: int = 0) -> Iterable[tuple[str, torch.Tensor]]:
-    """Yield ``(name, merged tensor)`` for every output tensor of the plan, in order."""
+def iter_merged(plan: MergePlan, *, device="auto", seed: int = 0,
+                backend: str = "auto") -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield ``(name, merged tensor)`` for every output tensor of the plan, in order (``backend``: as ``run_merge``)."""
+    from evomerge.backends import tensor_kernel
+
     dev = resolve_device(device)
-    for task in plan.tasks:
-        yield task.name, compute_tensor(plan, task, dev, seed)
+    for task, tensor in merged_tensors(plan, dev, seed, tensor_kernel(backend, dev, plan.method.name)):
+        yield task.name, tensor
+
+
+def merged_tensors(plan: MergePlan, device: torch.device, seed: int,
+                   kernel: TensorKernel | None) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+    """``(task, compute_tensor(...))`` for every task of the plan, in order.
+
+    With a compiled ``kernel`` (single-threaded and releasing the GIL) the next tensor is merged on a
+    second thread while the caller takes this one, when torch has two or more threads: at most two
+    tensors are being merged at once, and the results do not depend on it.
+    """
+    if kernel is None or torch.get_num_threads() < 2:
+        for task in plan.tasks:
+            yield task, compute_tensor(plan, task, device, seed, kernel)
+        return
+    with ThreadPoolExecutor(2) as pool:
+        pending: deque = deque()
+        for task in plan.tasks:
+            pending.append((task, pool.submit(compute_tensor, plan, task, device, seed, kernel)))
+            if len(pending) == 2:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device="auto", seed: int = 0,
               out_shard_size: str | int = "2GB", overwrite: bool = False, allow_pickle: bool = False,
               progress: Callable[[TensorTask, int], None] | None = None,
               where: str | None = None, statistics_cache: str | Path | None = None,
-              card: str | None = None) -> Path:
+              card: str | None = None, backend: str = "auto") -> Path:
     """Merge file to file: plan (headers only), then stream every tensor into an atomic checkpoint.
 
     ``progress(task, nbytes)`` is called after each tensor is written. Data-aware methods first compute
     their calibration statistics, cached in ``statistics_cache`` (default: ``.evomerge-statistics`` next
     to the output directory). ``card``: the README.md to write (a search's card, with how the recipe
-    was found); default ``model_card``. Returns the output directory.
+    was found); default ``model_card``. ``backend``: "auto" | "reference" | "cpu" | "cuda" (as the
+    search's; auto: the task-arithmetic family through the cpu backend's compiled pass on the CPU,
+    ``backends.tensor_kernel``; every other method and device through the reference kernels; the
+    same bits either way). Returns the output directory.
     """
+    from evomerge.backends import tensor_kernel
+
     plan = recipe if isinstance(recipe, MergePlan) else plan_merge(recipe, allow_pickle=allow_pickle, where=where)
     dev = resolve_device(device)
+    kernel = tensor_kernel(backend, dev, plan.method.name)
     max_shard = parse_size(out_shard_size)
     expected = [(task.name, task.shape, plan.out_dtype_of(task)) for task in plan.tasks]
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard, overwrite=overwrite, expected=expected) as writer:
         prepare_statistics(plan, device=dev,
                            cache_dir=statistics_cache or Path(out_dir).resolve().parent / STATISTICS_CACHE_NAME)
-        for task in plan.tasks:
-            tensor = compute_tensor(plan, task, dev, seed)
+        for task, tensor in merged_tensors(plan, dev, seed, kernel):
             writer.add_tensor(task.name, tensor.cpu())
             if progress:
                 progress(task, tensor.numel() * tensor.element_size())
@@ -727,7 +771,8 @@ class StateDictReader:
 def merge_in_memory(recipe: Recipe | dict | str, models: Mapping[str, Mapping[str, torch.Tensor]], *,
                     seed: int = 0, device="auto", statistics: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                     model_dirs: Mapping[str, str | Path] | None = None,
-                    statistics_cache: str | Path | None = None, where: str | None = None) -> dict[str, torch.Tensor]:
+                    statistics_cache: str | Path | None = None, where: str | None = None,
+                    backend: str = "auto") -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts: ``models`` maps each model name used in the recipe to its state dict.
 
     Data-aware methods (RegMean) take precomputed ``statistics``, or compute them from ``model_dirs``
@@ -736,4 +781,4 @@ def merge_in_memory(recipe: Recipe | dict | str, models: Mapping[str, Mapping[st
     readers = {name: StateDictReader(sd) for name, sd in models.items()}
     plan = plan_merge(recipe, readers=readers, where=where)
     prepare_statistics(plan, cache_dir=statistics_cache, device=device, statistics=statistics, model_dirs=model_dirs)
-    return {name: tensor for name, tensor in iter_merged(plan, device=device, seed=seed)}
+    return {name: tensor for name, tensor in iter_merged(plan, device=device, seed=seed, backend=backend)}

@@ -58,6 +58,33 @@ def test_cpu_backends_equal_engine(llama_family, engine_outputs, method, dtype):
         builder.close()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", VARIANT_NAMES)
+def test_merge_streams_through_cpu_backend(llama_family, tmp_path, method, dtype):
+    """`evomerge merge` on the CPU: the cpu backend's compiled pass (``backend="auto"``) equals the reference
+    kernels bit for bit, with a TIES/breadcrumbs window bound inside runs of equal |δ| (bf16) or not."""
+    recipe = load_recipe({**variant_recipe(method, llama_family, flip=False), "dtype": dtype})
+    reference = read_weights(run_merge(recipe, tmp_path / "ref", device="cpu", seed=3, backend="reference"))
+    compiled = read_weights(run_merge(recipe, tmp_path / "cpu", device="cpu", seed=3, backend="cpu"))
+    assert reference.keys() == compiled.keys()
+    bad = [k for k, v in reference.items() if not torch.equal(v, compiled[k])]
+    assert not bad, f"{method} {dtype}: {len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+def test_tensor_kernel_choice():
+    """Which path `evomerge merge` takes: the compiled pass for the family on the CPU, else the reference."""
+    from evomerge.backends import tensor_kernel
+    from evomerge.backends.cpu_stream import merge_tensor
+
+    cpu = torch.device("cpu")
+    assert tensor_kernel("auto", cpu, "della") is merge_tensor
+    assert tensor_kernel("reference", cpu, "ties") is None
+    assert tensor_kernel("auto", cpu, "task_arithmetic") is None  # no mask: the torch kernels are faster
+    assert tensor_kernel("cpu", cpu, "task_arithmetic") is merge_tensor
+    assert tensor_kernel("auto", cpu, "linear") is None
+    assert tensor_kernel("auto", torch.device("cuda"), "ties") is None  # tensor by tensor on a GPU
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["cuda", "reference"])
@@ -102,3 +129,39 @@ def test_run_config_backend_key_is_validated(tmp_path):
         load_config(path)
     path.write_text(yaml.safe_dump({**cfg, "backend": "reference"}))
     assert load_config(path).backend == "reference"
+
+
+def test_window_ranks_match_stable_ranks():
+    """The linear-time window (``window_ranks``) keeps exactly the elements whose stable rank of |δ| is in
+    [lo, hi), with many equal magnitudes at the bounds and signed zeros."""
+    import numpy as np
+
+    from evomerge.backends.window_host import window_ranks
+    from evomerge.methods.sparsify import flat_ranks
+
+    rng = np.random.default_rng(0)
+    delta = (rng.integers(-6, 7, size=5000) * 0.25).astype(np.float32)  # ~13 distinct values
+    delta[:50] = -0.0
+    ranks = flat_ranks(torch.from_numpy(delta)).numpy()
+    for lo, hi in [(0, 17), (1, 5000), (2500, 5000), (1234, 4321), (0, 4999), (777, 778)]:
+        out = np.empty(5000, dtype=np.int32)
+        window_ranks(delta, lo, hi, out)
+        np.testing.assert_array_equal((out >= lo) & (out < hi), (ranks >= lo) & (ranks < hi), err_msg=f"{lo}, {hi}")
+
+
+@pytest.mark.parametrize("shape", [(37, 300), (1000,), (4, 3, 5), (9, 1)])
+def test_della_rank_terms_match_the_reference(monkeypatch, shape):
+    """DELLA's rank term a block of rows at a time (``della_rank_terms``) equals ``della_q(della_ranks(δ))``."""
+    import numpy as np
+
+    from evomerge.backends import cpu_kernel, cpu_stream
+    from evomerge.methods.sparsify import della_ranks
+
+    monkeypatch.setattr(cpu_stream, "ROWS_ELEMENTS", 1000)  # several blocks of rows
+    delta = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 4).round() / 4  # many ties
+    row = shape[1] if len(shape) >= 2 else delta.numel()
+    expected = cpu_kernel.della_q(della_ranks(delta).reshape(1, -1).numpy(), [(0, delta.numel())],
+                                  np.array([row], dtype=np.int64))[0]
+    got = np.empty(delta.numel(), dtype=np.float32)
+    cpu_stream.della_rank_terms(delta, got)
+    np.testing.assert_array_equal(got, expected)

@@ -313,6 +313,11 @@ def test_cli_merge_and_methods(llama_family, tmp_path):
     assert (tmp_path / "out" / "config.json").exists()
     res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out")])
     assert res.exit_code == 2 and "--overwrite" in res.output
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "ref"), "--device", "cpu", "--backend", "reference"])
+    assert res.exit_code == 0, res.output
+    assert read_weights(tmp_path / "ref").keys() == read_weights(tmp_path / "out").keys()
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "bad"), "--device", "cpu", "--backend", "numba"])
+    assert res.exit_code == 2 and "backend must be one of" in res.output and not (tmp_path / "bad").exists()
     res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "dry"), "--dry-run"])
     assert res.exit_code == 0 and "model.layers.0.mlp.up_proj.weight" in res.output
     assert not (tmp_path / "dry").exists()

@@ -3,7 +3,8 @@
 ``reference`` (torch, every method, tensor by tensor), ``cpu`` (numba, the task-arithmetic
 family in one compiled pass) and ``cuda`` (Triton, the task-arithmetic family in fused kernels).
 ``resolve_backend`` turns the public ``backend="auto" | "reference" | "cpu" | "cuda"`` argument
-into one of them. Modules are imported lazily: ``evomerge merge`` never loads numba or Triton.
+into one of them; ``tensor_kernel`` says how ``evomerge merge`` merges each tensor. Modules are
+imported lazily: a merge loads numba only for the compiled pass, and Triton never.
 """
 
 from __future__ import annotations
@@ -64,3 +65,23 @@ def backend_class(name: str):
     from evomerge.backends.cuda import CudaBackend
 
     return CudaBackend
+
+
+def tensor_kernel(backend: str, device: torch.device, method: str):
+    """How ``evomerge merge`` (``engine.run_merge``) merges each tensor of ``method`` on ``device``.
+
+    The cpu backend's compiled pass, one tensor at a time (``cpu_stream.merge_tensor``), where
+    ``resolve_backend`` picks ``cpu`` (the task-arithmetic family on the CPU); else None: the
+    reference kernels (``MergeMethod.merge``), tensor by tensor on any device. "auto" leaves the
+    variant without a sparsifier (task_arithmetic) to the reference kernels: with no mask to compute
+    they are faster than the compiled pass with its float32 buffers (results/bench/merge_speed.md).
+    """
+    from evomerge.methods.task_arithmetic import VARIANTS
+
+    if resolve_backend(backend, device, method) != "cpu":
+        return None
+    if backend == "auto" and VARIANTS[method].sparsification is None:
+        return None
+    from evomerge.backends.cpu_stream import merge_tensor
+
+    return merge_tensor

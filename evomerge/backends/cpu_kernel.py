@@ -51,6 +51,9 @@ RULE_MAGNITUDE, RULE_FIELD, RULE_DELLA, RULE_TOP = 0, 1, 2, 3
 RULE_RANKS = 4
 # a method's sparsification, for ``segment_tables``
 SPARSIFICATION = {None: 0, "magnitude": 1, "magnitude_outliers": 2, "random": 3, "della_magprune": 4}
+# each sparsification's mask family (no sparsifier: the field rule, whose comparisons then always keep)
+KEEP_RULE = {None: RULE_FIELD, "magnitude": RULE_TOP, "magnitude_outliers": RULE_MAGNITUDE, "random": RULE_FIELD,
+             "della_magprune": RULE_DELLA}
 ONE = np.float32(1.0)
 L1_EPS32 = np.float32(L1_EPS)
 ZERO = np.float32(0.0)
@@ -176,13 +179,15 @@ def _rescale_factor(D, R, F, blocks, b0, b1, mi, i, md, lo, hi, thr, dme, eps, b
 @njit(cache=True, nogil=True)
 def merge_segments(rule, D, R, Q, F, SM, PF, PS, SB, SQ, base, out, blocks, seg_blocks, slot_model, mode, lo, hi, thr,
                    dme, eps, seg_k, weight, rescale, before, consensus, normalize, use_total, total, use_lambda, lam, s0, s1):
-    """out = base + λ·mix(wᵢ·sparsify(δᵢ)) for merged segments [s0, s1) (seg_k ≥ 0), one segment at a time.
+    """out = base + λ·mix(wᵢ·sparsify(δᵢ)) for merged segments [s0, s1) (seg_k ≥ 0), one segment at a time:
+    ``methods.task_arithmetic.generalized_task_arithmetic`` per segment, bit for bit.
 
     Per segment: the rescale factors first (``_rescale_factors``), then the merge. A segment with
     one to four inputs whose masks are all a comparison per element (``_keep_bounds``) is merged by
     ``_fused_segment`` in one vectorized pass. So is a TIES/breadcrumbs segment whose window
     bounds fall inside runs of equal |δ| (common with bf16 models): its pass compares the stable
-    ranks themselves (``RULE_RANKS``). Any other segment goes by blocks (``_merge_block``). Returns
+    ranks themselves (``RULE_RANKS``), and so is every magnitude segment when ``SM`` is empty (a
+    one-tensor merge, ``cpu_stream``, gives ranks only). Any other segment goes by blocks (``_merge_block``). Returns
     the number of block-path segments plus 2³² times the number of segments fused by their ranks.
     ``rule`` is the builder's mask family (``RULE_TOP``, ``RULE_MAGNITUDE``, ``RULE_FIELD`` or ``RULE_DELLA``);
     ``R`` the per-model statistic of the block path (ranks; DELLA's q), ``Q`` DELLA's q for the
@@ -210,8 +215,11 @@ def merge_segments(rule, D, R, Q, F, SM, PF, PS, SB, SQ, base, out, blocks, seg_
             continue
         b0, b1 = seg_blocks[s, 0], seg_blocks[s, 1]
         start, end = blocks[b0, 1], blocks[b1 - 1, 2]
-        fused = 0 < k <= 4 and _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, A, B)
-        if not fused and 0 < k <= 4 and R.shape[0] and (rule == RULE_MAGNITUDE or rule == RULE_TOP):
+        magnitude = rule == RULE_MAGNITUDE or rule == RULE_TOP
+        ranks_only = magnitude and SM.shape[0] == 0  # no sorted magnitudes: compare the ranks (``R``)
+        fused = 0 < k <= 4 and not ranks_only and _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr,
+                                                           dme, eps, A, B)
+        if not fused and 0 < k <= 4 and R.shape[0] and magnitude:
             _rank_bounds(end - start, s, k, mode, lo, hi, LA, LB)  # ties at a bound: compare the ranks
             _rescale_factors(RULE_RANKS, True, LA, LB, D, R, Q, F, PF, PS, SB, SQ, blocks, b0, b1, s, k, slot_model,
                              mode, lo, hi, thr, dme, eps, rescale, before, sc, scratch[0])
@@ -447,32 +455,33 @@ def _keep_bounds(SM, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps, 
 
 @njit(inline="always")
 def keep_magnitude(x, u, q, a, b):
-    """TIES / breadcrumbs: |δ| in [a, b) (``_keep_bounds``)."""
+    """TIES / breadcrumbs (``sparsify.magnitude_mask``, ``breadcrumbs_mask``): |δ| in [a, b) (``_keep_bounds``)."""
     m = abs(x)
     return (m >= a) & ~(m >= b)
 
 
 @njit(inline="always")
 def keep_top(x, u, q, a, b):
-    """TIES: |δ| ≥ a (its window has no upper bound: b is NaN)."""
+    """TIES (``sparsify.magnitude_mask``): |δ| ≥ a (its window has no upper bound: b is NaN)."""
     return abs(x) >= a
 
 
 @njit(inline="always")
 def keep_rank(x, u, q, a, b):
-    """TIES / breadcrumbs by the stable rank itself: u (the rank) in [a, b) (``_rank_bounds``)."""
+    """TIES / breadcrumbs by the stable rank itself (``sparsify.rank_window_mask``): u (the rank) in [a, b)
+    (``_rank_bounds``)."""
     return (u >= a) & (u < b)
 
 
 @njit(inline="always")
 def keep_field(x, u, q, a, b):
-    """DARE: field < a."""
+    """DARE (``sparsify.dare_mask``): field < a."""
     return u < a
 
 
 @njit(inline="always")
 def keep_della(x, u, q, a, b):
-    """DELLA: field < (density − ε) + q·ε, torch's float32 operations."""
+    """DELLA (``sparsify.della_mask``): field < (density − ε) + q·ε, torch's float32 operations."""
     return u < a + q * b
 
 
@@ -539,7 +548,8 @@ def _inputs(keep, j, d, u, q, A, B, c, w, present):
 
 @njit(inline="always")
 def _consensus_loop(keep, d, u, q, A, B, c, w, wd, lm, bas, dst):
-    """TIES disjoint merge per element, bit for bit what ``_merge_block`` computes, in fewer operations.
+    """TIES disjoint merge per element (``consensus.disjoint_merge``), bit for bit what ``_merge_block``
+    computes, in fewer operations.
 
     vᵢ = (δᵢ·scᵢ)·wᵢ where kept, else 0; σ = sign(Σvᵢ) (+1 for ±0); m = the vᵢ with vᵢ·σ > 0 added
     in input order to σ·0; dd = their wdᵢ added to 0 (wd = w when normalizing, else 0s);
@@ -590,7 +600,8 @@ def _consensus_loop(keep, d, u, q, A, B, c, w, wd, lm, bas, dst):
 
 @njit(inline="always")
 def _sum_loop(keep, d, u, q, A, B, c, w, present, tot, lm, bas, dst):
-    """Weighted sum per element: Σvᵢ in input order ÷ Σw (÷1 unless normalizing), ×λ, + base."""
+    """Weighted sum per element (``consensus.weighted_sum``): Σvᵢ in input order ÷ Σw (÷1 unless
+    normalizing), ×λ, + base."""
     a, b = (A[0], A[1], A[2], A[3]), (B[0], B[1], B[2], B[3])
     for j in range(dst.shape[0]):
         v0, v1, v2, v3 = _inputs(keep, j, d, u, q, a, b, c, w, present)
@@ -601,73 +612,87 @@ def _sum_loop(keep, d, u, q, A, B, c, w, present, tot, lm, bas, dst):
 # functions, not a rule passed as an argument, so that numba's on-disk cache can hold them.
 @njit(cache=True, nogil=True)
 def _consensus_top(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """``consensus.disjoint_merge`` after TIES's top-k mask (``_consensus_loop``)."""
     _consensus_loop(keep_top, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _consensus_magnitude(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """``consensus.disjoint_merge`` after a magnitude window (``_consensus_loop``)."""
     _consensus_loop(keep_magnitude, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _consensus_field(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """``consensus.disjoint_merge`` after DARE's mask (``_consensus_loop``)."""
     _consensus_loop(keep_field, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _consensus_rank(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """``consensus.disjoint_merge`` after a window of stable ranks (``_consensus_loop``)."""
     _consensus_loop(keep_rank, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _sum_rank(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    """``consensus.weighted_sum`` after a window of stable ranks (``_sum_loop``)."""
     _sum_loop(keep_rank, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _consensus_della(d, u, q, A, B, c, w, wd, lm, bas, dst):
+    """``consensus.disjoint_merge`` after DELLA's mask (``_consensus_loop``)."""
     _consensus_loop(keep_della, d, u, q, A, B, c, w, wd, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _sum_magnitude(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    """``consensus.weighted_sum`` after a magnitude window (``_sum_loop``)."""
     _sum_loop(keep_magnitude, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _sum_field(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    """``consensus.weighted_sum`` after DARE's mask (``_sum_loop``)."""
     _sum_loop(keep_field, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _sum_della(d, u, q, A, B, c, w, present, tot, lm, bas, dst):
+    """``consensus.weighted_sum`` after DELLA's mask (``_sum_loop``)."""
     _sum_loop(keep_della, d, u, q, A, B, c, w, present, tot, lm, bas, dst)
 
 
 @njit(cache=True, nogil=True)
 def _masked_l1_magnitude(delta, field, q, a, b, blocks, b0, b1, scratch):
+    """``l1.l1_norm`` of δ under a magnitude window (``_masked_l1``)."""
     return _masked_l1(keep_magnitude, delta, field, q, a, b, blocks, b0, b1, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _masked_l1_rank(delta, ranks, q, a, b, blocks, b0, b1, scratch):
+    """``l1.l1_norm`` of δ under a window of stable ranks (``_masked_l1``)."""
     return _masked_l1(keep_rank, delta, ranks, q, a, b, blocks, b0, b1, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _masked_l1_field(delta, field, q, a, b, blocks, b0, b1, scratch):
+    """``l1.l1_norm`` of δ under DARE's mask (``_masked_l1``)."""
     return _masked_l1(keep_field, delta, field, q, a, b, blocks, b0, b1, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _masked_l1_della(delta, field, q, a, b, blocks, b0, b1, scratch):
+    """``l1.l1_norm`` of δ under DELLA's mask (``_masked_l1``)."""
     return _masked_l1(keep_della, delta, field, q, a, b, blocks, b0, b1, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _merge_block(D, R, F, base, out, start, end, s, k, slot_model, mode, lo, hi, thr, dme, eps,
                  weight, sc, consensus, normalize, use_total, total, use_lambda, lam, W, scratch):
-    """One block of segment s with k inputs (``merge_segments``); W and scratch are reusable buffers."""
+    """One block of segment s with k inputs (``merge_segments``): ``sparsify.apply_mask``, the weights, and
+    ``consensus.disjoint_merge`` or ``weighted_sum`` in their order; W and scratch are reusable buffers."""
     m = end - start
     dst = out[start:end]
     bas = base[start:end]
@@ -717,7 +742,8 @@ def _merge_block(D, R, F, base, out, start, end, s, k, slot_model, mode, lo, hi,
 
 @njit(cache=True, nogil=True)
 def _consensus4(W, m, k, weights, S, normalize):
-    """S[:m] = s·Σᵢ max(s·W[i], 0) (÷ the agreeing weights when ``normalize``), s the sign of S, in one pass.
+    """S[:m] = s·Σᵢ max(s·W[i], 0) (÷ the agreeing weights when ``normalize``), s the sign of S, in one pass
+    (``consensus.disjoint_merge``).
 
     Up to four inputs; missing ones are rows of zeros with weight 0, which add +0 to both sums
     and so change no bit. Same operations, in the same order, as the general loop below.

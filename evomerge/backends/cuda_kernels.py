@@ -67,7 +67,7 @@ def _delta(d_ptr, base_ptr, offs, X16: tl.constexpr):
 
 @triton.jit
 def _della_q(stat_ptr, offs, inverse, RANK16: tl.constexpr):
-    """DELLA's q = (r/(n−1))·2 in float32 at ``offs``: stored, or with ``RANK16`` from the 16-bit row rank r and
+    """DELLA's q = (r/(n−1))·2 in float32 at ``offs`` (the rank term of ``sparsify.della_probability_table``): stored, or with ``RANK16`` from the 16-bit row rank r and
     ``inverse`` = 1/(n−1) in float64: float32(r·inverse) is float32(r/(n−1)) correctly rounded for n ≤ 2¹⁶
     (the product is within 2⁻⁵² of r/(n−1), which is never that close to a float32 rounding midpoint;
     ``tests/test_device_kernels.py`` checks every r and n), and ·2 is exact."""
@@ -158,7 +158,7 @@ def _lane_sums_kernel(d_ptr, base_ptr, stat_ptr, inverse_ptr, keys_ptr, starts_p
 @triton.jit
 def _rescale_kernel(block_sums_ptr, first_block_ptr, n_blocks_ptr, before_ptr, exact_ptr, slot_models_ptr, use_ptr,
                     rows_ptr, ambiguous_ptr, n_blocks_total, n_seg, n_models, k, eps32, slack, CHUNK: tl.constexpr):
-    """Slot i's rescale factor of segment s, ‖δ‖₁/‖m⊙δ‖₁ (float32), into ``rows[k + i, s]``.
+    """Slot i's rescale factor of segment s, ‖δ‖₁/‖m⊙δ‖₁ (float32, ``sparsify.apply_mask``'s), into ``rows[k + i, s]``.
 
     ``l1_norm`` adds a tensor's block sums in order; here they are added in any order (a tree),
     which can differ from the in-order float64 sum by at most 2γ₍ₙ₋₁₎ of the total (n blocks,
@@ -197,7 +197,8 @@ def _rescale_kernel(block_sums_ptr, first_block_ptr, n_blocks_ptr, before_ptr, e
 def _weighted(d_ptr, base_ptr, stat_ptr, inverse, keys_ptr, start, slot_models_ptr, seg, ints_ptr, floats_ptr, rows_ptr,
               offs, i, n, n_seg, k, RULE: tl.constexpr, SCALE: tl.constexpr, X16: tl.constexpr,
               RANK16: tl.constexpr):
-    """Input slot i's ((δ·keep)·scale)·w at ``offs``, and its weight w (``seg``: the program's segment,
+    """Input slot i's ((δ·keep)·scale)·w at ``offs`` (``sparsify.apply_mask``, then the weight, as
+    ``task_arithmetic.generalized_task_arithmetic``), and its weight w (``seg``: the program's segment,
     which starts at ``start``)."""
     m = tl.load(slot_models_ptr + i).to(tl.int64)
     delta = _delta(d_ptr + m * n, base_ptr, offs, X16)

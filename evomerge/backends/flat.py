@@ -21,6 +21,7 @@ from evomerge.backends import cpu_kernel as fk
 from evomerge.backends.fast_plan import PlanTemplate, structure_signature
 from evomerge.backends.reference import ReferenceBackend
 from evomerge.engine import TensorTask, all_finite
+from evomerge.methods.consensus import weight_divisor
 from evomerge.methods.l1 import l1_norm
 from evomerge.recipe import Recipe
 
@@ -104,9 +105,7 @@ class FlatBackend(ReferenceBackend):
                 p.data = self._flat_out[a:e].view(p.shape)
         self.model.to(self.device)  # what is not a view yet: buffers, tied or other parameters (views stay)
         self.offsets_array = [self.offsets[n] for n in self.names]
-        self.keep_rule = {"magnitude": fk.RULE_TOP, "magnitude_outliers": fk.RULE_MAGNITUDE,
-                          "random": fk.RULE_FIELD, "della_magprune": fk.RULE_DELLA}.get(self.variant.sparsification,
-                                                                                        fk.RULE_FIELD)
+        self.keep_rule = fk.KEEP_RULE[self.variant.sparsification]
         self.sparsification = fk.SPARSIFICATION[self.variant.sparsification]
         self._before: np.ndarray | None = None  # float32 ‖δ‖₁ per segment and model
         self._templates: dict[str, PlanTemplate] = {}
@@ -198,11 +197,11 @@ class FlatBackend(ReferenceBackend):
 
     @staticmethod
     def _weight_total(weights: tuple, seen: dict) -> tuple[bool, np.float32]:
-        """Σw as ``weighted_sum`` computes it (float32 torch sum) and whether |Σw| ≥ 1e-8; ``seen`` holds the
-        candidate's sums so far (segments often share weights; a cache across candidates would grow all night)."""
+        """Whether ``weighted_sum`` divides by Σw, and that Σw (``weight_divisor``; 1 where it does not); ``seen``
+        holds the candidate's sums so far (segments often share weights; a cache across candidates would grow)."""
         if weights not in seen:
-            total = torch.tensor(list(weights), dtype=torch.float32).sum()
-            seen[weights] = (bool(total.abs() >= 1e-8), np.float32(total.item()))
+            total = weight_divisor(weights)
+            seen[weights] = (total is not None, np.float32(1.0 if total is None else total.item()))
         return seen[weights]
 
     def _candidate_tables(self, recipe: Recipe) -> Structure:

@@ -41,3 +41,14 @@ def lane_sum(values: np.ndarray, m: int) -> float:
     a6 += tail[6]
     a7 += tail[7]
     return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@njit(cache=True, nogil=True)
+def l1_norm_host(values: np.ndarray) -> np.float32:
+    """float32 ‖values‖₁ of a flat array in ``evomerge.methods.l1.l1_norm``'s order: ``lane_sum`` per
+    ``L1_BLOCK`` block, the blocks added in order from 0.0 in float64, rounded once."""
+    total = 0.0
+    for start in range(0, values.shape[0], L1_BLOCK):
+        end = min(values.shape[0], start + L1_BLOCK)
+        total += lane_sum(values[start:end], end - start)
+    return np.float32(total)

@@ -73,7 +73,13 @@ def weighted_sum(weighted: torch.Tensor, weights: Sequence[float], normalize: bo
     """Σᵢ Dᵢ, divided by Σᵢ wᵢ when ``normalize`` (|Σ| < 1e-8 → 1): task arithmetic without consensus."""
     mixed = input_sum(weighted)
     if normalize:
-        total = torch.tensor([float(w) for w in weights], dtype=weighted.dtype).sum()
-        if total.abs() >= 1e-8:
+        total = weight_divisor(weights, weighted.dtype)
+        if total is not None:
             mixed /= total.to(weighted.device)
     return mixed
+
+
+def weight_divisor(weights: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """Σᵢ wᵢ (a 0-d tensor of ``dtype``, summed by torch) that a normalized sum divides by; None when |Σ| < 1e-8."""
+    total = torch.tensor([float(w) for w in weights], dtype=dtype).sum()
+    return total if total.abs() >= 1e-8 else None

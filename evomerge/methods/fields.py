@@ -38,43 +38,25 @@ def field_seed(seed: int, tensor_name: str, model_index: int) -> int:
     return int.from_bytes(hashlib.blake2b(message, digest_size=8).digest(), "little")
 
 
-def splitmix_uniform(key: int, start: int, count: int) -> np.ndarray:
+def splitmix_uniform(key: int, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
     """Elements [start, start + count) of the field with this key (float32, NumPy's wrapping uint64
-    arithmetic): the definition, which ``backends.fields_host`` and the GPU kernels compute the same way.
+    arithmetic), into ``out`` if given: the definition, which ``backends.fields_host`` and the GPU
+    kernels compute the same way.
 
     z = key + (j + 1)·γ; z = (z ⊕ z≫30)·M₁; z = (z ⊕ z≫27)·M₂; z ⊕= z≫31; u = (z≫40)·2⁻²⁴.
     """
-    j = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+    z = np.arange(start + 1, start + count + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        z = np.uint64(key) + j * np.uint64(GOLDEN_GAMMA)
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(MIX_1)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(MIX_2)
+        z *= np.uint64(GOLDEN_GAMMA)
+        z += np.uint64(key)
+        for shift, multiplier in ((30, MIX_1), (27, MIX_2)):
+            z ^= z >> np.uint64(shift)
+            z *= np.uint64(multiplier)
         z ^= z >> np.uint64(31)
-    return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
-
-
-def _fill_uniform(key: int, out: np.ndarray) -> None:
-    """out[j] = ``splitmix_uniform(key, j, 1)`` for every j: the same operations in place, a cache-sized
-    chunk at a time (about 3 ns per element on one core, ``torch.rand``'s speed)."""
-    z, shifted = np.empty(_CHUNK, dtype=np.uint64), np.empty(_CHUNK, dtype=np.uint64)
-    steps = np.arange(1, _CHUNK + 1, dtype=np.uint64) * np.uint64(GOLDEN_GAMMA)  # (j + 1)·γ within a chunk
-    start = np.uint64(key)  # key + c·γ for the chunk at c
-    with np.errstate(over="ignore"):
-        for c in range(0, out.size, _CHUNK):
-            m = min(_CHUNK, out.size - c)
-            zz, tt = z[:m], shifted[:m]
-            np.add(steps[:m], start, out=zz)
-            start = start + np.uint64(_CHUNK * GOLDEN_GAMMA % (1 << 64))
-            for shift, multiplier in ((30, MIX_1), (27, MIX_2)):
-                np.right_shift(zz, np.uint64(shift), out=tt)
-                np.bitwise_xor(zz, tt, out=zz)
-                np.multiply(zz, np.uint64(multiplier), out=zz)
-            np.right_shift(zz, np.uint64(31), out=tt)
-            np.bitwise_xor(zz, tt, out=zz)
-            np.right_shift(zz, np.uint64(40), out=zz)
-            np.multiply(zz, 2.0 ** -24, out=out[c: c + m], casting="unsafe")  # exact: a 24-bit integer · 2⁻²⁴
+        z >>= np.uint64(40)
+    out = np.empty(count, dtype=np.float32) if out is None else out
+    np.multiply(z, 2.0 ** -24, out=out, casting="unsafe")  # exact: a 24-bit integer · 2⁻²⁴
+    return out
 
 
 def random_field(
@@ -88,9 +70,9 @@ def random_field(
 ) -> torch.Tensor:
     """Uniform [0, 1) float32 field of ``shape`` (``splitmix_uniform`` over the flat index), on ``device``.
 
-    Computed on the host, the values do not depend on the device: with NumPy in cache-sized chunks,
-    or with ``compiled`` by numba on its threads (``backends.fields_host``; the search, which has numba
-    loaded anyway: `evomerge merge` does not import it, ~200 MB of memory).
+    Computed on the host, the values do not depend on the device: with NumPy in cache-sized chunks
+    (``splitmix_uniform``), or with ``compiled`` by numba on its threads (``backends.fields_host``,
+    for the compiled backends, which have numba loaded anyway).
     """
     field = torch.empty(int(np.prod(tuple(shape), dtype=np.int64)), dtype=torch.float32).numpy()  # torch's allocator
     key = field_seed(seed, tensor_name, model_index)
@@ -99,7 +81,8 @@ def random_field(
 
         fill_uniform(np.uint64(key), field)
     else:
-        _fill_uniform(key, field)
+        for start in range(0, field.size, _CHUNK):
+            splitmix_uniform(key, start, min(_CHUNK, field.size - start), out=field[start:start + _CHUNK])
     out = torch.from_numpy(field).reshape(tuple(shape))
     return out if device is None else out.to(device)
 

@@ -292,6 +292,14 @@ def _sort_rows_in_place(keys: np.ndarray) -> None:
         list(pool.map(lambda i: keys[bounds[i] : bounds[i + 1]].sort(axis=1), range(threads)))
 
 
+def sorted_row_keys(rows: np.ndarray) -> np.ndarray:
+    """Each row of non-negative float32 ``rows`` as ascending int64 keys bits(|δ|) << 32 | column: the
+    stable order of DELLA's row ranks, the column in the low 32 bits (NumPy)."""
+    keys = _row_keys_host(rows)
+    _sort_rows_in_place(keys)
+    return keys
+
+
 def _row_order(rows: torch.Tensor, *, numpy: bool | None = None) -> torch.Tensor:
     """Columns of each row of non-negative float32 ``rows`` in stable ascending order (int64).
 
@@ -300,9 +308,7 @@ def _row_order(rows: torch.Tensor, *, numpy: bool | None = None) -> torch.Tensor
     result, and the sorted keys carry the columns: no index tensor is built.
     """
     if _use_numpy(rows, numpy):
-        keys = _row_keys_host(rows.contiguous().numpy())
-        _sort_rows_in_place(keys)
-        return torch.from_numpy(keys & 0xFFFFFFFF)
+        return torch.from_numpy(sorted_row_keys(rows.contiguous().numpy()) & 0xFFFFFFFF)
     columns = torch.arange(rows.shape[1], dtype=torch.int64, device=rows.device)
     keys = (rows.contiguous().view(torch.int32).to(torch.int64) << 32) | columns
     return torch.sort(keys, dim=1).values & 0xFFFFFFFF

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .consensus import disjoint_merge, elect_sign, weighted_sum
-from .sparsify import default_param, sparsify
+from .sparsify import sparsify
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def merge_task_vectors(
     ranks: Sequence[torch.Tensor | None] | None = None,
     flat_ranks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """``variant`` applied to resident task vectors δᵢ (compute dtype), for a search.
+    """``variant`` applied to resident task vectors δᵢ (compute dtype), for a search (the reference backend).
 
     ``sorted_magnitudes[i]`` / ``flat_ranks[i]`` / ``ranks[i]`` are optional precomputed order
     statistics of δᵢ (``sorted_magnitudes``, ``flat_ranks``, ``della_ranks``); results are
@@ -169,11 +169,6 @@ def merge_task_vectors(
     """
     if not deltas:
         return base.to(compute_dtype(base)).clone()
-    maskers = _chunk_maskers(variant, deltas, densities=densities, gammas=gammas, epsilons=epsilons,
-                             fields=fields, flat_ranks=flat_ranks, ranks=ranks)
-    if maskers is not None:
-        return _fused_merge(base, deltas, maskers, weights, rescale=rescale, consensus=variant.consensus,
-                            normalize=normalize, lambda_=lambda_)
     stacked = torch.empty((len(deltas), *base.shape), dtype=deltas[0].dtype, device=deltas[0].device)
     for i, delta in enumerate(deltas):
         stacked[i] = _sparsified(variant, delta, i, densities=densities, rescale=rescale, gammas=gammas,
@@ -212,120 +207,3 @@ def generalized_task_arithmetic(
                                  epsilons=epsilons, fields=fields, sorted_magnitudes=None, ranks=None)
         del delta
     return _mix_stacked(base_c, stacked, weights, consensus=variant.consensus, normalize=normalize, lambda_=lambda_)
-
-
-# --------------------------------------------------------------------------- the search's fused path
-
-
-def _chunk_maskers(variant, deltas, *, densities, gammas, epsilons, fields, flat_ranks, ranks):
-    """Per model, a function (start, end) -> keep-mask of that flat slice (None: δ is kept whole).
-
-    Available when every model's precomputed statistics are given (stable flat ranks for TIES and
-    breadcrumbs, the random field, plus row ranks for DELLA); otherwise None and the caller takes
-    the whole-tensor path. The masks equal ``sparsify``'s element for element.
-    """
-    from .sparsify import breadcrumbs_window, check_della_window, della_probability_table, magnitude_keep_count
-
-    sp = variant.sparsification
-    maskers = []
-    for i, delta in enumerate(deltas):
-        n, density = delta.numel(), densities[i]
-        if sp is None or density >= 1:
-            maskers.append(None)
-            continue
-        if sp in ("magnitude", "magnitude_outliers"):
-            if sp == "magnitude" and (density <= 0 or n == 0):
-                maskers.append(_none_kept(delta.device))
-                continue
-            fr = flat_ranks[i] if flat_ranks is not None else None
-            if fr is None:
-                return None
-            if sp == "magnitude":
-                low, high = n - magnitude_keep_count(n, density), n
-            else:
-                low, high = breadcrumbs_window(n, density, gammas[i] if gammas is not None else default_param("gamma"))
-            maskers.append(_rank_window(fr.reshape(-1), low, high))
-            continue
-        field = fields[i] if fields is not None else None
-        if field is None:
-            return None
-        f = field.reshape(-1).to(delta.device)
-        if sp == "random":
-            maskers.append(lambda s, e, f=f, d=density: f[s:e] < d)
-            continue
-        if density <= 0:
-            maskers.append(_none_kept(delta.device))
-            continue
-        epsilon = epsilons[i] if epsilons is not None else default_param("epsilon")
-        check_della_window(density, epsilon)
-        r = ranks[i] if ranks is not None else None
-        if r is None:
-            return None
-        row = delta.shape[-1] if delta.dim() < 2 else delta.shape[1]
-        table = della_probability_table(row, density, epsilon, compute_dtype(delta), delta.device)
-        flat_r = r.reshape(-1)
-        maskers.append(lambda s, e, f=f, t=table, r=flat_r: f[s:e] < t.index_select(0, r[s:e]))
-    return maskers
-
-
-def _none_kept(device: torch.device):
-    """Mask function that keeps nothing (density 0)."""
-    return lambda s, e: torch.zeros(e - s, dtype=torch.bool, device=device)
-
-
-def _rank_window(flat_ranks: torch.Tensor, low: int, high: int):
-    """Mask function for ranks in [low, high)."""
-    n = flat_ranks.numel()
-    if low >= high:
-        return lambda s, e: torch.zeros(e - s, dtype=torch.bool, device=flat_ranks.device)
-    if low <= 0 and high >= n:
-        return None
-    if low <= 0:
-        return lambda s, e: flat_ranks[s:e] < high
-    if high >= n:
-        return lambda s, e: flat_ranks[s:e] >= low
-    return lambda s, e: (flat_ranks[s:e] >= low) & (flat_ranks[s:e] < high)
-
-
-def _fused_merge(base, deltas, maskers, weights, *, rescale, consensus, normalize, lambda_) -> torch.Tensor:
-    """Sparsify, weight, elect signs and add to the base slice by slice, each slice staying in cache.
-
-    Element for element the same operations as ``sparsify`` + ``_mix_stacked`` (the rescale factor
-    ‖δ‖₁/‖m⊙δ‖₁ is a whole-tensor sum, computed first exactly as ``apply_mask`` does), so the result
-    is bit-identical to the engine's; memory traffic drops to about one read of each task vector.
-    """
-    from .l1 import l1_norm
-    from .sparsify import L1_EPS
-
-    dtype, device, k = deltas[0].dtype, deltas[0].device, len(deltas)
-    flats = [d.reshape(-1) for d in deltas]
-    n = flats[0].numel()
-    scales: list[torch.Tensor | None] = [None] * k
-    if rescale:  # the whole mask is needed for the L1 ratio anyway: compute it once and slice it below
-        maskers = list(maskers)
-        for i, masker in enumerate(maskers):
-            if masker is None:
-                continue
-            whole = masker(0, n)
-            maskers[i] = lambda s, e, m=whole: m[s:e]
-            before = l1_norm(deltas[i])
-            after = l1_norm(deltas[i], whole)
-            if not (before < L1_EPS or after < L1_EPS):
-                scales[i] = before / after
-    base_flat = base.to(dtype).reshape(-1)
-    w = torch.tensor([float(x) for x in weights], dtype=dtype, device=device).reshape(k, 1)
-    out = torch.empty_like(base_flat)
-    chunks = _element_chunks(n, device)
-    buffer = torch.empty((k, min(n, max((e - s for s, e in chunks), default=0))), dtype=dtype, device=device)
-    for start, end in chunks:
-        sparse = buffer[:, : end - start]
-        for i, masker in enumerate(maskers):
-            if masker is None:
-                sparse[i].copy_(flats[i][start:end])
-            else:
-                torch.mul(flats[i][start:end], masker(start, end), out=sparse[i])
-                if scales[i] is not None:
-                    sparse[i].mul_(scales[i])
-        _mix_chunk(sparse, w, weights, base_flat[start:end], out[start:end],
-                   consensus=consensus, normalize=normalize, lambda_=lambda_)
-    return out.reshape(base.shape)
