@@ -10,8 +10,9 @@ Ilharco et al. 2022, "Editing Models with Task Arithmetic", arXiv:2212.04089.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -147,7 +148,7 @@ def _sparsified(variant: TaskArithmeticVariant, delta: torch.Tensor, i: int, *, 
 def merge_task_vectors(
     variant: TaskArithmeticVariant,
     base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor] | TaskVectors,
     *,
     weights: Sequence[float],
     densities: Sequence[float],
@@ -161,49 +162,45 @@ def merge_task_vectors(
     ranks: Sequence[torch.Tensor | None] | None = None,
     flat_ranks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """``variant`` applied to resident task vectors δᵢ (compute dtype), for a search (the reference backend).
+    """``variant`` applied to task vectors δᵢ (compute dtype) onto ``base``; float32 (float64) result.
 
-    ``sorted_magnitudes[i]`` / ``flat_ranks[i]`` / ``ranks[i]`` are optional precomputed order
-    statistics of δᵢ (``sorted_magnitudes``, ``flat_ranks``, ``della_ranks``); results are
-    bit-identical to ``generalized_task_arithmetic`` on the models themselves.
+    ``deltas`` are resident (a search's reference backend) or formed as they are read (``TaskVectors``,
+    ``evomerge merge``): each is sparsified and dropped before the next, so at most one unsparsified δ
+    is alive besides the stacked results. ``sorted_magnitudes[i]`` / ``flat_ranks[i]`` / ``ranks[i]``
+    are optional precomputed order statistics of δᵢ (``sorted_magnitudes``, ``flat_ranks``,
+    ``della_ranks``); they change no bit of the result.
     """
-    if not deltas:
-        return base.to(compute_dtype(base)).clone()
-    stacked = torch.empty((len(deltas), *base.shape), dtype=deltas[0].dtype, device=deltas[0].device)
-    for i, delta in enumerate(deltas):
+    stacked = None
+    i = 0
+    for delta in deltas:
+        if stacked is None:
+            stacked = torch.empty((len(deltas), *base.shape), dtype=delta.dtype, device=delta.device)
         stacked[i] = _sparsified(variant, delta, i, densities=densities, rescale=rescale, gammas=gammas,
                                  epsilons=epsilons, fields=fields, sorted_magnitudes=sorted_magnitudes, ranks=ranks,
                                  flat_ranks=flat_ranks)
+        del delta
+        i += 1
+    if stacked is None:
+        return base.to(compute_dtype(base)).clone()
     return _mix_stacked(base, stacked, weights, consensus=variant.consensus, normalize=normalize, lambda_=lambda_)
 
 
-def generalized_task_arithmetic(
-    variant: TaskArithmeticVariant,
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    *,
-    weights: Sequence[float],
-    densities: Sequence[float],
-    normalize: bool,
-    rescale: bool,
-    lambda_: float = 1.0,
-    gammas: Sequence[float] | None = None,
-    epsilons: Sequence[float] | None = None,
-    fields: Sequence[torch.Tensor | None] | None = None,
-) -> torch.Tensor:
-    """Merge ``tensors`` onto ``base`` with ``variant``; float32 (float64) result, the caller casts.
+class TaskVectors:
+    """δᵢ = xᵢ − base for each of ``tensors``, each formed in the compute dtype when iteration reaches it."""
 
-    Task vectors are formed and sparsified one model at a time, so at most one
-    unsparsified δ is alive besides the stacked results.
-    """
-    dtype = compute_dtype(base, *tensors)
-    base_c = base.to(dtype)
-    if not tensors:
-        return base_c.clone()
-    stacked = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
-    for i, tensor in enumerate(tensors):
-        delta = torch.sub(tensor, base_c)  # promotes to the compute dtype inside the subtraction
-        stacked[i] = _sparsified(variant, delta, i, densities=densities, rescale=rescale, gammas=gammas,
-                                 epsilons=epsilons, fields=fields, sorted_magnitudes=None, ranks=None)
-        del delta
-    return _mix_stacked(base_c, stacked, weights, consensus=variant.consensus, normalize=normalize, lambda_=lambda_)
+    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor):
+        self.tensors, self.base = tensors, base
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (torch.sub(tensor, self.base) for tensor in self.tensors)  # promotes inside the subtraction
+
+
+def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: torch.Tensor, tensors: Sequence[torch.Tensor],
+                                **params: Any) -> torch.Tensor:
+    """Merge ``tensors`` onto ``base`` with ``variant`` (``params``: ``merge_task_vectors``'s keywords);
+    float32 (float64) result, the caller casts. Task vectors are formed one model at a time."""
+    base_c = base.to(compute_dtype(base, *tensors))
+    return merge_task_vectors(variant, base_c, TaskVectors(tensors, base_c), **params)
