@@ -264,49 +264,29 @@ def _prv_example(rng: random.Random, ctx: dict[str, Any]) -> dict[str, Any]:
     return {"question": f"{n} {LETTERS[i]}", "answer": f"{n - 1} {LETTERS[i - 1]}"}
 
 
+def generate_spec(prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """A generation task's format: the answer after the prompt, scored by exact match once stripped."""
+    return {"kind": "generate", "prompt": prompt, "target": " {answer}", "metric": "exact_match",
+            "normalize": ["strip"], "max_new_tokens": max_new_tokens}
+
+
+def choice_spec(prompt: str) -> dict[str, Any]:
+    """A multiple-choice task's format: each choice after the prompt, scored by accuracy."""
+    return {"kind": "multiple_choice", "prompt": prompt, "choices_field": "choices", "choice": " {choice}",
+            "metric": "acc"}
+
+
 FAMILIES: dict[str, TaskFamily] = {f.name: f for f in [
-    TaskFamily(
-        "rev", "reverse three letters", _rev_example,
-        {"kind": "generate", "prompt": "rev {question} =", "target": " {answer}",
-         "metric": "exact_match", "normalize": ["strip"], "max_new_tokens": 3},
-    ),
-    TaskFamily(
-        "map", "apply a fixed cipher to three capitals", _map_example,
-        {"kind": "generate", "prompt": "map {question} =", "target": " {answer}",
-         "metric": "exact_match", "normalize": ["strip"], "max_new_tokens": 3},
-    ),
-    TaskFamily(
-        "cmp", "pick the larger of two numbers (multiple choice)", _cmp_example,
-        {"kind": "multiple_choice", "prompt": "cmp {question} ?", "choices_field": "choices",
-         "choice": " {choice}", "metric": "acc"},
-    ),
-    TaskFamily(
-        "cnt", "count a colour in four colours", _cnt_example,
-        {"kind": "generate", "prompt": "cnt {item} in {question} =", "target": " {answer}",
-         "metric": "exact_match", "normalize": ["strip"], "max_new_tokens": 1},
-    ),
+    TaskFamily("rev", "reverse three letters", _rev_example, generate_spec("rev {question} =", 3)),
+    TaskFamily("map", "apply a fixed cipher to three capitals", _map_example, generate_spec("map {question} =", 3)),
+    TaskFamily("cmp", "pick the larger of two numbers (multiple choice)", _cmp_example, choice_spec("cmp {question} ?")),
+    TaskFamily("cnt", "count a colour in four colours", _cnt_example, generate_spec("cnt {item} in {question} =", 1)),
     # the families below extend a zoo to 8 experts (`experts:`); their keywords are vocabulary words
     # of the generic text, so every zoo shares one tokenizer
-    TaskFamily(
-        "srt", "sort three letters", _srt_example,
-        {"kind": "generate", "prompt": "tree {question} =", "target": " {answer}",
-         "metric": "exact_match", "normalize": ["strip"], "max_new_tokens": 3},
-    ),
-    TaskFamily(
-        "add", "add two numbers", _add_example,
-        {"kind": "generate", "prompt": "car {question} =", "target": " {answer}",
-         "metric": "exact_match", "normalize": ["strip"], "max_new_tokens": 1},
-    ),
-    TaskFamily(
-        "par", "the parity of a sum (multiple choice)", _par_example,
-        {"kind": "multiple_choice", "prompt": "house {question} ?", "choices_field": "choices",
-         "choice": " {choice}", "metric": "acc"},
-    ),
-    TaskFamily(
-        "prv", "the predecessors of a number and a letter", _prv_example,
-        {"kind": "generate", "prompt": "ball {question} =", "target": " {answer}",
-         "metric": "exact_match", "normalize": ["strip"], "max_new_tokens": 2},
-    ),
+    TaskFamily("srt", "sort three letters", _srt_example, generate_spec("tree {question} =", 3)),
+    TaskFamily("add", "add two numbers", _add_example, generate_spec("car {question} =", 1)),
+    TaskFamily("par", "the parity of a sum (multiple choice)", _par_example, choice_spec("house {question} ?")),
+    TaskFamily("prv", "the predecessors of a number and a letter", _prv_example, generate_spec("ball {question} =", 2)),
 ]}
 FAMILY_ORDER = tuple(FAMILIES)  # a zoo of n experts uses the first n families
 
