@@ -19,16 +19,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from evomerge.checkpoint import CheckpointWriter, ModelReader, copy_tokenizer_files, parse_size
 from evomerge.lora.source import mergekit_references
 from evomerge.methods import MergeMethod, RandomFields
-from evomerge.recipe import (Recipe, RecipeError, Slice, SliceSource, _MISSING, coerce, load_recipe, mergekit_note,
+from evomerge.recipe import (Recipe, RecipeError, Slice, SliceSource, MISSING, coerce, load_recipe, mergekit_note,
                              resolve_source)
 
 LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks)\.)(?P<index>\d+)(?P<suffix>\..+)$")
@@ -474,7 +473,7 @@ class _Planner:
             if self.trace:
                 self.trace(out_name, None, spec.name, self.scope_path(s, None, level + 1 if level is not None else None),
                            out_name, t)
-            params[spec.name] = coerce(spec, spec.default if v is _MISSING else v)
+            params[spec.name] = coerce(spec, spec.default if v is MISSING else v)
         model_params = []
         missing = False
         for slot, (model, src) in enumerate(kernel_models):
@@ -487,7 +486,7 @@ class _Planner:
                 level, v = resolve_source(sources, spec.name, in_name, t)
                 if self.trace:
                     self.trace(out_name, slot, spec.name, self.scope_path(s, src, level), in_name, t)
-                if v is _MISSING:
+                if v is MISSING:
                     if spec.default is None:
                         self.problem(f"{self.location(s, model)}: missing required parameter '{spec.name}' "
                                      f"(set it in that model's parameters, or globally)", in_name)
@@ -667,28 +666,59 @@ def iter_merged(plan: MergePlan, *, device="auto", seed: int = 0,
         yield task.name, tensor
 
 
+GIANT_SHARE = 8  # a tensor of more than 1/GIANT_SHARE of a plan's elements is a giant (``giant_tasks``)
+
+
+def giant_tasks(tasks: Sequence[TensorTask]) -> list[int]:
+    """Indices of the tasks whose tensors hold more than 1/``GIANT_SHARE`` of all elements (a small
+    model's embedding and output head), largest first."""
+    sizes = [math.prod(task.shape) for task in tasks]
+    return sorted((i for i, size in enumerate(sizes) if size * GIANT_SHARE > sum(sizes)), key=lambda i: -sizes[i])
+
+
 def merged_tensors(plan: MergePlan, device: torch.device, seed: int,
                    kernel: TensorKernel | None) -> Iterator[tuple[TensorTask, torch.Tensor]]:
-    """``(task, compute_tensor(...))`` for every task of the plan, in order.
+    """``(task, compute_tensor(...))`` for every task of the plan, in plan order.
 
-    With a compiled ``kernel`` (single-threaded and releasing the GIL) the next tensor is merged on a
-    second thread while the caller takes this one, when torch has two or more threads: at most two
-    tensors are being merged at once, and the results do not depend on it.
+    With a compiled ``kernel`` (single-threaded and releasing the GIL), when torch has two or more
+    threads, two threads merge while the caller takes finished tensors: one merges the giants
+    (``giant_tasks``) one after another from the start, so that neither thread is left with one alone
+    at the end and no two are in memory at once; the other merges the rest in plan order, ahead of the
+    caller by at most the giants' elements plus twice the largest other tensor's, and both take the rest
+    once the giants are done. The results do not depend on the order.
     """
+    tasks = plan.tasks
     if kernel is None or torch.get_num_threads() < 2:
-        for task in plan.tasks:
+        for task in tasks:
             yield task, compute_tensor(plan, task, device, seed, kernel)
         return
+    sizes = [math.prod(task.shape) for task in tasks]
+    giants = giant_tasks(tasks)
+    rest = iter(i for i in range(len(tasks)) if i not in giants)
+    ahead = sum(sizes[i] for i in giants) + 2 * max((s for i, s in enumerate(sizes) if i not in giants), default=0)
     with ThreadPoolExecutor(2) as pool:
-        pending: deque = deque()
-        for task in plan.tasks:
-            pending.append((task, pool.submit(compute_tensor, plan, task, device, seed, kernel)))
-            if len(pending) == 2:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
+        lane = pool.submit(lambda: {i: compute_tensor(plan, tasks[i], device, seed, kernel) for i in giants})
+        started: dict[int, Future] = {}
+
+        def start_next() -> bool:
+            i = next(rest, None)
+            if i is not None:
+                started[i] = pool.submit(compute_tensor, plan, tasks[i], device, seed, kernel)
+            return i is not None
+
+        try:
+            for i, task in enumerate(tasks):
+                while sum(sizes[j] for j in started) < ahead and start_next():
+                    pass
+                if i in giants:
+                    yield task, lane.result().pop(i)
+                    continue
+                while i not in started and start_next():
+                    pass
+                yield task, started.pop(i).result()
+        finally:  # after an error, or when the caller stops early, drop the tensors not yet begun
+            for future in started.values():
+                future.cancel()
 
 
 def run_merge(recipe: Recipe | str | Path | dict, out_dir: str | Path, *, device="auto", seed: int = 0,

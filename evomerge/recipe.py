@@ -441,7 +441,7 @@ def validate_scalar(spec, value) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # Resolution of parameter values for one tensor (mergekit's ConfigReader + evaluate_setting)
 # ------------------------------------------------------------------------------------------------
-_MISSING = object()
+MISSING = object()  # what ``resolve_value`` returns when no scope sets the parameter
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
@@ -472,19 +472,19 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
 
 
 def resolve_value(sources: list[Parameters | None], name: str, tensor_name: str, t: float) -> Any:
-    """First non-None value of ``name`` over ``sources`` (highest precedence first), else _MISSING."""
+    """First non-None value of ``name`` over ``sources`` (highest precedence first), else MISSING."""
     return resolve_source(sources, name, tensor_name, t)[1]
 
 
 def resolve_source(sources: list[Parameters | None], name: str, tensor_name: str, t: float
                    ) -> tuple[int | None, Any]:
-    """``resolve_value`` and the index in ``sources`` of the scope it came from ((None, _MISSING) if none)."""
+    """``resolve_value`` and the index in ``sources`` of the scope it came from ((None, MISSING) if none)."""
     for index, scope in enumerate(sources):
         if scope and name in scope:
             value = evaluate_setting(scope[name], tensor_name, t)
             if value is not None:
                 return index, value
-    return None, _MISSING
+    return None, MISSING
 
 
 def coerce(spec, value):
