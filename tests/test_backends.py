@@ -74,13 +74,13 @@ def test_merge_streams_through_cpu_backend(llama_family, tmp_path, method, dtype
 def test_tensor_kernel_choice():
     """Which path `evomerge merge` takes: the compiled pass for the family on the CPU, else the reference."""
     from evomerge.backends import tensor_kernel
-    from evomerge.backends.cpu_stream import merge_tensor
+    from evomerge.backends.cpu_stream import StreamKernel
 
     cpu = torch.device("cpu")
-    assert tensor_kernel("auto", cpu, "della") is merge_tensor
+    assert isinstance(tensor_kernel("auto", cpu, "della"), StreamKernel)
     assert tensor_kernel("reference", cpu, "ties") is None
     assert tensor_kernel("auto", cpu, "task_arithmetic") is None  # no mask: the torch kernels are faster
-    assert tensor_kernel("cpu", cpu, "task_arithmetic") is merge_tensor
+    assert isinstance(tensor_kernel("cpu", cpu, "task_arithmetic"), StreamKernel)
     assert tensor_kernel("auto", cpu, "linear") is None
     assert tensor_kernel("auto", torch.device("cuda"), "ties") is None  # tensor by tensor on a GPU
 
@@ -149,19 +149,61 @@ def test_window_ranks_match_stable_ranks():
         np.testing.assert_array_equal((out >= lo) & (out < hi), (ranks >= lo) & (ranks < hi), err_msg=f"{lo}, {hi}")
 
 
-@pytest.mark.parametrize("shape", [(37, 300), (1000,), (4, 3, 5), (9, 1)])
-def test_della_rank_terms_match_the_reference(monkeypatch, shape):
-    """DELLA's rank term a block of rows at a time (``della_rank_terms``) equals ``della_q(della_ranks(δ))``."""
+@pytest.mark.parametrize("shape", [(37, 300), (1000,), (4, 3, 5), (6, 2)])
+def test_della_mask_as_field_matches_the_reference(monkeypatch, shape):
+    """DELLA's mask written into the field a block of rows at a time (``della_mask_as_field``): 0 exactly
+    where ``sparsify.della_mask`` keeps, 1 elsewhere."""
     import numpy as np
 
-    from evomerge.backends import cpu_kernel, cpu_stream
-    from evomerge.methods.sparsify import della_ranks
+    from evomerge.backends import cpu_stream
+    from evomerge.methods.fields import random_field
+    from evomerge.methods.sparsify import della_mask
 
     monkeypatch.setattr(cpu_stream, "ROWS_ELEMENTS", 1000)  # several blocks of rows
     delta = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 4).round() / 4  # many ties
-    row = shape[1] if len(shape) >= 2 else delta.numel()
-    expected = cpu_kernel.della_q(della_ranks(delta).reshape(1, -1).numpy(), [(0, delta.numel())],
-                                  np.array([row], dtype=np.int64))[0]
-    got = np.empty(delta.numel(), dtype=np.float32)
-    cpu_stream.della_rank_terms(delta, got)
-    np.testing.assert_array_equal(got, expected)
+    delta[0] = -0.0
+    for density, epsilon in [(0.5, 0.1), (0.3, 0.25), (0.9, 0.05)]:
+        field = random_field(shape, seed=3, tensor_name="w", model_index=0)
+        expected = np.where(della_mask(delta, density, epsilon, field).reshape(-1).numpy(), 0.0, 1.0)
+        got = field.reshape(-1).numpy().copy()
+        cpu_stream.della_mask_as_field(delta, got, np.float32(density - epsilon), np.float32(epsilon))
+        np.testing.assert_array_equal(got, expected.astype(np.float32), err_msg=f"{density}, {epsilon}")
+
+
+@pytest.mark.parametrize("method", ["della", "ties", "dare_ties", "breadcrumbs"])
+def test_stream_kernel_reuses_buffers_across_sizes(method):
+    """One ``StreamKernel`` (per-thread buffers kept between tensors) merges tensors of changing sizes and
+    dtypes to the same bits as fresh buffers; its result does not share memory with its buffers."""
+    from evomerge.backends.cpu_stream import StreamKernel, merge_tensor
+    from evomerge.methods import get_method
+
+    merge = get_method(method)
+    kernel = StreamKernel()
+    model_params = [{"weight": 0.6, "density": 0.5, "epsilon": 0.1}, {"weight": 0.4, "density": 0.3, "epsilon": 0.1}]
+    model_params = [{k: v for k, v in p.items() if k in {q.name for q in merge.params}} for p in model_params]
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for shape, dtype in [((64, 48), torch.bfloat16), ((5, 7), torch.bfloat16), ((300,), torch.float32),
+                         ((64, 48), torch.float16), ((2, 3, 4), torch.bfloat16)]:
+        base = torch.randn(shape, generator=gen).to(dtype)
+        inputs = [(base.float() + 0.05 * torch.randn(shape, generator=gen)).to(dtype) for _ in range(2)]
+        got = kernel(merge, f"w{len(results)}", base, inputs, model_params, {}, 3)
+        expected = merge_tensor(merge, f"w{len(results)}", base, inputs, model_params, {}, 3)
+        assert got.dtype == dtype and torch.equal(got, expected), (shape, dtype)
+        results.append((got, got.clone()))
+    assert all(torch.equal(a, b) for a, b in results), "a later tensor overwrote an earlier result"
+
+
+def test_giant_tasks_start_first():
+    """Tensors of more than 1/GIANT_SHARE of a plan's elements are giants, largest first."""
+    from evomerge.engine import GIANT_SHARE, TensorTask, giant_tasks
+
+    def task(name, *shape):
+        return TensorTask(name=name, shape=shape, method="ties", base=None, inputs=[], model_params=[], params={}, t=0.0)
+
+    layers = [task(f"layers.{i}.w", 10, 10) for i in range(20)]
+    tasks = [task("embed", 40, 10), *layers, task("head", 50, 10)]
+    assert giant_tasks(tasks) == [len(tasks) - 1, 0]
+    assert giant_tasks(layers) == []
+    assert giant_tasks([task("one", 3, 3)]) == [0]
+    assert GIANT_SHARE > 1

@@ -70,7 +70,7 @@ def backend_class(name: str):
 def tensor_kernel(backend: str, device: torch.device, method: str):
     """How ``evomerge merge`` (``engine.run_merge``) merges each tensor of ``method`` on ``device``.
 
-    The cpu backend's compiled pass, one tensor at a time (``cpu_stream.merge_tensor``), where
+    The cpu backend's compiled pass, one tensor at a time (a new ``cpu_stream.StreamKernel``), where
     ``resolve_backend`` picks ``cpu`` (the task-arithmetic family on the CPU); else None: the
     reference kernels (``MergeMethod.merge``), tensor by tensor on any device. "auto" leaves the
     variant without a sparsifier (task_arithmetic) to the reference kernels: with no mask to compute
@@ -82,6 +82,6 @@ def tensor_kernel(backend: str, device: torch.device, method: str):
         return None
     if backend == "auto" and VARIANTS[method].sparsification is None:
         return None
-    from evomerge.backends.cpu_stream import merge_tensor
+    from evomerge.backends.cpu_stream import StreamKernel
 
-    return merge_tensor
+    return StreamKernel()
