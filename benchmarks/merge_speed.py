@@ -5,7 +5,10 @@ fine-tunes), then merges them with each method through both command-line tools i
 processes, measuring wall time and peak RSS (GNU time's maximum resident set size).
 
     python benchmarks/merge_speed.py [--methods linear,ties] [--work DIR] [--out results/bench/merge_speed.md]
-                                     [--backend auto|reference] [--skip-mergekit]
+                                     [--backend auto|reference] [--skip-mergekit] [--repeats N]
+
+With ``--repeats N`` each method runs N times, evomerge and mergekit alternating, and the table gives
+the median time (the range in brackets) and the highest peak RSS.
 
 Targets (2-core machine): ties and della >= 5x faster than mergekit; linear and
 task_arithmetic no slower; peak RSS no higher than mergekit's.
@@ -18,6 +21,7 @@ import datetime
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -72,6 +76,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/evomerge-merge-bench")
     ap.add_argument("--out", default="results/bench/merge_speed.md")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per tool and method, alternating; medians reported")
     ap.add_argument("--backend", default="auto", help="evomerge merge --backend (reference: the torch kernels)")
     args = ap.parse_args()
     work = Path(args.work)
@@ -86,17 +91,22 @@ def main() -> None:
         ours_dir, theirs_dir = work / f"out-evomerge-{method}", work / f"out-mergekit-{method}"
         for d in (ours_dir, theirs_dir):
             shutil.rmtree(d, ignore_errors=True)
-        t_ours, rss_ours = timed([str(bindir / "evomerge"), "merge", str(recipe), str(ours_dir), "--device", "cpu",
-                                 "--backend", args.backend])
-        if args.skip_mergekit:
-            t_mk = rss_mk = float("nan")
-        else:
-            t_mk, rss_mk = timed([str(bindir / "mergekit-yaml"), str(recipe), str(theirs_dir)])
-        rows.append((method, t_ours, t_mk, t_mk / t_ours, rss_ours, rss_mk))
+        ours, theirs = [], []
+        for _ in range(args.repeats):
+            ours.append(timed([str(bindir / "evomerge"), "merge", str(recipe), str(ours_dir), "--device", "cpu",
+                               "--backend", args.backend]))
+            if not args.skip_mergekit:
+                theirs.append(timed([str(bindir / "mergekit-yaml"), str(recipe), str(theirs_dir)]))
+            for d in (ours_dir, theirs_dir):
+                shutil.rmtree(d, ignore_errors=True)
+        t_ours, rss_ours = statistics.median(t for t, _ in ours), max(r for _, r in ours)
+        t_mk, rss_mk = ((statistics.median(t for t, _ in theirs), max(r for _, r in theirs)) if theirs
+                        else (float("nan"), float("nan")))
+        spread = (f" [{min(t for t, _ in ours):.1f}-{max(t for t, _ in ours):.1f}]",
+                  f" [{min(t for t, _ in theirs):.1f}-{max(t for t, _ in theirs):.1f}]" if theirs else "")
+        rows.append((method, t_ours, t_mk, t_mk / t_ours, rss_ours, rss_mk, spread if args.repeats > 1 else ("", "")))
         print(f"{method:16s} evomerge {t_ours:6.1f}s {rss_ours:7.0f}MiB | mergekit {t_mk:6.1f}s {rss_mk:7.0f}MiB "
               f"| speed-up {t_mk / t_ours:4.1f}x", flush=True)
-        shutil.rmtree(ours_dir, ignore_errors=True)
-        shutil.rmtree(theirs_dir, ignore_errors=True)
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -109,13 +119,14 @@ def main() -> None:
         f"Machine: {os.cpu_count()} CPU cores ({cpu}), no GPU. Date: {datetime.date.today()}.",
         "Models: three Llama-shaped bf16 checkpoints (~170M parameters each: 17 layers, hidden 768,",
         "vocab 32000), a base and two fine-tunes; `dtype: bfloat16`; both tools on CPU, fresh processes,",
-        "page cache warm. Command: `python benchmarks/merge_speed.py`.",
+        f"page cache warm. Command: `python benchmarks/merge_speed.py --repeats {args.repeats}`"
+        + (" (median time of the runs, the range in brackets; the highest peak RSS)." if args.repeats > 1 else "."),
         "",
         "| method | evomerge s | mergekit s | speed-up | evomerge peak RSS MiB | mergekit peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for m, to, tm, ratio, ro, rm in rows:
-        lines.append(f"| {m} | {to:.1f} | {tm:.1f} | {ratio:.1f}x | {ro:.0f} | {rm:.0f} |")
+    for m, to, tm, ratio, ro, rm, (so, sm) in rows:
+        lines.append(f"| {m} | {to:.1f}{so} | {tm:.1f}{sm} | {ratio:.1f}x | {ro:.0f} | {rm:.0f} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
