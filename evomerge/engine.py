@@ -16,7 +16,9 @@ in-memory state dicts.
 from __future__ import annotations
 
 import math
+import queue
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -682,10 +684,11 @@ def merged_tensors(plan: MergePlan, device: torch.device, seed: int,
 
     With a compiled ``kernel`` (single-threaded and releasing the GIL), when torch has two or more
     threads, two threads merge while the caller takes finished tensors: one merges the giants
-    (``giant_tasks``) one after another from the start, so that neither thread is left with one alone
-    at the end and no two are in memory at once; the other merges the rest in plan order, ahead of the
-    caller by at most the giants' elements plus twice the largest other tensor's, and both take the rest
-    once the giants are done. The results do not depend on the order.
+    (``giant_tasks``) one after another from the start, handing each over when done, so that neither
+    thread is left with one alone at the end and no two are in memory at once; the other merges the
+    rest in plan order, ahead of the caller by at most the giants' elements plus twice the largest
+    other tensor's, and both take the rest once the giants are done. The results do not depend on the
+    order.
     """
     tasks = plan.tasks
     if kernel is None or torch.get_num_threads() < 2:
@@ -696,8 +699,22 @@ def merged_tensors(plan: MergePlan, device: torch.device, seed: int,
     giants = giant_tasks(tasks)
     rest = iter(i for i in range(len(tasks)) if i not in giants)
     ahead = sum(sizes[i] for i in giants) + 2 * max((s for i, s in enumerate(sizes) if i not in giants), default=0)
+    finished: queue.SimpleQueue = queue.SimpleQueue()  # (index, tensor, error) of each giant as it is done
+    stop = threading.Event()
+
+    def merge_giants() -> None:
+        for i in giants:
+            if stop.is_set():
+                return
+            try:
+                finished.put((i, compute_tensor(plan, tasks[i], device, seed, kernel), None))
+            except BaseException as error:  # handed to the caller, who raises it
+                finished.put((i, None, error))
+                return
+
+    giants_done: dict[int, torch.Tensor] = {}
     with ThreadPoolExecutor(2) as pool:
-        lane = pool.submit(lambda: {i: compute_tensor(plan, tasks[i], device, seed, kernel) for i in giants})
+        pool.submit(merge_giants)
         started: dict[int, Future] = {}
 
         def start_next() -> bool:
@@ -711,12 +728,18 @@ def merged_tensors(plan: MergePlan, device: torch.device, seed: int,
                 while sum(sizes[j] for j in started) < ahead and start_next():
                     pass
                 if i in giants:
-                    yield task, lane.result().pop(i)
+                    while i not in giants_done:
+                        j, tensor, error = finished.get()
+                        if error is not None:
+                            raise error
+                        giants_done[j] = tensor
+                    yield task, giants_done.pop(i)
                     continue
                 while i not in started and start_next():
                     pass
                 yield task, started.pop(i).result()
         finally:  # after an error, or when the caller stops early, drop the tensors not yet begun
+            stop.set()
             for future in started.values():
                 future.cancel()
 

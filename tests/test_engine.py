@@ -323,3 +323,55 @@ def test_cli_merge_and_methods(llama_family, tmp_path):
     assert not (tmp_path / "dry").exists()
     res = runner.invoke(app, ["methods"])
     assert res.exit_code == 0 and "della" in res.output and "epsilon" in res.output
+
+
+@pytest.fixture(scope="module")
+def one_layer_family(tmp_path_factory):
+    """A tiny Llama of one layer, so that its embedding and output head are giants (``giant_tasks``)."""
+    from evomerge.tiny import build_tiny_family
+
+    base, fts = build_tiny_family(tmp_path_factory.mktemp("one-layer"), n_finetunes=3, seed=4, num_layers=1)
+    return {"base": base, "ft0": fts[0], "ft1": fts[1], "ft2": fts[2]}
+
+
+@pytest.mark.parametrize("method", ["della", "ties", "dare_linear"])
+def test_threaded_merge_with_giants_equals_reference(one_layer_family, tmp_path, method):
+    """On two threads, with the giants merged first on their own thread, ``evomerge merge`` writes the
+    reference kernels' bits."""
+    from evomerge.engine import giant_tasks
+    from evomerge.testing.recipes import variant_recipe
+
+    recipe = {**variant_recipe(method, one_layer_family, flip=False), "dtype": "bfloat16"}
+    plan = plan_merge(recipe)
+    assert len(giant_tasks(plan.tasks)) == 2 and torch.get_num_threads() >= 2
+    reference = read_weights(run_merge(recipe, tmp_path / "ref", device="cpu", seed=3, backend="reference"))
+    threaded = read_weights(run_merge(recipe, tmp_path / "cpu", device="cpu", seed=3, backend="cpu"))
+    bad = [k for k, v in reference.items() if not torch.equal(v, threaded[k])]
+    assert reference.keys() == threaded.keys() and not bad, bad[:3]
+
+
+@pytest.mark.parametrize("where", ["giant", "layer"])
+def test_nan_input_stops_the_threaded_merge(one_layer_family, tmp_path, where):
+    """A NaN in one input, in a giant tensor (merged first on its own thread) or in a layer, stops
+    ``evomerge merge`` on two threads with an error naming the tensor, and leaves no output."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.engine import MergeError, giant_tasks
+    from evomerge.testing.recipes import variant_recipe
+
+    broken = tmp_path / "ft1"
+    shutil.copytree(one_layer_family["ft1"], broken)
+    recipe = variant_recipe("della", {**one_layer_family, "ft1": broken}, flip=False)
+    plan = plan_merge(recipe)
+    giants = [plan.tasks[i].name for i in giant_tasks(plan.tasks)]
+    name = giants[-1] if where == "giant" else "model.layers.0.self_attn.q_proj.weight"
+    shard = next(p for p in broken.glob("*.safetensors") if name in load_file(p))
+    tensors = load_file(shard)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert torch.get_num_threads() >= 2
+    with pytest.raises(MergeError, match=name.replace(".", r"\.")):
+        run_merge(recipe, tmp_path / "out", device="cpu", seed=3)
+    assert not (tmp_path / "out").exists()

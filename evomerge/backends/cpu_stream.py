@@ -66,7 +66,7 @@ class StreamKernel:
         buffer = buffers.get(name)
         if buffer is None or buffer.dtype != dtype or buffer.size < need:
             buffers[name] = buffer = None  # free the old one first
-            buffers[name] = buffer = np.empty(need, dtype=dtype)
+            buffers[name] = buffer = host_array((need,), dtype)
         return buffer[:need].reshape(shape)
 
     def __call__(self, method: MergeMethod, name: str, base: torch.Tensor, tensors: Sequence[torch.Tensor],
@@ -76,7 +76,14 @@ class StreamKernel:
 
 def fresh(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     """A new uninitialized array (``merge_tensor``'s scratch when no ``StreamKernel`` keeps buffers)."""
-    return np.empty(shape, dtype=dtype)
+    return host_array(shape, dtype)
+
+
+def host_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized NumPy array in torch's allocator. NumPy asks the kernel for transparent huge pages
+    for arrays of 4 MiB and more, and on some VMs their first touch is many times slower than small
+    pages' (results/bench/merge_speed.md); torch does not ask."""
+    return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype).numpy()
 
 
 def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor, tensors: Sequence[torch.Tensor],
@@ -207,7 +214,7 @@ def della_mask_as_field(delta: torch.Tensor, field: np.ndarray, dme: np.float32,
     rows, row = (1, delta.numel()) if delta.dim() < 2 else delta.shape
     step = max(1, ROWS_ELEMENTS // max(row, 1))
     bits = delta.reshape(-1).numpy().view(np.uint32)
-    keys = np.empty((min(step, rows), row), dtype=np.int64)
+    keys = host_array((min(step, rows), row), np.int64)
     for r0 in range(0, rows, step):
         block = keys[:min(step, rows - r0)]
         span = slice(r0 * row, (r0 + block.shape[0]) * row)
