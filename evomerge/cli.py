@@ -303,8 +303,9 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
-    finally:  # skip the collection at exit over every object torch and numba made (a few tenths of a second)
-        gc.freeze()
+    finally:  # skip the collection at exit over every object torch and numba made (a few tenths of a second);
+        if "triton" not in sys.modules:  # not with Triton loaded: its bindings report uncollected objects as leaks
+            gc.freeze()
 
 
 if __name__ == "__main__":
