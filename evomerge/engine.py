@@ -675,7 +675,8 @@ def giant_tasks(tasks: Sequence[TensorTask]) -> list[int]:
     """Indices of the tasks whose tensors hold more than 1/``GIANT_SHARE`` of all elements (a small
     model's embedding and output head), largest first."""
     sizes = [math.prod(task.shape) for task in tasks]
-    return sorted((i for i, size in enumerate(sizes) if size * GIANT_SHARE > sum(sizes)), key=lambda i: -sizes[i])
+    total = sum(sizes)
+    return sorted((i for i, size in enumerate(sizes) if size * GIANT_SHARE > total), key=lambda i: -sizes[i])
 
 
 def merged_tensors(plan: MergePlan, device: torch.device, seed: int,
@@ -697,8 +698,9 @@ def merged_tensors(plan: MergePlan, device: torch.device, seed: int,
         return
     sizes = [math.prod(task.shape) for task in tasks]
     giants = giant_tasks(tasks)
-    rest = iter(i for i in range(len(tasks)) if i not in giants)
-    ahead = sum(sizes[i] for i in giants) + 2 * max((s for i, s in enumerate(sizes) if i not in giants), default=0)
+    is_giant = set(giants)
+    rest = iter(i for i in range(len(tasks)) if i not in is_giant)
+    ahead = sum(sizes[i] for i in giants) + 2 * max((s for i, s in enumerate(sizes) if i not in is_giant), default=0)
     finished: queue.SimpleQueue = queue.SimpleQueue()  # (index, tensor, error) of each giant as it is done
     stop = threading.Event()
 
@@ -727,7 +729,7 @@ def merged_tensors(plan: MergePlan, device: torch.device, seed: int,
             for i, task in enumerate(tasks):
                 while sum(sizes[j] for j in started) < ahead and start_next():
                     pass
-                if i in giants:
+                if i in is_giant:
                     while i not in giants_done:
                         j, tensor, error = finished.get()
                         if error is not None:

@@ -49,7 +49,7 @@ from evomerge.methods.task_arithmetic import VARIANTS
 # rescale, lambda (a parameter the method lacks is never read: 0 stands in)
 PER_MODEL = ("weight", "density", "gamma", "epsilon")
 EMPTY32 = np.empty((0, 0), dtype=np.float32)
-EMPTY_BITS = np.empty(0, dtype=np.uint32)
+EMPTY_BF16 = np.empty(0, dtype=np.uint16)
 
 
 class StreamKernel:
@@ -108,12 +108,12 @@ def merge_tensor(method: MergeMethod, name: str, base: torch.Tensor, tensors: Se
     D = scratch("deltas", (k, n), np.float32)
     before = np.ones((1, k), dtype=np.float32)
     for i, x in enumerate(tensors):  # δ = x − base in float32 (x cast exactly), with ‖δ‖₁ where rescaled
+        bf16 = EMPTY_BF16
         if x.dtype == torch.bfloat16:
-            bits, row_bits = x.reshape(-1).view(torch.int16).numpy().view(np.uint16), D[i].view(np.uint32)
+            bf16 = x.reshape(-1).view(torch.int16).numpy().view(np.uint16)
         else:
             torch.from_numpy(D[i]).copy_(x.reshape(-1))
-            bits, row_bits = D[i], EMPTY_BITS
-        finite, before[0, i] = task_vector(bits, base32.numpy(), D[i], row_bits, rescale[0])
+        finite, before[0, i] = task_vector(bf16, base32.numpy(), D[i], D[i].view(np.uint32), rescale[0])
         if not finite:  # finite inputs whose difference overflows float32
             return None
     rule = fk.KEEP_RULE[variant.sparsification]
@@ -170,28 +170,24 @@ def _tables(sparsification: str | None, models: list[dict], glob: dict, n: int, 
 
 
 @njit(cache=True, nogil=True)
-def task_vector(x, base, delta, bits, norm):
-    """δ = x − base in float32 (``generalized_task_arithmetic``'s ``torch.sub``) a block of ``L1_BLOCK`` at a
-    time: x float32 (may be δ itself), or bfloat16 bits (uint16) widened exactly into δ's memory seen as
-    uint32 (``bits``); with ``norm`` also ‖δ‖₁ in ``l1_norm``'s order (``l1_host.lane_sum`` per block,
-    blocks added in order) while each block is in cache. Returns (every δ finite, ‖δ‖₁ or 1)."""
+def task_vector(bf16, base, delta, bits, norm):
+    """δ −= base in float32 (``generalized_task_arithmetic``'s ``torch.sub``) a block of ``L1_BLOCK`` at a
+    time, δ holding x already, or (``bf16`` not empty) first filled from x's bfloat16 bits, widened exactly
+    into δ's memory seen as uint32 (``bits``); with ``norm`` also ‖δ‖₁ in ``l1_norm``'s order
+    (``l1_host.lane_sum`` per block, blocks added in order) while each block is in cache. Returns (every
+    δ finite, ‖δ‖₁ or 1)."""
     n = delta.shape[0]
     finite = True
     total = 0.0
     for start in range(0, n, L1_BLOCK):
         end = min(n, start + L1_BLOCK)
-        if bits.shape[0]:
+        if bf16.shape[0]:
             for j in range(start, end):
-                bits[j] = np.uint32(x[j]) << np.uint32(16)
-            for j in range(start, end):
-                wide = delta[j] - base[j]
-                delta[j] = wide
-                finite &= wide - wide == 0
-        else:
-            for j in range(start, end):
-                v = np.float32(x[j]) - base[j]
-                delta[j] = v
-                finite &= v - v == 0
+                bits[j] = np.uint32(bf16[j]) << np.uint32(16)
+        for j in range(start, end):
+            v = delta[j] - base[j]
+            delta[j] = v
+            finite &= v - v == 0
         if norm:
             total += lane_sum(delta[start:end], end - start)
     return finite, np.float32(total) if norm else np.float32(1.0)
@@ -237,11 +233,11 @@ def _field_from_sorted(keys, field, dme, eps):
     """``della_mask_as_field`` for rows whose keys are sorted: the key at position r has rank r (q = 0 in
     one-element rows, as ``della_q``)."""
     rows, n = keys.shape
-    last = np.float32(max(n - 1, 1))
+    last = np.float32(max(n - 1, 1))  # a one-element row's only rank is 0, so q = 0 there
     for r in range(rows):
         for p in range(n):
             j = r * n + (keys[r, p] & 0xFFFFFFFF)
-            q = (np.float32(p) / last) * fk.TWO if n > 1 else fk.ZERO
+            q = (np.float32(p) / last) * fk.TWO
             field[j] = fk.ZERO if fk.keep_della(fk.ZERO, field[j], q, dme, eps) else fk.ONE
 
 
